@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make study` and `make test` (see README).
+PYTHON ?= python3
+VENV ?= .venv
+PROFILE ?= quick
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.spineseg-installed
+
+.PHONY: install study smoke test bench lab clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+study: install  ## run every stage notebook for PROFILE (default: quick) with papermill
+	$(BIN)/spineseg run --profile $(PROFILE)
+
+smoke: install
+	$(BIN)/spineseg run --profile smoke
+
+test: install  ## unit tests and the smoke study end to end
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/spineseg bench --profile $(PROFILE)
+
+lab: install
+	$(BIN)/jupyter lab notebooks/
+
+clean-runs:
+	rm -rf runs figures/*/

@@ -1,0 +1,3 @@
+from spineseg.cli import main
+
+raise SystemExit(main())
