@@ -1,0 +1,59 @@
+"""The paper's augmentation set (albumentations), applied to float images in [0, 1].
+
+30 % of samples pass unchanged; the other 70 % get every transform with a random strength.
+Geometry is one affine warp shared by image (bilinear) and mask (nearest), so they stay aligned.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+
+ROTATION_DEG = 10.0
+SCALE = (0.8, 1.2)
+SHIFT_FRACTION = 0.1
+BRIGHTNESS = 20 / 255  # additive, in units of the [0, 1] intensity range
+MULTIPLY = (0.7, 1.3)
+BLUR_SIGMA = (0.0, 0.4)
+UNCHANGED_FRACTION = 0.3
+
+
+def paper_augmentation(seed: int | None = None) -> A.Compose:
+    """The augmentation pipeline of the paper, seeded for reproducible epochs."""
+    return A.Compose(
+        [
+            A.Sequential(
+                [
+                    A.Affine(
+                        rotate=(-ROTATION_DEG, ROTATION_DEG),
+                        scale=SCALE,
+                        translate_percent=(-SHIFT_FRACTION, SHIFT_FRACTION),
+                        interpolation=cv2.INTER_LINEAR,
+                        mask_interpolation=cv2.INTER_NEAREST,
+                        border_mode=cv2.BORDER_CONSTANT,
+                        fill=0,
+                        fill_mask=0,
+                        p=1.0,
+                    ),
+                    A.RandomBrightnessContrast(brightness_limit=(-BRIGHTNESS, BRIGHTNESS), contrast_limit=(0, 0),
+                                               brightness_by_max=True, p=1.0),
+                    A.MultiplicativeNoise(multiplier=MULTIPLY, per_channel=False, elementwise=False, p=1.0),
+                    A.GaussianBlur(sigma_limit=BLUR_SIGMA, blur_limit=(3, 3), p=1.0),
+                ],
+                p=1.0 - UNCHANGED_FRACTION,
+            )
+        ],
+        seed=seed,
+    )
+
+
+def augment_batch(transform: A.Compose, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Augment a batch [B, H, W] of float images and {0, 1} masks; intensities stay in [0, 1]."""
+    out_images = np.empty_like(images)
+    out_masks = np.empty_like(masks)
+    for i in range(len(images)):
+        result = transform(image=images[i], mask=masks[i])
+        out_images[i] = np.clip(result["image"], 0.0, 1.0)
+        out_masks[i] = result["mask"]
+    return out_images, out_masks

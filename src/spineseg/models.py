@@ -1,0 +1,217 @@
+"""Encoder registry: the paper's backbone names → segmentation-models-pytorch encoders.
+
+Every model takes one grayscale channel and returns one logit channel. Pretrained ImageNet weights
+are looked up in the local cache first; when they are not there and the hub cannot be reached, the
+build fails at once with a message that says what to do, instead of retrying for half a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+# Paper name → smp encoder name (None: the encoder-less U-Net below).
+ENCODERS: dict[str, str | None] = {
+    "None": None,
+    "VGG16": "vgg16",
+    "ResNet34": "resnet34",
+    "ResNet50": "resnet50",
+    "ResNet152": "resnet152",
+    # timm's `seresnet34` has no pretrained weights at all; `legacy_seresnet34` is the ImageNet one
+    "SEResNet34": "tu-legacy_seresnet34",
+    "SEResNet50": "se_resnet50",
+    "SEResNet152": "se_resnet152",
+    "ResNeXt50": "resnext50_32x4d",
+    "SEResNeXt50": "se_resnext50_32x4d",
+    "DenseNet121": "densenet121",
+    "InceptionV3": "tu-inception_v3",
+    "InceptionResNetV2": "inceptionresnetv2",
+    "MobileNetV2": "mobilenet_v2",
+    **{f"EfficientNetB{i}": f"efficientnet-b{i}" for i in range(7)},
+}
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "unet": smp.Unet,
+    "unetplusplus": smp.UnetPlusPlus,
+    "linknet": smp.Linknet,
+    "fpn": smp.FPN,
+    "pspnet": smp.PSPNet,
+}
+
+PRETRAINED = ("none", "imagenet")
+HUB_HOST = "huggingface.co"
+
+
+class WeightsUnavailable(RuntimeError):
+    """ImageNet weights are neither cached nor downloadable."""
+
+
+def canonical_encoder(name: str) -> str:
+    """Resolve a paper encoder name case-insensitively; unknown names list the known ones."""
+    lookup = {key.lower(): key for key in ENCODERS}
+    key = lookup.get(str(name).lower())
+    if key is None:
+        raise ValueError(f"unknown encoder {name!r}; known encoders: {', '.join(ENCODERS)}")
+    return key
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        )
+
+
+class PlainUNet(nn.Module):
+    """Ronneberger-style U-Net (BN + ReLU), the paper's 'None' encoder: smp has no encoder-less U-Net."""
+
+    def __init__(self, in_channels: int = 1, classes: int = 1, base_channels: int = 64, depth: int = 4):
+        super().__init__()
+        widths = [base_channels * 2**i for i in range(depth + 1)]
+        self.encoder = nn.ModuleList(
+            [_DoubleConv(in_channels, widths[0])] + [_DoubleConv(widths[i], widths[i + 1]) for i in range(depth)]
+        )
+        self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))])
+        self.decoder = nn.ModuleList([_DoubleConv(2 * widths[i], widths[i]) for i in reversed(range(depth))])
+        self.head = nn.Conv2d(widths[0], classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.encoder):
+            x = block(x if i == 0 else nn.functional.max_pool2d(x, 2))
+            skips.append(x)
+        for up, block, skip in zip(self.up, self.decoder, reversed(skips[:-1])):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+@contextmanager
+def _hub_cache_only() -> Iterator[None]:
+    """Make huggingface_hub (used by smp and timm) answer from its cache without any request.
+
+    A few timm weights (e.g. legacy_seresnet34) come from a plain URL through torch.hub instead:
+    its cache is checked before any download, so refusing the download keeps this cache-only too.
+    """
+    import huggingface_hub.constants as hub
+    import torch.hub
+
+    def refuse(url, *args, **kwargs):
+        raise FileNotFoundError(f"{url} is not in the torch hub cache {torch.hub.get_dir()}")
+
+    previous, previous_download = hub.HF_HUB_OFFLINE, torch.hub.download_url_to_file
+    hub.HF_HUB_OFFLINE = True
+    torch.hub.download_url_to_file = refuse
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = previous
+        torch.hub.download_url_to_file = previous_download
+
+
+def _weights_host(smp_name: str) -> str:
+    """The host ImageNet weights of an smp encoder name are downloaded from."""
+    if smp_name.startswith("tu-"):
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(smp_name[3:])
+        if cfg is not None and not cfg.hf_hub_id and cfg.url:
+            return urlparse(cfg.url).hostname or HUB_HOST
+    return HUB_HOST
+
+
+def _hub_reachable(timeout: float = 5.0, host: str = HUB_HOST) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _weights_message(encoder: str, reason: str) -> str:
+    import torch.hub
+
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    return (
+        f"ImageNet weights for encoder {encoder!r} are not available: {reason}. Either run once on a machine "
+        f"with internet (or copy its Hugging Face cache, {cache}, and torch hub cache, {torch.hub.get_dir()}, "
+        f"here), point `weights_path` at a local "
+        f"encoder state dict, or set `pretrained: none` to train from scratch."
+    )
+
+
+def _smp_model(architecture: str, smp_name: str, pretrained: bool) -> nn.Module:
+    cls = ARCHITECTURES[architecture]
+    weights = None
+    if pretrained:
+        weights = True if smp_name.startswith("tu-") else "imagenet"
+    return cls(encoder_name=smp_name, encoder_weights=weights, in_channels=1, classes=1)
+
+
+def _pretrained_model(architecture: str, encoder: str, smp_name: str) -> nn.Module:
+    try:
+        with _hub_cache_only():
+            return _smp_model(architecture, smp_name, pretrained=True)
+    except Exception:  # noqa: BLE001 - any cache miss falls through to the online attempt
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise WeightsUnavailable(_weights_message(encoder, "they are not in the local cache and HF_HUB_OFFLINE is set"))
+    host = _weights_host(smp_name)
+    if not _hub_reachable(host=host):
+        raise WeightsUnavailable(_weights_message(encoder, f"they are not in the local cache and {host} cannot be reached"))
+    try:
+        return _smp_model(architecture, smp_name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - report any download failure the same way
+        raise WeightsUnavailable(_weights_message(encoder, f"the download failed ({type(exc).__name__}: {exc})")) from None
+
+
+def build_model(encoder: str, architecture: str = "unet", pretrained: str = "none",
+                weights_path: str | os.PathLike | None = None) -> nn.Module:
+    """A one-channel-in, one-logit-out segmentation model for a paper encoder name."""
+    encoder = canonical_encoder(encoder)
+    architecture = str(architecture).lower()
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    if pretrained not in PRETRAINED:
+        raise ValueError(f"pretrained must be one of {PRETRAINED}, got {pretrained!r}")
+    smp_name = ENCODERS[encoder]
+    if smp_name is None:
+        if architecture != "unet":
+            raise ValueError("encoder 'None' (the plain U-Net) exists only for architecture 'unet'")
+        if pretrained == "imagenet":
+            raise ValueError("encoder 'None' has no ImageNet weights; use pretrained: none")
+        model = PlainUNet()
+    elif pretrained == "imagenet" and weights_path is None:
+        model = _pretrained_model(architecture, encoder, smp_name)
+    else:
+        model = _smp_model(architecture, smp_name, pretrained=False)
+    if weights_path is not None:
+        load_encoder_weights(model, weights_path)
+    return model
+
+
+def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load an encoder state dict saved with ``torch.save(model.encoder.state_dict(), path)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights_path {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file of any kind gets the same message
+        raise ValueError(f"weights_path {path} is not a readable torch state dict ({exc})") from None
+    try:
+        model.encoder.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"weights_path {path} does not match this encoder: {str(exc).splitlines()[0]}") from None
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
