@@ -1,0 +1,312 @@
+"""Paired comparisons and confidence intervals over per-image metrics.
+
+Every function takes the long "per-image metrics" frame: one row per
+(group, run, dataset, id) with metric columns. Images are the unit of
+analysis: a method evaluated with several training runs contributes one value
+per image, the mean over its runs, so that seeds do not pose as extra images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata, wilcoxon
+from statsmodels.stats.multitest import multipletests
+
+FRACTION_METRICS = frozenset({"iou", "dsc", "recall", "specificity", "precision", "f1", "pa"})
+LOWER_IS_BETTER = frozenset({"hd95", "assd"})
+IMAGE_KEYS = ("dataset", "id")
+
+# Differences are rounded before ranking: averaging runs in a different order
+# leaves ~1e-17 noise that would turn true zeros into signed differences and
+# split true ties into distinct ranks.
+_DIFF_DECIMALS = 12
+# Bootstrap index matrices are drawn in chunks of at most this many entries.
+_BOOT_CHUNK_ENTRIES = 2_000_000
+
+
+def _as_list(columns: str | Iterable[str]) -> list[str]:
+    return [columns] if isinstance(columns, str) else list(columns)
+
+
+def _require_columns(frame: pd.DataFrame, columns: Iterable[str], role: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{role} column(s) missing from frame: {missing}")
+
+
+def _require_groups(frame: pd.DataFrame, groups: Iterable[str]) -> None:
+    present = set(frame["group"].unique())
+    unknown = [g for g in groups if g not in present]
+    if unknown:
+        raise ValueError(f"unknown group(s) {unknown}; frame has {sorted(map(str, present))}")
+
+
+def _per_key_means(frame: pd.DataFrame, group: str, metric: str, keys: list[str]) -> pd.Series:
+    rows = frame.loc[frame["group"] == group, [*keys, metric]]
+    return rows.groupby(keys, sort=True)[metric].mean()
+
+
+def _dataset_label(frame: pd.DataFrame) -> str | None:
+    if "dataset" not in frame.columns:
+        return None
+    return "+".join(sorted(map(str, frame["dataset"].dropna().unique()))) or None
+
+
+def _better(a: str, b: str, metric: str, median_diff: float, effect_size: float) -> str:
+    """Name the better group: median difference first, rank-biserial to break a zero median."""
+    direction = np.sign(median_diff) if median_diff != 0 else np.sign(effect_size)
+    if not np.isfinite(direction) or direction == 0:
+        return "no difference"
+    if metric in LOWER_IS_BETTER:
+        direction = -direction
+    return a if direction > 0 else b
+
+
+def _paired_test(frame: pd.DataFrame, a: str, b: str, metric: str, keys: list[str], family: str) -> dict:
+    paired = pd.concat(
+        [_per_key_means(frame, a, metric, keys).rename("a"), _per_key_means(frame, b, metric, keys).rename("b")],
+        axis=1,
+        join="inner",
+    ).dropna()
+    values_a = paired["a"].to_numpy(dtype=float)
+    values_b = paired["b"].to_numpy(dtype=float)
+    diffs = np.round(values_a - values_b, _DIFF_DECIMALS)
+    n = len(diffs)
+    result = {
+        "family": family,
+        "dataset": _dataset_label(frame),
+        "metric": metric,
+        "a": a,
+        "b": b,
+        "n": n,
+        "median_a": float(np.median(values_a)) if n else np.nan,
+        "median_b": float(np.median(values_b)) if n else np.nan,
+        "median_diff": float(np.median(diffs)) if n else np.nan,
+        "statistic": np.nan,
+        "p": np.nan,
+        "effect_size": np.nan,
+        "note": "",
+    }
+    nonzero = diffs[diffs != 0]
+    if n < 2:
+        result["note"] = f"only {n} paired image(s) for {a!r} vs {b!r}; test needs at least 2"
+    elif nonzero.size == 0:
+        result.update(statistic=0.0, p=1.0, effect_size=0.0, note="all paired differences are zero")
+    else:
+        ranks = rankdata(np.abs(nonzero))
+        w_plus, w_minus = ranks[nonzero > 0].sum(), ranks[nonzero < 0].sum()
+        test = wilcoxon(nonzero, zero_method="wilcox", alternative="two-sided")
+        result.update(
+            statistic=float(test.statistic),
+            p=float(test.pvalue),
+            effect_size=float((w_plus - w_minus) / (w_plus + w_minus)),
+        )
+        if nonzero.size < n:
+            result["note"] = f"{n - nonzero.size} zero difference(s) dropped"
+    result["better"] = _better(a, b, metric, result["median_diff"], result["effect_size"])
+    return result
+
+
+def paired_wilcoxon(
+    frame: pd.DataFrame,
+    a: str,
+    b: str,
+    metric: str,
+    pair_on: Sequence[str] = IMAGE_KEYS,
+    family: str = "",
+) -> dict:
+    """Two-sided Wilcoxon signed-rank test of group `a` against group `b` on paired images.
+
+    Rows are paired on `pair_on`; a group with several runs for one key enters
+    as the mean over those runs, and keys that either group lacks (or has only
+    NaN for) are left out, so `n` counts the images actually compared.
+
+    zero_method="wilcox": zero differences are dropped before ranking (Wilcoxon's
+    original rule), which keeps the test consistent with the effect size, the
+    matched-pairs rank-biserial r = (W+ - W-) / (W+ + W-) over the nonzero
+    differences; r > 0 means `a` scores higher. `statistic` is scipy's two-sided
+    statistic, min(W+, W-). `median_diff` is the median of the paired
+    differences a - b, not the difference of the medians. `better` names the
+    group favoured by the median difference (by r when that is 0), counting
+    lower as better for distance metrics (hd95, assd). All-zero differences
+    give p = 1; fewer than 2 pairs give p = NaN; `note` says which.
+    """
+    keys = _as_list(pair_on)
+    _require_columns(frame, ["group"], "group")
+    _require_columns(frame, keys, "pair_on")
+    _require_columns(frame, [metric], "metric")
+    _require_groups(frame, [a, b])
+    return _paired_test(frame, a, b, metric, keys, family)
+
+
+def wilcoxon_family(
+    frame: pd.DataFrame,
+    pairs: Sequence[tuple[str, str]],
+    metrics: Sequence[str] = ("dsc", "iou"),
+    *,
+    family: str,
+    pair_on: Sequence[str] = IMAGE_KEYS,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Test every pair on every metric and dataset, Holm-adjusting within each (dataset, metric).
+
+    The family of hypotheses behind one table cell column is the set of pairs
+    compared on one metric in one dataset, so that is where the multiplicity
+    correction applies. Untestable rows (p NaN) keep p_holm NaN and do not
+    count towards the family size. A group missing from one dataset gives an
+    untestable row there rather than an error.
+    """
+    keys = _as_list(pair_on)
+    metrics = _as_list(metrics)
+    _require_columns(frame, ["group"], "group")
+    _require_columns(frame, keys, "pair_on")
+    _require_columns(frame, metrics, "metric")
+    _require_groups(frame, [g for pair in pairs for g in pair])
+
+    subsets = (
+        [subset for _, subset in frame.groupby("dataset", sort=True)] if "dataset" in frame.columns else [frame]
+    )
+    rows = [
+        _paired_test(subset, a, b, metric, keys, family)
+        for subset in subsets
+        for metric in metrics
+        for a, b in pairs
+    ]
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table.assign(p_holm=pd.Series(dtype=float), significant=pd.Series(dtype=bool))
+
+    table["p_holm"] = np.nan
+    for _, cell in table.groupby(["dataset", "metric"], sort=False, dropna=False):
+        testable = cell["p"].notna()
+        if testable.any():
+            adjusted = multipletests(cell.loc[testable, "p"].to_numpy(), alpha=alpha, method="holm")[1]
+            table.loc[cell.index[testable], "p_holm"] = adjusted
+    table["significant"] = table["p_holm"] < alpha
+    return table
+
+
+def all_pairs(groups: Iterable[str]) -> list[tuple[str, str]]:
+    """Every unordered pair of distinct groups, in the order the groups were given."""
+    return list(combinations(dict.fromkeys(groups), 2))
+
+
+def one_vs_rest(reference: str, groups: Iterable[str]) -> list[tuple[str, str]]:
+    """The reference against each other group, reference first so r > 0 favours it."""
+    return [(reference, g) for g in dict.fromkeys(groups) if g != reference]
+
+
+def bootstrap_ci(
+    values: Iterable[float], n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling images; NaNs are ignored."""
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be positive, got {n_boot}")
+    sample = np.asarray(values, dtype=float).ravel()
+    sample = sample[~np.isnan(sample)]
+    n = sample.size
+    if n == 0:
+        return (np.nan, np.nan)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CHUNK_ENTRIES // n)
+    means = np.concatenate(
+        [
+            sample[rng.integers(0, n, size=(min(chunk, n_boot - start), n))].mean(axis=1)
+            for start in range(0, n_boot, chunk)
+        ]
+    )
+    tail = (1 - ci) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return (float(low), float(high))
+
+
+def mean_ci_table(
+    frame: pd.DataFrame,
+    by: Sequence[str],
+    metrics: Sequence[str],
+    n_boot: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+    image_on: Sequence[str] = IMAGE_KEYS,
+) -> pd.DataFrame:
+    """Mean and bootstrap CI per group and metric, in the frame's own units.
+
+    Each image (keys `image_on` within a `by` group) first becomes the mean of
+    its runs, and the bootstrap resamples those images; put "run" in `by` to get
+    per-run intervals instead. Every cell uses the same seed, so the table is
+    reproducible cell by cell.
+    """
+    by = _as_list(by)
+    metrics = _as_list(metrics)
+    image_keys = [k for k in _as_list(image_on) if k not in by]
+    _require_columns(frame, by, "by")
+    _require_columns(frame, image_keys, "image_on")
+    _require_columns(frame, metrics, "metric")
+
+    per_image = frame.groupby(by + image_keys, sort=True)[metrics].mean()
+    rows = []
+    for group_key, images in per_image.groupby(level=list(range(len(by))), sort=True):
+        labels = dict(zip(by, group_key if isinstance(group_key, tuple) else (group_key,)))
+        for metric in metrics:
+            values = images[metric].to_numpy(dtype=float)
+            low, high = bootstrap_ci(values, n_boot=n_boot, ci=ci, seed=seed)
+            rows.append(
+                {
+                    **labels,
+                    "metric": metric,
+                    "n": int(np.count_nonzero(~np.isnan(values))),
+                    "mean": float(np.nanmean(values)) if np.isfinite(values).any() else np.nan,
+                    "low": low,
+                    "high": high,
+                }
+            )
+    return pd.DataFrame(rows, columns=[*by, "metric", "n", "mean", "low", "high"])
+
+
+def format_p(p: float) -> str:
+    """Three decimals, or "<0.001", so tiny p-values do not read as exactly zero."""
+    if not np.isfinite(p):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _format_difference(value: float, metric: str) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    if metric in FRACTION_METRICS:
+        return f"{100 * value:+.2f} pp"
+    if metric in LOWER_IS_BETTER:
+        return f"{value:+.2f} px"
+    return f"{value:+.4g}"
+
+
+def format_wilcoxon(table: pd.DataFrame | dict) -> pd.DataFrame:
+    """A report-ready copy of a wilcoxon_family/paired_wilcoxon table: strings, fraction differences in pp."""
+    table = pd.DataFrame([table]) if isinstance(table, dict) else table
+    readable = pd.DataFrame(
+        {
+            "family": table["family"],
+            "dataset": table["dataset"],
+            "metric": table["metric"],
+            "a": table["a"],
+            "b": table["b"],
+            "n": table["n"],
+            "median_diff": [_format_difference(v, m) for v, m in zip(table["median_diff"], table["metric"])],
+            "effect_size": [f"{r:+.2f}" if np.isfinite(r) else "n/a" for r in table["effect_size"]],
+            "p": [format_p(p) for p in table["p"]],
+        },
+        index=table.index,
+    )
+    if "p_holm" in table.columns:
+        readable["p_holm"] = [format_p(p) for p in table["p_holm"]]
+        readable["significant"] = table["significant"].map({True: "yes", False: "no"})
+    readable["better"] = table["better"]
+    if "note" in table.columns and table["note"].astype(bool).any():
+        readable["note"] = table["note"]
+    return readable
