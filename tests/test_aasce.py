@@ -1,0 +1,261 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+from matplotlib.figure import Figure
+from matplotlib.path import Path as Outline
+from PIL import Image
+
+from spineseg.data.aasce import CSV_TOLERANCE_PX, convert, overlay_figure, patient_of, sample_id
+from spineseg.data.dataset import DatasetError, read_manifest
+
+REAL_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "aasce" / "boostnet_labeldata"
+WIDTH, HEIGHT = 200, 400  # synthetic source size: x and y scale differently on the way to a square
+
+
+def stacked_landmarks() -> np.ndarray:
+    """68 × 2 (x, y) corners, TL TR BL BR per vertebra: axis-aligned boxes x 80..120, y 32+20k..48+20k."""
+    corners = []
+    for k in range(17):
+        top, bottom = 32 + 20 * k, 48 + 20 * k
+        corners += [(80, top), (120, top), (80, bottom), (120, bottom)]
+    return np.array(corners, dtype=np.uint16)
+
+
+def write_split(src: Path, split: str, entries: list[tuple[str, np.ndarray]], pixels: np.ndarray | None = None) -> Path:
+    """A boostnet_labeldata tree in the distribution's format: jpg, landmarks.csv, filenames.csv, .jpg.mat."""
+    image_dir, label_dir = src / "data" / split, src / "labels" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    if pixels is None:
+        pixels = np.random.default_rng(0).integers(0, 80, (HEIGHT, WIDTH), dtype=np.uint8)
+    rows = []
+    for filename, points in entries:
+        Image.fromarray(pixels).save(image_dir / filename, format="JPEG", quality=95)
+        scipy.io.savemat(str(label_dir / f"{filename}.mat"), {"p2": points.astype(np.uint16)})
+        rows.append(np.concatenate([points[:, 0] / WIDTH, points[:, 1] / HEIGHT]))
+    np.savetxt(label_dir / "landmarks.csv", np.array(rows), fmt="%.5g", delimiter=",")
+    (label_dir / "filenames.csv").write_text("".join(f"{name}\n" for name, _ in entries))
+    return src
+
+
+def load_png(folder: Path, relative: str) -> np.ndarray:
+    return np.asarray(Image.open(folder / relative))
+
+
+NAME = "sunhl-1th-02-Jan-2017-162 A AP.jpg"
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    points = stacked_landmarks()
+    return write_split(tmp_path / "boostnet_labeldata", "training",
+                       [(NAME, points), ("sunhl-1th-02-Jan-2017-162 B AP.jpg", points),
+                        ("sunhl-1th-03-Jan-2017-163 A AP.jpg", points)])
+
+
+# --- patient and id rules ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("filename, patient", [
+    ("sunhl-1th-02-Jan-2017-162 A AP.jpg", "sunhl-1th-162"),
+    ("sunhl-1th-02-Jan-2017-162 B AP.jpg", "sunhl-1th-162"),
+    ("sunhl-1th-03-Jan-2017-165 A AP.jpg", "sunhl-1th-165"),  # same case filed on the next day
+    ("sunhl-1th-04-Jan-2017-165 C AP.jpg", "sunhl-1th-165"),
+    ("sunhl-1th-21-Nov-2016-138 D AP2.jpg", "sunhl-1th-138"),
+    ("sunhl-1th-22-Nov-2016-142 A AP (2).jpg", "sunhl-1th-142"),
+    ("sunhl-1th-01-Mar-2017-310 a ap.jpg", "sunhl-1th-310"),  # test-split style, lower case
+    ("sunhl-1th-01-Mar-2017-310 C AP.jpg", "sunhl-1th-310"),
+    ("data/training/sunhl-1th-11-Jan-2017-254 P AP.jpg", "sunhl-1th-254"),
+    ("sunhl-1th-02-Jan-2017-1620 A AP.jpg", "sunhl-1th-1620"),
+    ("sunhl-1th-20-Jul-2016-coronal6.jpg", "sunhl-1th-20-Jul-2016-coronal6"),  # no case number: own patient
+    ("sunhl-1th-20-Jul-2016-coronal16.jpg", "sunhl-1th-20-Jul-2016-coronal16"),
+])
+def test_patient_of(filename: str, patient: str) -> None:
+    assert patient_of(filename) == patient
+
+
+def test_sample_id_is_a_safe_name() -> None:
+    assert sample_id(NAME) == "sunhl-1th-02-Jan-2017-162_A_AP"
+    assert sample_id("sunhl-1th-22-Nov-2016-142 A AP (2).jpg") == "sunhl-1th-22-Nov-2016-142_A_AP_2"
+    assert sample_id("sunhl-1th-22-Nov-2016-142 A AP (2).jpg") != sample_id("sunhl-1th-22-Nov-2016-142 A AP.jpg")
+
+
+# --- geometry -----------------------------------------------------------------------------------------
+
+def test_mask_is_the_union_of_the_scaled_boxes_labelled_top_to_bottom(src: Path, tmp_path: Path) -> None:
+    size = 100  # x scales by 0.5, y by 0.25: box k covers rows 8+5k .. 11+5k, columns 40 .. 59
+    folder = convert(src, tmp_path / "out", size=size)["training"]
+    row = read_manifest(folder).set_index("id").loc[sample_id(NAME)]
+    labels, mask = load_png(folder, row["labels"]), load_png(folder, row["mask"])
+    expected = np.zeros((size, size), dtype=np.uint8)
+    for label, k in enumerate(range(7, 11), start=1):
+        expected[8 + 5 * k: 12 + 5 * k, 40:60] = label
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(mask, np.where(expected > 0, 255, 0))
+
+
+def test_tilted_quadrilaterals_follow_their_corners(tmp_path: Path) -> None:
+    points = stacked_landmarks().astype(float)
+    rng = np.random.default_rng(1)
+    points[28:44] += rng.integers(-6, 7, (16, 2))  # Th8..Th11 become irregular quadrilaterals
+    src = write_split(tmp_path / "src", "training", [(NAME, points)])
+    size = 64
+    folder = convert(src, tmp_path / "out", size=size)["training"]
+    labels = load_png(folder, read_manifest(folder)["labels"][0])
+
+    scaled = points * [size / WIDTH, size / HEIGHT]
+    rows, cols = np.mgrid[:size, :size]
+    centres = np.column_stack([cols.ravel() + 0.5, rows.ravel() + 0.5])
+    for label, k in enumerate(range(7, 11), start=1):
+        tl, tr, bl, br = scaled[4 * k: 4 * k + 4]
+        inside = Outline([tl, tr, br, bl]).contains_points(centres).reshape(size, size)
+        assert np.array_equal(labels == label, inside), f"label {label}"
+
+
+def test_image_and_mask_are_resized_together(tmp_path: Path) -> None:
+    pixels = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    pixels[192:208, 80:120] = 255  # Th9's box, drawn into the image itself
+    src = write_split(tmp_path / "src", "training", [(NAME, stacked_landmarks())], pixels=pixels)
+    folder = convert(src, tmp_path / "out", size=100)["training"]
+    row = read_manifest(folder).iloc[0]
+    image, labels = load_png(folder, row["image"]), load_png(folder, row["labels"])
+    assert image.shape == (100, 100)
+    rows, cols = np.nonzero(image > 128)
+    th9_rows, th9_cols = np.nonzero(labels == 2)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (th9_rows.min(), th9_rows.max(), th9_cols.min(), th9_cols.max())
+
+
+# --- splits and datasets ------------------------------------------------------------------------------
+
+def test_patient_never_crosses_a_split(tmp_path: Path) -> None:
+    points = stacked_landmarks()
+    names = ["sunhl-1th-02-Jan-2017-162 A AP.jpg", "sunhl-1th-02-Jan-2017-162 B AP.jpg",
+             "sunhl-1th-03-Jan-2017-165 A AP.jpg", "sunhl-1th-04-Jan-2017-165 B AP.jpg",
+             "sunhl-1th-04-Jan-2017-165 C AP.jpg", "sunhl-1th-05-Jan-2017-170 A AP.jpg",
+             "sunhl-1th-21-Nov-2016-138 D AP.jpg", "sunhl-1th-21-Nov-2016-138 D AP2.jpg",
+             "sunhl-1th-20-Jul-2016-coronal1.jpg", "sunhl-1th-20-Jul-2016-coronal2.jpg"]
+    src = write_split(tmp_path / "src", "training", [(name, points) for name in names])
+    for seed in range(4):
+        folder = convert(src, tmp_path / f"out{seed}", size=32, seed=seed)["training"]
+        manifest = read_manifest(folder)
+        assert manifest["patient"].nunique() == 6
+        assert (manifest.groupby("patient")["split"].nunique() == 1).all()
+        assert set(manifest["source"]) == {f"data/training/{name}" for name in names}
+
+
+def test_test_split_becomes_a_test_only_dataset(tmp_path: Path) -> None:
+    src = write_split(tmp_path / "src", "test", [("sunhl-1th-01-Mar-2017-310 a ap.jpg", stacked_landmarks()),
+                                                 ("sunhl-1th-01-Mar-2017-311 M AP.jpg", stacked_landmarks())])
+    written = convert(src, tmp_path / "out", size=32)
+    assert list(written) == ["test"] and written["test"].name == "aasce_test"
+    assert set(read_manifest(written["test"])["split"]) == {"test"}
+
+
+def test_limit_keeps_the_first_images(src: Path, tmp_path: Path) -> None:
+    folder = convert(src, tmp_path / "out", size=32, limit=2)["training"]
+    assert list(read_manifest(folder)["id"]) == ["sunhl-1th-02-Jan-2017-162_A_AP", "sunhl-1th-02-Jan-2017-162_B_AP"]
+
+
+# --- consistency checks -------------------------------------------------------------------------------
+
+def edit_csv_x(src: Path, row: int, pixels: float) -> None:
+    path = src / "labels" / "training" / "landmarks.csv"
+    table = np.loadtxt(path, delimiter=",", ndmin=2)
+    table[row, 0] += pixels / WIDTH
+    np.savetxt(path, table, fmt="%.8g", delimiter=",")
+
+
+def test_small_csv_rounding_is_tolerated(src: Path, tmp_path: Path) -> None:
+    edit_csv_x(src, 1, CSV_TOLERANCE_PX / 2)
+    convert(src, tmp_path / "out", size=32)
+
+
+def test_csv_and_mat_disagreement_names_the_image_and_the_gap(src: Path, tmp_path: Path) -> None:
+    edit_csv_x(src, 1, 5.0)
+    with pytest.raises(DatasetError, match=r"162 B AP\.jpg.*5\.0 px"):
+        convert(src, tmp_path / "out", size=32)
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda src: (src / "labels/training" / f"{NAME}.mat").unlink(), r"missing landmark file .*162 A AP\.jpg\.mat"),
+    (lambda src: (src / "data/training" / NAME).unlink(), r"missing image .*162 A AP\.jpg"),
+    (lambda src: (src / "data/training" / NAME).write_bytes(b"not a jpeg"), r"unreadable image .*162 A AP\.jpg"),
+    (lambda src: (src / "labels/training/filenames.csv").write_text(f"{NAME}\n"), r"filenames\.csv lists 1 images but .*landmarks\.csv has 3 rows"),
+    (lambda src: scipy.io.savemat(str(src / "labels/training" / f"{NAME}.mat"), {"pts": stacked_landmarks()}), r"162 A AP\.jpg\.mat: no 'p2'"),
+])
+def test_broken_input_names_the_file(src: Path, tmp_path: Path, damage, message: str) -> None:
+    damage(src)
+    with pytest.raises(DatasetError, match=message):
+        convert(src, tmp_path / "out", size=32)
+
+
+def test_corners_out_of_order_are_rejected(tmp_path: Path) -> None:
+    points = stacked_landmarks()
+    points[[32, 33]] = points[[33, 32]]  # Th9: top-left and top-right swapped
+    src = write_split(tmp_path / "src", "training", [(NAME, points)])
+    with pytest.raises(DatasetError, match=r"162 A AP\.jpg: Th9 quadrilateral has area"):
+        convert(src, tmp_path / "out", size=32)
+
+
+def test_no_split_found_names_the_source(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=str(tmp_path / "nothing")):
+        convert(tmp_path / "nothing", tmp_path / "out")
+
+
+# --- overlay figure -----------------------------------------------------------------------------------
+
+def test_overlay_figure_from_folder_saves_png_and_pdf(src: Path, tmp_path: Path) -> None:
+    folder = convert(src, tmp_path / "out", size=64)["training"]
+    fig = overlay_figure(folder, n=2, path=tmp_path / "fig" / "overlay.png")
+    assert isinstance(fig, Figure) and len(fig.axes) == 4
+    assert (tmp_path / "fig" / "overlay.png").stat().st_size > 0
+    assert (tmp_path / "fig" / "overlay.pdf").stat().st_size > 0
+
+
+def test_overlay_figure_needs_instance_labels(src: Path, tmp_path: Path) -> None:
+    folder = convert(src, tmp_path / "out", size=64)["training"]
+    manifest = read_manifest(folder)
+    manifest.drop(columns="labels").to_csv(folder / "manifest.csv", index=False)
+    with pytest.raises(DatasetError, match="no instance labels"):
+        overlay_figure(folder)
+
+
+# --- real data ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def real_src() -> Path:
+    if not (REAL_SRC / "data" / "training").is_dir():
+        pytest.skip(f"AASCE training split not found at {REAL_SRC}")
+    return REAL_SRC
+
+
+def test_real_names_give_unique_ids_and_case_patients(real_src: Path) -> None:
+    names = pd.read_csv(real_src / "labels/training/filenames.csv", header=None, dtype=str)[0]
+    assert names.map(sample_id).is_unique
+    fallbacks = [name for name in names if patient_of(name) == Path(name).stem]
+    assert all("coronal" in name for name in fallbacks), fallbacks  # every other name carries a case number
+    assert patient_of("sunhl-1th-03-Jan-2017-165 A AP.jpg") == patient_of("sunhl-1th-04-Jan-2017-165 B AP.jpg")
+
+
+def test_real_conversion_gives_plausible_masks(real_src: Path, tmp_path: Path) -> None:
+    size = 256
+    folder = convert(real_src, tmp_path / "out", splits=("training",), size=size, limit=5)["training"]
+    manifest = read_manifest(folder)
+    assert len(manifest) == 5
+    assert (manifest.groupby("patient")["split"].nunique() == 1).all()
+    for row in manifest.itertuples():
+        image, labels = load_png(folder, row.image), load_png(folder, row.labels)
+        assert image.shape == labels.shape == (size, size) and image.std() > 10
+        assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+        rows, cols = np.nonzero(labels)
+        assert 0.005 < rows.size / labels.size < 0.1, row.id  # 1–7 % over all 481 images
+        assert 0.15 < cols.mean() / size < 0.85, row.id  # spine in the central columns
+        assert 0.3 < rows.mean() / size < 0.6, row.id  # mid-thoracic: a little above the middle
+        centres = [np.nonzero(labels == label)[0].mean() for label in (1, 2, 3, 4)]
+        assert centres == sorted(centres), row.id
+    overlay_figure(folder, n=2)
