@@ -28,6 +28,7 @@ def paper_augmentation(seed: int | None = None) -> A.Compose:
                     A.Affine(
                         rotate=(-ROTATION_DEG, ROTATION_DEG),
                         scale=SCALE,
+                        keep_ratio=True,  # one zoom factor for both axes
                         translate_percent=(-SHIFT_FRACTION, SHIFT_FRACTION),
                         interpolation=cv2.INTER_LINEAR,
                         mask_interpolation=cv2.INTER_NEAREST,
@@ -54,6 +55,6 @@ def augment_batch(transform: A.Compose, images: np.ndarray, masks: np.ndarray) -
     out_masks = np.empty_like(masks)
     for i in range(len(images)):
         result = transform(image=images[i], mask=masks[i])
-        out_images[i] = np.clip(result["image"], 0.0, 1.0)
+        out_images[i] = result["image"]  # albumentations clips float images to [0, 1]
         out_masks[i] = result["mask"]
     return out_images, out_masks

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
@@ -110,7 +111,10 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto") -
     atomic.write_json(folder / "config.json", asdict(spec))
     torch_device = pick_device(device)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.encoder, spec.architecture, spec.pretrained, spec.weights_path)
+    # A checkpoint holds every weight: resuming needs neither the network nor the weights file.
+    resuming = (folder / "checkpoint.pt").is_file()
+    model = build_model(spec.encoder, spec.architecture, "none" if resuming else spec.pretrained,
+                        None if resuming else spec.weights_path)
     train_split = load_split(data.d1, "train", spec.image_size)
     val_split = load_split(data.d1, "val", spec.image_size)
     outcome = fit(model, train_split, val_split, spec.settings(), folder, torch_device,
@@ -129,8 +133,8 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto") -
     summary = {**asdict(spec), **asdict(outcome), "key": spec.key(), "folder": folder.name,
                "device": str(torch_device)}
     atomic.write_json(folder / "summary.json", summary)
-    (folder / "checkpoint.pt").unlink(missing_ok=True)  # best.pt keeps the weights that matter
     atomic.write_text(folder / DONE, "")
+    (folder / "checkpoint.pt").unlink(missing_ok=True)  # best.pt keeps the weights that matter
     return summary
 
 
@@ -138,7 +142,7 @@ def run_all(specs: Iterable[RunSpec], data: StudyData, store: Path, device: str 
             executor: Executor | None = None) -> list[dict]:
     specs = list(specs)
     executor = executor or SequentialExecutor(desc=f"{len(specs)} runs")
-    return executor.map(lambda spec: execute(spec, data, store, device), specs)
+    return executor.map(partial(execute, data=data, store=store, device=device), specs)
 
 
 def load_probs(store: Path, spec: RunSpec, dataset: str, split: str) -> tuple[list[str], np.ndarray]:

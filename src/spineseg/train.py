@@ -60,7 +60,7 @@ def configure_threads(threads: int = 0) -> int:
 
 
 def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None].to(device, non_blocking=True)
+    return torch.from_numpy(np.array(images, dtype=np.float32))[:, None].to(device, non_blocking=True)  # own copy: cached splits are read-only
 
 
 @torch.inference_mode()
@@ -101,6 +101,8 @@ def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, fol
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
+        # "finished" depends on the settings: called again with a larger max_epochs (or patience), go on
+        state["finished"] = state["bad_epochs"] >= settings.patience or state["epoch"] >= settings.max_epochs
     augmentation = paper_augmentation() if settings.augment else None
     bar = tqdm(total=settings.max_epochs, initial=state["epoch"], desc=desc, unit="epoch", leave=False,
                mininterval=2.0, disable=state["finished"])
@@ -109,6 +111,7 @@ def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, fol
         order = np.random.default_rng([settings.seed, epoch]).permutation(len(train))
         if augmentation is not None:
             augmentation.set_random_seed(settings.seed * 1_000_003 + epoch)
+        torch.manual_seed(settings.seed * 1_000_003 + epoch)  # dropout / stochastic depth replay on resume too
         model.train()
         losses = []
         for start in range(0, len(order), settings.batch_size):

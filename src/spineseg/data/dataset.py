@@ -180,6 +180,8 @@ def _load_split_cached(folder: str, split: str, size: int, stamp: float) -> Spli
             raise DatasetError(f"mask {mask_path} is not binary: found values {np.round(values[:6] * 255).astype(int).tolist()}, expected 0 and 255")
         images[k] = np.clip(_resize(image, size, nearest=False), 0.0, 1.0)
         masks[k] = _resize(mask, size, nearest=True) > 0.5
+    images.flags.writeable = False  # shared by every caller through the cache
+    masks.flags.writeable = False
     return Split(Path(folder).name, split, tuple(rows["id"]), images, masks)
 
 
