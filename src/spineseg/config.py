@@ -98,6 +98,11 @@ def _check(value: Any, default: Any, key: str, origin: str) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, int):
@@ -121,6 +126,8 @@ def _check_values(cfg: dict, origin: str) -> None:
         for key in ("image_size", "batch_size", "max_epochs", "patience", "repeats"):
             if cfg[stage].get(key, 1) < 1:
                 fail(f"{stage}.{key}", "must be at least 1")
+        if cfg[stage]["image_size"] % 32:
+            fail(f"{stage}.image_size", f"must be a multiple of 32 (five U-Net downsamplings), got {cfg[stage]['image_size']}")
         if not 0 < cfg[stage]["lr"] < 1:
             fail(f"{stage}.lr", f"must be in (0, 1), got {cfg[stage]['lr']}")
     for stage in ("stage1", "stage2"):
@@ -133,6 +140,16 @@ def _check_values(cfg: dict, origin: str) -> None:
         raise ConfigError(f"{origin}: {exc}") from None
     if not cfg["stage2"]["encoders"]:
         fail("stage2.encoders", "must name at least one encoder")
+    for key in ("size", "d1_count", "d2_count"):
+        if cfg["data"][key] < 1:
+            fail(f"data.{key}", "must be at least 1")
+    if cfg["stage2"]["top_k"] < 1:
+        fail("stage2.top_k", "must be at least 1")
+    for key in ("timing_size", "timing_repeats"):
+        if cfg["stage4"][key] < 1:
+            fail(f"stage4.{key}", "must be at least 1")
+    if cfg["analysis"]["n_boot"] < 100:
+        fail("analysis.n_boot", "must be at least 100")
     if not 0 <= cfg["stage2"]["min_val_dsc"] <= 1:
         fail("stage2.min_val_dsc", "must be in [0, 1]")
     if not 0 <= cfg["stage4"]["threshold"] <= 1:
