@@ -1,0 +1,95 @@
+"""Shared fixtures for the core-module tests: tiny synthetic datasets and a network guard.
+
+Everything here is small on purpose (64 × 64 images, tens of samples) so the whole suite runs on
+two CPU cores in well under a minute.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spineseg.data import Sample, write_dataset
+
+
+def rectangle_samples(n: int, size: int = 64, seed: int = 0, prefix: str = "img") -> list[Sample]:
+    """``n`` images of one bright rectangle on dark noise, with the rectangle as the mask.
+
+    Intensity alone separates foreground from background, so a small network learns it in a few
+    epochs; the rectangles vary in size and place so the task is not a constant.
+    """
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        image = rng.integers(0, 60, size=(size, size)).astype(np.uint8)
+        mask = np.zeros((size, size), dtype=bool)
+        h, w = rng.integers(size // 4, size // 2, size=2)
+        top, left = rng.integers(2, size - h - 2), rng.integers(2, size - w - 2)
+        mask[top:top + h, left:left + w] = True
+        image[mask] = rng.integers(170, 230, size=int(mask.sum())).astype(np.uint8)
+        samples.append(Sample(id=f"{prefix}{i:03d}", image=image, mask=mask))
+    return samples
+
+
+def write_rectangles(root: Path, name: str, n: int, size: int = 64, seed: int = 0, **kwargs) -> Path:
+    """Write ``n`` rectangle samples as a dataset folder ``root/name`` (kwargs go to write_dataset)."""
+    return write_dataset(root, name, rectangle_samples(n, size=size, seed=seed), seed=seed, **kwargs)
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """20 images of 64 × 64 with their masks, split 70/10/20 (14/2/4); returns the dataset folder."""
+    return write_rectangles(tmp_path, "tiny", 20)
+
+
+@pytest.fixture(scope="session")
+def train_val_folder(tmp_path_factory) -> Path:
+    """A 20-image dataset split 80/20/0 (16 train, 4 val) for the training tests, written once."""
+    return write_rectangles(tmp_path_factory.mktemp("trainval"), "rects", 20, seed=1, fractions=(0.8, 0.2, 0.0))
+
+
+@pytest.fixture
+def block_network(monkeypatch) -> list:
+    """Refuse every internet connection (as an OSError, like an unplugged cable) and record it.
+
+    Returns the list of attempted addresses, so a test can assert that nothing even tried: the
+    refusal alone would be invisible where the code under test catches all exceptions.
+    """
+    attempts: list = []
+
+    def refuse(address):
+        attempts.append(address)
+        raise OSError(f"network access is blocked in tests (tried {address!r})")
+
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def guarded_connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            refuse(address)
+        return real_connect(self, address)
+
+    def guarded_connect_ex(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            refuse(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: refuse(address))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: refuse(host))
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    return attempts
+
+
+@pytest.fixture
+def torch_single_thread():
+    """Run a test with one torch intra-op thread (no OpenMP fight for the two cores), then restore."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
