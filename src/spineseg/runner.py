@@ -56,7 +56,7 @@ def _export_html(notebook: Path) -> None:
 
 
 def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
-              overrides: Mapping[str, Any] | None = None, log=print) -> list[Path]:
+              overrides: Mapping[str, Any] | None = None, log=print, progress=sys.stderr) -> list[Path]:
     """Validate the profile, then execute the chosen stage notebooks in order."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -76,6 +76,7 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
         try:
             papermill.execute_notebook(
                 str(source), str(target), kernel_name="python3", cwd=str(source.parent), progress_bar=False,
+                stderr_file=progress,  # the notebooks' tqdm bars, live on the console
                 parameters={"profile": profile, "overrides": dict(overrides or {}), "project_dir": str(project),
                             "interactive": False},
             )

@@ -1,0 +1,117 @@
+"""The `smoke` profile end to end through papermill, in a throwaway copy of the project."""
+
+import json
+import shutil
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spineseg.analysis import METRIC_COLUMNS
+from spineseg.config import PAPER_ENCODERS, ConfigError
+from spineseg.ensemble import METHODS, PAPER_NAMES
+from spineseg.runner import NOTEBOOKS, NotebookFailed, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _copy_project(root: Path) -> Path:
+    for item in ("params", "notebooks"):
+        shutil.copytree(ROOT / item, root / item)
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = _copy_project(tmp_path_factory.mktemp("smoke_project"))
+    run_study(root, "smoke", log=lambda message: None)
+    return root
+
+
+def test_every_notebook_executed_without_errors(project):
+    for name in NOTEBOOKS:
+        rendered = project / "runs/smoke/notebooks" / f"{name}.ipynb"
+        assert rendered.is_file() and rendered.with_suffix(".html").is_file()
+        cells = [c for c in json.loads(rendered.read_text())["cells"] if c["cell_type"] == "code"]
+        assert all(c["execution_count"] is not None for c in cells), name
+        assert not [o for c in cells for o in c["outputs"] if o["output_type"] == "error"], name
+
+
+def _table(project: Path, number: int) -> pd.DataFrame:
+    folder = project / "runs/smoke/tables"
+    for suffix in ("csv", "md", "tex"):
+        assert (folder / f"table{number}.{suffix}").is_file(), f"table{number}.{suffix}"
+    return pd.read_csv(folder / f"table{number}.csv", index_col=0)
+
+
+def test_tables_1_to_9_have_the_papers_rows_and_columns(project):
+    expected_rows = {
+        1: ["Without augmentation", "With augmentation"],
+        6: ["Min", "Max", "Mean"], 7: ["Min", "Max", "Mean"],
+        8: [PAPER_NAMES[m] for m in METHODS], 9: [PAPER_NAMES[m] for m in METHODS],
+    }
+    for number in range(1, 10):
+        table = _table(project, number)
+        assert list(table.columns) == METRIC_COLUMNS, number
+        if number in expected_rows:
+            assert list(table.index) == expected_rows[number], number
+        else:  # encoder tables: paper names, in the paper's order
+            assert list(table.index) == [e for e in PAPER_ENCODERS if e in set(table.index)], number
+        values = table.to_numpy(dtype=float)
+        assert np.all((values >= 0) & (values <= 100)), number
+
+
+def test_f1_equals_dsc_per_image(project):
+    for stage in ("stage1", "stage2", "stage3", "stage4"):
+        frame = pd.read_csv(project / "runs/smoke" / stage / "metrics_test.csv")
+        assert len(frame) > 0
+        np.testing.assert_allclose(frame["f1"], frame["dsc"], atol=1e-12)
+
+
+def test_wilcoxon_table_has_the_expected_pairs(project):
+    tests = pd.read_csv(project / "runs/smoke/tables/wilcoxon.csv")
+    rules = tests[tests["family"] == "ensemble rules"]
+    names = [PAPER_NAMES[m] for m in METHODS]
+    for dataset in ("d1", "d2"):
+        for metric in ("dsc", "iou"):
+            got = rules[(rules["dataset"] == dataset) & (rules["metric"] == metric)]
+            assert {frozenset(p) for p in zip(got["a"], got["b"])} == {frozenset(p) for p in combinations(names, 2)}
+    singles = tests[tests["family"] == "soft voting vs single models"]
+    assert set(singles["a"]) == {"Soft voting"} and set(singles["b"]) == {"MobileNetV2", "ResNet34"}
+    augmentation = tests[tests["family"] == "augmentation (paired by seed)"]
+    assert set(zip(augmentation["a"], augmentation["b"])) == {("With augmentation", "Without augmentation")}
+    assert (augmentation["n"] == 2).all()  # two seeds, paired
+    assert (tests["p_holm"].dropna() >= tests.loc[tests["p_holm"].notna(), "p"] - 1e-12).all()
+
+
+def test_figures_exist_as_png_and_pdf(project):
+    folder = project / "figures/smoke"
+    for name in ("fig1_datasets", "ensemble_masks_d1", "ensemble_masks_d2", "dsc_by_ensemble",
+                 "dsc_by_encoder", "dsc_vs_threshold"):
+        assert (folder / f"{name}.png").stat().st_size > 0 and (folder / f"{name}.pdf").stat().st_size > 0
+
+
+def test_rerun_skips_finished_training_runs(project):
+    weights = sorted((project / "runs/smoke/train").glob("stage2-*/best.pt"))
+    before = [w.stat().st_mtime_ns for w in weights]
+    run_study(project, "smoke", stages=[2], log=lambda message: None)
+    assert [w.stat().st_mtime_ns for w in weights] == before
+
+
+def test_bad_override_fails_before_any_notebook_runs(project, tmp_path):
+    fresh = _copy_project(tmp_path)
+    with pytest.raises(ConfigError, match="stage2.repeats"):
+        run_study(fresh, "smoke", overrides={"stage2.repeats": "many"})
+    assert not (fresh / "runs").exists()
+
+
+def test_a_failing_notebook_names_itself_and_the_error(tmp_path):
+    fresh = _copy_project(tmp_path)
+    with pytest.raises(NotebookFailed) as info:  # stage 3 before stage 2: no selection yet
+        run_study(fresh, "smoke", stages=[3], log=lambda message: None)
+    message = str(info.value)
+    assert "03_final_training.ipynb" in message and "StageOrderError" in message and "run stage 2" in message
