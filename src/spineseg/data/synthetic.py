@@ -56,7 +56,7 @@ class DomainStyle:
 
 DOMAINS = {
     "d1": DomainStyle(contrast=0.95, brightness=0.02, gamma=1.0, bone_density=1.0, noise_sigma=0.012,
-                      blur_sigma=0.7, shading=0.04, pose_spread=1.0),
+                      blur_sigma=0.7, shading=0.04, pose_spread=0.5),
     "d2": DomainStyle(contrast=0.75, brightness=0.12, gamma=1.3, bone_density=0.9, noise_sigma=0.025,
                       blur_sigma=1.4, shading=0.08, pose_spread=1.3),
 }
