@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from spineseg.ensemble import METHODS, combine
-from spineseg.models import build_model
+from spineseg.models import build_model, parameter_count
 from spineseg.runs import RunSpec, run_folder
 
 
@@ -66,14 +66,16 @@ def timing_table(names: Sequence[str], models: Sequence[nn.Module], device: torc
     rows = []
     for name, model in zip(names, models):
         seconds = mean_seconds(lambda: ensemble_forward([model], image), device, repeats, warmup)
-        rows.append({"what": name, "models": 1, "ms_per_image": 1000 * seconds})
+        rows.append({"what": name, "models": 1, "params_millions": parameter_count(model) / 1e6,
+                     "ms_per_image": 1000 * seconds})
 
     def whole_ensemble():
         probs = ensemble_forward(models, image)
         return [combine(probs, method, threshold) for method in METHODS]
 
     seconds = mean_seconds(whole_ensemble, device, repeats, warmup)
-    rows.append({"what": "Ensemble (forwards + 5 rules)", "models": len(models), "ms_per_image": 1000 * seconds})
+    rows.append({"what": "Ensemble (forwards + 5 rules)", "models": len(models),
+                 "params_millions": sum(r["params_millions"] for r in rows), "ms_per_image": 1000 * seconds})
     table = pd.DataFrame(rows)
     table["peak_memory_mb"] = peak_memory_mb(device)
     table["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

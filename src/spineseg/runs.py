@@ -23,7 +23,7 @@ from tqdm import tqdm
 from spineseg import atomic
 from spineseg.data import load_split, splits_present
 from spineseg.metrics import per_image
-from spineseg.models import build_model, canonical_encoder
+from spineseg.models import build_model
 from spineseg.train import TrainSettings, fit, pick_device, predict_proba
 
 DONE = "DONE"
@@ -99,10 +99,6 @@ def run_folder(store: Path, spec: RunSpec) -> Path:
     return Path(store) / spec.folder_name()
 
 
-def is_done(store: Path, spec: RunSpec) -> bool:
-    return (run_folder(store, spec) / DONE).is_file()
-
-
 def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto") -> dict:
     """Train and evaluate one run unless it is already finished; return its summary."""
     folder = run_folder(store, spec)
@@ -169,6 +165,3 @@ def load_metrics(store: Path, specs: Iterable[RunSpec], group: Callable[[RunSpec
         raise FileNotFoundError(f"no per-image metrics for split {split!r} under {store}")
     return pd.concat(frames, ignore_index=True)
 
-
-def normalise_encoders(names: Iterable[str]) -> list[str]:
-    return [canonical_encoder(name) for name in names]

@@ -122,7 +122,7 @@ def data_summary(data: StudyData) -> pd.DataFrame:
 # ---------------------------------------------------------------- training stages
 
 
-def _spec(study: Study, data: StudyData, stage: str, encoder: str, seed: int, section: Mapping,
+def _spec(data: StudyData, stage: str, encoder: str, seed: int, section: Mapping,
           augment: bool, pretrained: str, architecture: str = "unet") -> RunSpec:
     return RunSpec(stage=stage, encoder=encoder, image_size=section["image_size"], seed=seed,
                    batch_size=section["batch_size"], lr=section["lr"], max_epochs=section["max_epochs"],
@@ -132,19 +132,19 @@ def _spec(study: Study, data: StudyData, stage: str, encoder: str, seed: int, se
 
 def stage1_specs(study: Study, data: StudyData) -> list[RunSpec]:
     s = study.cfg["stage1"]
-    return [_spec(study, data, "stage1", s["encoder"], seed, s, augment, s["pretrained"])
+    return [_spec(data, "stage1", s["encoder"], seed, s, augment, s["pretrained"])
             for augment in (False, True) for seed in range(s["repeats"])]
 
 
 def stage2_specs(study: Study, data: StudyData) -> list[RunSpec]:
     s = study.cfg["stage2"]
-    return [_spec(study, data, "stage2", encoder, seed, s, s["augment"], s["pretrained"], s["architecture"])
+    return [_spec(data, "stage2", encoder, seed, s, s["augment"], s["pretrained"], s["architecture"])
             for encoder in s["encoders"] for seed in range(s["repeats"])]
 
 
 def stage3_specs(study: Study, data: StudyData) -> list[RunSpec]:
     s2, s3 = study.cfg["stage2"], study.cfg["stage3"]
-    return [_spec(study, data, "stage3", encoder, seed, s3, s2["augment"], s2["pretrained"], s2["architecture"])
+    return [_spec(data, "stage3", encoder, seed, s3, s2["augment"], s2["pretrained"], s2["architecture"])
             for encoder in selected_encoders(study) for seed in range(s3["repeats"])]
 
 

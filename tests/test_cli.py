@@ -1,0 +1,37 @@
+"""The console entry: data generation and clear, non-traceback errors."""
+
+import subprocess
+import sys
+
+from spineseg.cli import main
+from spineseg.data import read_manifest
+
+
+def test_data_synth_writes_both_datasets(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path), "--size", "64", "--seed", "3"]) == 0
+    d1, d2 = read_manifest(tmp_path / "d1"), read_manifest(tmp_path / "d2")
+    assert len(d1) == 183 and len(d2) == 58
+    assert d1["split"].value_counts().to_dict() == {"train": 128, "test": 37, "val": 18}
+    assert set(d2["split"]) == {"test"}
+    assert "d1:" in capsys.readouterr().out
+
+
+def test_unknown_profile_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--profile", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spineseg: error:") and "nope.yaml does not exist" in err and "Traceback" not in err
+
+
+def test_bad_override_and_missing_aasce_source(tmp_path, capsys):
+    assert main(["data", "aasce", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert str(tmp_path / "missing") in capsys.readouterr().err
+    assert main(["run", "--profile", "smoke", "--set", "stage2.repeats"]) == 2
+    assert "key.sub=value" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "spineseg", "--help"], capture_output=True, text=True, check=True)
+    assert "data" in result.stdout and "run" in result.stdout and "bench" in result.stdout
