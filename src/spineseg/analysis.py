@@ -148,7 +148,8 @@ def side_by_side(name: str, table: pd.DataFrame) -> pd.DataFrame:
     """This run's values next to the published ones (missing where not transcribed)."""
     published = paper_tables()["tables"].get(name, {}).get("values", {})
     paper = pd.DataFrame(published).T.reindex(index=table.index, columns=table.columns).astype(float)
-    return pd.concat({"this run": table, "paper": paper}, axis=1).swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
+    both = pd.concat({"this run": table, "paper": paper}, axis=1).swaplevel(axis=1)
+    return both[pd.MultiIndex.from_product([table.columns, ["this run", "paper"]])]  # the paper's column order
 
 
 def write_table(table: pd.DataFrame, folder: Path, name: str, caption: str = "") -> None:
