@@ -6,13 +6,20 @@ two CPU cores in well under a minute.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from spineseg.data import Sample, write_dataset
+
+# CI must not flake: the same examples on every run there; locally hypothesis keeps exploring.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def rectangle_samples(n: int, size: int = 64, seed: int = 0, prefix: str = "img") -> list[Sample]:
