@@ -308,3 +308,12 @@ def test_cached_torch_hub_weights_load_without_network(empty_caches, monkeypatch
     same = [k for k in got if k in reference and got[k].shape == reference[k].shape and torch.equal(got[k], reference[k])]
     assert len(same) == len(got) - 1  # all but the stem, folded from RGB to one channel
     assert block_network == []
+
+
+
+def test_from_scratch_models_track_batch_statistics_at_pytorch_momentum():
+    def momenta(model):
+        return {m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+    assert min(momenta(smp.Unet("efficientnet-b0", encoder_weights=None, in_channels=1))) == pytest.approx(0.01)  # smp's own
+    assert momenta(build_model("EfficientNetB0")) == {0.1}

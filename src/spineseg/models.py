@@ -195,7 +195,21 @@ def build_model(encoder: str, architecture: str = "unet", pretrained: str = "non
         model = _smp_model(architecture, smp_name, pretrained=False)
     if weights_path is not None:
         load_encoder_weights(model, weights_path)
+    elif pretrained == "none":
+        _track_batch_statistics(model)
     return model
+
+
+def _track_batch_statistics(model: nn.Module) -> None:
+    """Give every BatchNorm PyTorch's momentum (0.1) when training from scratch.
+
+    EfficientNet encoders keep TensorFlow's 0.01, which suits fine-tuning pretrained statistics; from
+    random weights the running statistics then lag the changing weights for hundreds of steps, and a
+    model that is fine in training mode predicts nothing in evaluation mode (validation DSC 0).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.1
 
 
 def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
