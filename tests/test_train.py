@@ -142,6 +142,14 @@ def test_early_stopping_after_patience_bad_epochs(splits, tmp_path, monkeypatch)
     assert _state_equal(model.state_dict(), best) and not _state_equal(best, last)
 
 
+def test_patience_waits_until_the_model_segments_anything(splits, tmp_path, monkeypatch):
+    # DSC 0 (no foreground predicted yet) does not use up patience; after the first success it does
+    _scripted_dice(monkeypatch, [0.0, 0.0, 0.0, 0.0, 0.3, 0.2, 0.2, 0.9])
+    outcome = fit(_model(), *_small(splits), replace(SETTINGS, max_epochs=20, patience=2, lr=1e-2), tmp_path, CPU)
+    assert list(_history(tmp_path)["epoch"]) == [1, 2, 3, 4, 5, 6, 7]
+    assert (outcome.best_epoch, outcome.best_val_dsc, outcome.stopped_early) == (5, 0.3, True)
+
+
 def test_finished_run_is_not_trained_again(splits, tmp_path, monkeypatch):
     _scripted_dice(monkeypatch, [0.5, 0.4, 0.3])
     settings = replace(SETTINGS, max_epochs=10, patience=2)

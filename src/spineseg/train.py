@@ -132,7 +132,9 @@ def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, fol
         if val_dsc > state["best_val_dsc"]:
             state.update(best_val_dsc=val_dsc, best_epoch=epoch + 1, bad_epochs=0)
             _save(best_path, model.state_dict())
-        else:
+        elif state["best_val_dsc"] > 0:
+            # Patience starts once the model segments anything: from scratch, the first epochs can
+            # predict no foreground at all (DSC 0) while the loss is still falling.
             state["bad_epochs"] += 1
         seconds = time.perf_counter() - started
         state["seconds"] += seconds
