@@ -168,8 +168,10 @@ def run_bench(project: Path, profile: str = "quick", quick: bool = False, size: 
     encoders, source = _ensemble_encoders(project, profile)
     if quick:
         encoders = encoders[:3]
+    print(f"[bench] 1/4 inference of {len(encoders)} models at {size}² on {device} ...", flush=True)
     inference = inference_bench(encoders, device, size, repeats)
     inference["encoders_from"] = source
+    print("[bench] 2/4 aggregation, 3/4 training steps, 4/4 study timings ...", flush=True)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__, "threads": threads, "platform": platform.platform(), "size": size,
