@@ -207,17 +207,9 @@ def test_test_only_dataset_is_all_test(tmp_path):
 # errors: each one a DatasetError naming the culprit
 
 
-def test_missing_image_names_the_file(tiny_dataset):
-    row = _first(tiny_dataset)
-    path = tiny_dataset / row["image"]
-    path.unlink()
-    message = _error(tiny_dataset)
-    assert "missing" in message and _names(message, path)
-
-
-def test_missing_mask_names_the_file(tiny_dataset):
-    row = _first(tiny_dataset)
-    path = tiny_dataset / row["mask"]
+@pytest.mark.parametrize("column", ["image", "mask"])
+def test_missing_file_names_the_file(tiny_dataset, column):
+    path = tiny_dataset / _first(tiny_dataset)[column]
     path.unlink()
     message = _error(tiny_dataset)
     assert "missing" in message and _names(message, path)
