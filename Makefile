@@ -5,7 +5,7 @@ PROFILE ?= quick
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spineseg-installed
 
-.PHONY: install study smoke test bench lab clean-runs
+.PHONY: install study smoke test lint bench lab clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ smoke: install
 
 test: install  ## unit tests and the smoke study end to end
 	$(BIN)/python -m pytest
+
+lint: install  ## ruff, and the import contract (the library never imports spineseg.study)
+	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports --no-cache
 
 bench: install
 	$(BIN)/spineseg bench --profile $(PROFILE)

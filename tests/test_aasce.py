@@ -10,8 +10,9 @@ from matplotlib.figure import Figure
 from matplotlib.path import Path as Outline
 from PIL import Image
 
-from spineseg.data.aasce import CSV_TOLERANCE_PX, convert, overlay_figure, patient_of, sample_id
+from spineseg.data.aasce import CSV_TOLERANCE_PX, convert, patient_of, sample_id
 from spineseg.data.dataset import DatasetError, read_manifest
+from spineseg.study.figures import label_overlays
 
 REAL_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "aasce" / "boostnet_labeldata"
 WIDTH, HEIGHT = 200, 400  # synthetic source size: x and y scale differently on the way to a square
@@ -209,20 +210,18 @@ def test_no_split_found_names_the_source(tmp_path: Path) -> None:
 
 # --- overlay figure -----------------------------------------------------------------------------------
 
-def test_overlay_figure_from_folder_saves_png_and_pdf(src: Path, tmp_path: Path) -> None:
+def test_label_overlays_from_a_converted_folder(src: Path, tmp_path: Path) -> None:
     folder = convert(src, tmp_path / "out", size=64)["training"]
-    fig = overlay_figure(folder, n=2, path=tmp_path / "fig" / "overlay.png")
-    assert isinstance(fig, Figure) and len(fig.axes) == 4
-    assert (tmp_path / "fig" / "overlay.png").stat().st_size > 0
-    assert (tmp_path / "fig" / "overlay.pdf").stat().st_size > 0
+    fig = label_overlays(folder, n=2)
+    assert isinstance(fig, Figure) and len(fig.axes) == 4  # whole image and zoom, for each of 2 images
 
 
-def test_overlay_figure_needs_instance_labels(src: Path, tmp_path: Path) -> None:
+def test_label_overlays_need_instance_labels(src: Path, tmp_path: Path) -> None:
     folder = convert(src, tmp_path / "out", size=64)["training"]
     manifest = read_manifest(folder)
     manifest.drop(columns="labels").to_csv(folder / "manifest.csv", index=False)
     with pytest.raises(DatasetError, match="no instance labels"):
-        overlay_figure(folder)
+        label_overlays(folder)
 
 
 # --- real data ----------------------------------------------------------------------------------------
@@ -258,4 +257,4 @@ def test_real_conversion_gives_plausible_masks(real_src: Path, tmp_path: Path) -
         assert 0.3 < rows.mean() / size < 0.6, row.id  # mid-thoracic: a little above the middle
         centres = [np.nonzero(labels == label)[0].mean() for label in (1, 2, 3, 4)]
         assert centres == sorted(centres), row.id
-    overlay_figure(folder, n=2)
+    label_overlays(folder, n=2)

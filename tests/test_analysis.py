@@ -3,9 +3,12 @@
 import pandas as pd
 import pytest
 
-from spineseg import analysis
-from spineseg.analysis import METRIC_COLUMNS, metric_table, min_max_mean, side_by_side
-from spineseg.metrics import METRICS
+from spineseg.names import METRICS
+from spineseg.study import tables
+from spineseg.study.artifacts import Layout
+from spineseg.study.config import Profile
+from spineseg.study.session import Study
+from spineseg.study.tables import METRIC_COLUMNS, metric_table, min_max_mean, side_by_side
 
 
 def _frame(rows):
@@ -38,7 +41,7 @@ def test_min_max_mean_rows():
 
 def test_side_by_side_aligns_published_values_in_the_papers_column_order(monkeypatch):
     published = {"_source": "", "tables": {"table8": {"caption": "", "values": {"Soft voting": {"DSC": 91.25}}}}}
-    monkeypatch.setattr(analysis, "paper_tables", lambda: published)
+    monkeypatch.setattr(tables, "paper_tables", lambda: published)
     ours = pd.DataFrame({"IoU": [80.0, 81.0], "DSC": [88.0, 89.0]}, index=["Max", "Soft voting"])
     view = side_by_side("table8", ours)
     assert list(view.columns) == [("IoU", "this run"), ("IoU", "paper"), ("DSC", "this run"), ("DSC", "paper")]
@@ -49,7 +52,10 @@ def test_side_by_side_aligns_published_values_in_the_papers_column_order(monkeyp
 
 def test_write_table_formats(tmp_path):
     table = pd.DataFrame({"DSC": [88.123]}, index=["Soft voting"])
-    analysis.write_table(table, tmp_path, "table8", "Table 8. Ensembles")
-    assert "88.12" in (tmp_path / "table8.md").read_text() and "Table 8. Ensembles" in (tmp_path / "table8.md").read_text()
-    assert "\\caption{Table 8. Ensembles}" in (tmp_path / "table8.tex").read_text()
-    assert pd.read_csv(tmp_path / "table8.csv", index_col=0).loc["Soft voting", "DSC"] == pytest.approx(88.123)
+    study = Study(Profile(), Layout(tmp_path, "p"))
+    tables.write_table(study, table, "table8")
+    folder = study.layout.tables_dir
+    caption = tables.TABLE_CAPTIONS["table8"]
+    assert "88.12" in (folder / "table8.md").read_text() and caption in (folder / "table8.md").read_text()
+    assert f"\\caption{{{caption}}}" in (folder / "table8.tex").read_text()
+    assert pd.read_csv(folder / "table8.csv", index_col=0).loc["Soft voting", "DSC"] == pytest.approx(88.123)

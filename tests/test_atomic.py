@@ -29,12 +29,11 @@ def umask_022():
 def test_failing_block_keeps_old_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "result.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError, match="midway"):
-        with atomic.atomic_path(target) as tmp:
-            tmp.write_text("new but incompl")
-            assert tmp.parent == target.parent  # same folder: the rename is atomic
-            assert tmp.name.startswith(".") and ".tmp" in tmp.name
-            raise RuntimeError("midway")
+    with pytest.raises(RuntimeError, match="midway"), atomic.atomic_path(target) as tmp:
+        tmp.write_text("new but incompl")
+        assert tmp.parent == target.parent  # same folder: the rename is atomic
+        assert tmp.name.startswith(".") and ".tmp" in tmp.name
+        raise RuntimeError("midway")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.txt"]
 
@@ -42,18 +41,16 @@ def test_failing_block_keeps_old_file_and_leaves_no_temp(tmp_path):
 def test_serialiser_failing_midway_keeps_old_checkpoint(tmp_path):
     target = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 1}, target)
-    with pytest.raises(RuntimeError, match="half-way"):
-        with atomic.atomic_path(target) as tmp:
-            torch.save({"weights": torch.zeros(1000), "bad": _Boom()}, tmp)
+    with pytest.raises(RuntimeError, match="half-way"), atomic.atomic_path(target) as tmp:
+        torch.save({"weights": torch.zeros(1000), "bad": _Boom()}, tmp)
     assert torch.load(target, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 def test_failed_first_write_creates_nothing(tmp_path):
     target = tmp_path / "deep" / "er" / "new.json"
-    with pytest.raises(ValueError):
-        with atomic.atomic_path(target):
-            raise ValueError("nope")
+    with pytest.raises(ValueError), atomic.atomic_path(target):
+        raise ValueError("nope")
     assert not target.exists()
     assert list((tmp_path / "deep" / "er").iterdir()) == []
 

@@ -2,8 +2,8 @@
 
 import json
 
-from spineseg.bench import run_bench
-from spineseg.ensemble import EXTRA_METHODS, METHODS
+from spineseg.names import EXTRA_RULES, RULES
+from spineseg.study.bench import run_bench
 
 
 def test_bench_writes_report_with_every_section(tmp_path, capsys):
@@ -14,7 +14,7 @@ def test_bench_writes_report_with_every_section(tmp_path, capsys):
     assert saved["inference"]["encoders_from"].startswith("ten default encoders")
     assert len(saved["inference"]["per_model"]) == 3
     assert saved["inference"]["ratio"] > 0 and saved["inference"]["peak_memory_mb"] > 0
-    assert [row["method"] for row in saved["aggregation"]] == [*METHODS, *EXTRA_METHODS]
+    assert [row["method"] for row in saved["aggregation"]] == [*RULES, *EXTRA_RULES]
     assert {row["encoder"] for row in saved["training"]} == {"ResNet34", "MobileNetV2"}
     assert saved["studies"] == [{"profile": "smoke", "00_data": 12.5, "total_min": 0.21, "target_min": 5, "complete": False}]
     markdown = (tmp_path / "runs/bench/report.md").read_text()

@@ -90,7 +90,7 @@ def test_within_the_image_diagonal_and_nan_only_when_one_mask_is_empty(pair):
     if a.any() != b.any():
         assert np.isnan(values).all()
     else:
-        assert ((0 <= values) & (values <= np.hypot(7, 7))).all()
+        assert ((values >= 0) & (values <= np.hypot(7, 7))).all()
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,6 @@ from conftest import rectangle_samples, write_rectangles
 from spineseg.data import DatasetError, Sample, assign_splits, load_split, read_manifest, splits_present, write_dataset
 from spineseg.data.dataset import MANIFEST
 
-
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -66,7 +65,7 @@ def test_round_trip_keeps_pixels_ids_and_split(tmp_path):
         assert list(loaded.ids) == list(frame.loc[frame["split"] == split, "id"])
         assert loaded.images.dtype == np.float32 and loaded.images.shape == (len(loaded), 64, 64)
         assert loaded.masks.dtype == np.uint8 and set(np.unique(loaded.masks)) <= {0, 1}
-        assert 0.0 <= loaded.images.min() and loaded.images.max() <= 1.0
+        assert loaded.images.min() >= 0.0 and loaded.images.max() <= 1.0
         for k, sample_id in enumerate(loaded.ids):
             np.testing.assert_allclose(loaded.images[k], by_id[sample_id].image / 255.0, atol=1e-6)
             np.testing.assert_array_equal(loaded.masks[k], by_id[sample_id].mask.astype(np.uint8))

@@ -11,17 +11,15 @@ from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 
 from spineseg.ensemble import (
-    EXTRA_METHODS,
-    METHODS,
-    PAPER_NAMES,
     Stacker,
     combine,
     fit_stacker,
     leave_one_out,
     tune_threshold,
 )
+from spineseg.names import EXTRA_RULES, RULE_NAMES, RULES
 
-ALL_METHODS = METHODS + EXTRA_METHODS
+ALL_METHODS = RULES + EXTRA_RULES
 
 # Probabilities are multiples of 1/16 and thresholds lie halfway between them, so no pooled score
 # (mean, weighted mean with integer weights, geometric mean of up to 4 models) sits within rounding
@@ -61,10 +59,10 @@ def shape_average_by_definition(masks: np.ndarray) -> np.ndarray:
 
 
 def test_names_cover_every_method():
-    assert METHODS == ("max", "min", "soft", "union", "shape")
-    assert EXTRA_METHODS == ("geometric", "majority", "weighted", "staple")
-    assert set(PAPER_NAMES) == set(ALL_METHODS)
-    assert PAPER_NAMES["shape"] == "Shape averaging"
+    assert RULES == ("max", "min", "soft", "union", "shape")
+    assert EXTRA_RULES == ("geometric", "majority", "weighted", "staple")
+    assert set(ALL_METHODS) <= set(RULE_NAMES)
+    assert RULE_NAMES["shape"] == "Shape averaging"
 
 
 # --- properties -------------------------------------------------------------------------------

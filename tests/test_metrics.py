@@ -157,3 +157,16 @@ def test_dice_matches_per_image_dsc_on_batch():
     assert d.shape == (5,)
     np.testing.assert_array_equal(d, per_image(pred, target)["dsc"].to_numpy())
     assert d[0] == 1.0
+
+
+def test_confusion_counts_agree_with_smp_get_stats():
+    """The counts are numpy sums; segmentation-models-pytorch's get_stats is the reference."""
+    import torch
+    from segmentation_models_pytorch import metrics as smp_metrics
+
+    rng = np.random.default_rng(7)
+    pred, target = rng.random((6, 17, 23)) > 0.6, rng.random((6, 17, 23)) > 0.8
+    ours = confusion(pred, target)
+    theirs = smp_metrics.get_stats(torch.from_numpy(pred).long()[:, None], torch.from_numpy(target).long()[:, None], mode="binary")
+    for mine, reference in zip(ours, theirs):
+        np.testing.assert_array_equal(mine, reference[:, 0].numpy())

@@ -13,17 +13,9 @@ import timm
 import torch
 
 from spineseg import models
-from spineseg.models import (
-    ARCHITECTURES,
-    ENCODERS,
-    HUB_HOST,
-    PlainUNet,
-    WeightsUnavailable,
-    build_model,
-    canonical_encoder,
-    load_encoder_weights,
-    parameter_count,
-)
+from spineseg.encoders import ARCHITECTURES, ENCODERS, canonical_encoder
+from spineseg.errors import ModelError, WeightsUnavailable
+from spineseg.models import HUB_HOST, PlainUNet, build_model, load_encoder_weights, parameter_count
 
 # Every test in this file runs with internet sockets refused (see conftest.block_network), on one thread.
 pytestmark = pytest.mark.usefixtures("block_network", "torch_single_thread")
@@ -90,7 +82,7 @@ def test_unknown_encoder_lists_known_names():
 
 @pytest.mark.parametrize("architecture,cls", [("fpn", smp.FPN), ("linknet", smp.Linknet),
                                               ("UnetPlusPlus", smp.UnetPlusPlus)])
-def test_other_architectures(architecture, cls):
+def test_other_architectures(architecture, cls):  # through smp.create_model
     model = build_model("MobileNetV2", architecture=architecture)
     assert isinstance(model, cls)
     assert _forward(model, batch=1).shape == (1, 1, 64, 64)
@@ -194,7 +186,7 @@ def test_corrupt_weights_file_is_a_clear_error(tmp_path):
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     path = tmp_path / "nowhere.pt"
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(ModelError) as info:
         build_model("MobileNetV2", weights_path=path)
     assert str(path) in str(info.value)
 
@@ -267,9 +259,8 @@ def test_hub_reachable_reports_false_without_network(block_network):
 
 def test_cached_smp_weights_load_without_network(empty_caches, monkeypatch, block_network):
     """A populated Hugging Face cache is used offline, and the RGB stem is folded to one channel."""
-    from safetensors.torch import save_file
-
     import huggingface_hub.constants as hub
+    from safetensors.torch import save_file
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: pytest.fail("cache hit must not probe the hub"))

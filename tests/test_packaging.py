@@ -2,12 +2,12 @@
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
-from spineseg.runner import NOTEBOOKS
+from spineseg.study.runner import NOTEBOOKS, notebook_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,27 @@ def test_notebooks_are_stored_without_outputs_and_have_a_parameters_cell():
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), name
         tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, name
-        assert "profile =" in "".join(tagged[0]["source"])
+
+
+def test_every_notebook_declares_exactly_the_parameters_the_runner_passes_typed_and_commented():
+    import papermill
+
+    passed = notebook_parameters("quick", {}, ROOT)
+    for name in NOTEBOOKS:
+        declared = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))
+        assert set(declared) == set(passed), name
+        for parameter, info in declared.items():
+            assert info["inferred_type_name"] == type(passed[parameter]).__name__, (name, parameter)
+            assert info["help"], (name, parameter)  # `papermill --help-notebook` explains it
+
+
+def test_every_notebook_starts_with_the_same_setup_call():
+    setups = set()
+    for name in NOTEBOOKS:
+        notebook = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+        setups.add("".join(code[1]["source"]))
+    assert setups == {"from spineseg.study.session import start\n\nstudy, data = start(profile, overrides, project_dir)"}
 
 
 def test_notebooks_are_thin():

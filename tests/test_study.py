@@ -8,8 +8,10 @@ import yaml
 
 from conftest import write_rectangles
 from spineseg.data import DatasetError
-from spineseg.runs import DONE, RunSpec, StudyData, execute, load_probs, run_folder
-from spineseg.study import data_summary, open_study, prepare_data
+from spineseg.study.session import open_study
+from spineseg.study.stage0_data import data_summary, prepare_data
+from spineseg.study.store import RunSpec, StudyData, execute, load_probs
+from spineseg.train import TrainSettings
 
 
 def _project(tmp_path, data: dict) -> None:
@@ -40,17 +42,17 @@ def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
     d1 = write_rectangles(tmp_path, "d1", 20)
     d2 = write_rectangles(tmp_path, "d2", 5, seed=1, test_only=True)
     data = StudyData(d1, d2)
-    spec = RunSpec(stage="t", encoder="MobileNetV2", image_size=64, seed=0, max_epochs=2, patience=2,
-                   data=data.fingerprint())
+    spec = RunSpec(stage="t", encoder="MobileNetV2", image_size=64, data=data.fingerprint(),
+                   train=TrainSettings(batch_size=4, lr=1e-4, max_epochs=2, patience=2, augment=True, seed=0))
     summary = execute(spec, data, tmp_path / "store", device="cpu")
-    folder = run_folder(tmp_path / "store", spec)
-    for name in ("config.json", "history.csv", "best.pt", "summary.json", DONE, "metrics_d1_val.csv",
+    folder = spec.files(tmp_path / "store").folder
+    for name in ("config.json", "history.csv", "best.pt", "summary.json", "DONE", "metrics_d1_val.csv",
                  "metrics_d1_test.csv", "metrics_d2_test.csv", "probs_d1_test.npz", "probs_d2_test.npz"):
         assert (folder / name).is_file(), name
     assert not (folder / "checkpoint.pt").exists()
     ids, probs = load_probs(tmp_path / "store", spec, "d2", "test")
     assert len(ids) == 5 and probs.shape == (5, 64, 64) and probs.dtype == np.float32
-    assert 0 <= probs.min() and probs.max() <= 1
+    assert probs.min() >= 0 and probs.max() <= 1
     assert summary["epochs_run"] == 2 and json.loads((folder / "config.json").read_text())["encoder"] == "MobileNetV2"
     before = (folder / "best.pt").stat().st_mtime_ns
     assert execute(spec, data, tmp_path / "store", device="cpu") == summary
@@ -58,7 +60,11 @@ def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
 
 
 def test_run_keys_change_with_the_config_and_the_data(tmp_path):
-    base = RunSpec(stage="s", encoder="ResNet34", image_size=64, seed=0, data="abc")
-    assert base.key() == RunSpec(stage="s", encoder="ResNet34", image_size=64, seed=0, data="abc").key()
-    assert base.key() != RunSpec(stage="s", encoder="ResNet34", image_size=64, seed=1, data="abc").key()
-    assert base.key() != RunSpec(stage="s", encoder="ResNet34", image_size=64, seed=0, data="abd").key()
+    def spec(seed=0, data="abc", lr=1e-4):
+        train = TrainSettings(batch_size=4, lr=lr, max_epochs=3, patience=2, augment=True, seed=seed)
+        return RunSpec(stage="s", encoder="ResNet34", image_size=64, train=train, data=data)
+
+    assert spec().key() == spec().key()
+    assert spec().key() != spec(seed=1).key()
+    assert spec().key() != spec(data="abd").key()
+    assert spec().key() != spec(lr=3e-4).key()

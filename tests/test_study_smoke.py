@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spineseg.analysis import METRIC_COLUMNS
-from spineseg.config import PAPER_ENCODERS, ConfigError
-from spineseg.ensemble import METHODS, PAPER_NAMES
-from spineseg.runner import NOTEBOOKS, NotebookFailed, run_study
+from spineseg.encoders import PAPER_ENCODERS
+from spineseg.errors import ConfigError, NotebookFailed
+from spineseg.names import RULES, rule_name
+from spineseg.study.runner import NOTEBOOKS, run_study
+from spineseg.study.tables import METRIC_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def test_tables_1_to_9_have_the_papers_rows_and_columns(project):
     expected_rows = {
         1: ["Without augmentation", "With augmentation"],
         6: ["Min", "Max", "Mean"], 7: ["Min", "Max", "Mean"],
-        8: [PAPER_NAMES[m] for m in METHODS], 9: [PAPER_NAMES[m] for m in METHODS],
+        8: [rule_name(m) for m in RULES], 9: [rule_name(m) for m in RULES],
     }
     for number in range(1, 10):
         table = _table(project, number)
@@ -75,7 +76,7 @@ def test_f1_equals_dsc_per_image(project):
 def test_wilcoxon_table_has_the_expected_pairs(project):
     tests = pd.read_csv(project / "runs/smoke/tables/wilcoxon.csv")
     rules = tests[tests["family"] == "ensemble rules"]
-    names = [PAPER_NAMES[m] for m in METHODS]
+    names = [rule_name(m) for m in RULES]
     for dataset in ("d1", "d2"):
         for metric in ("dsc", "iou"):
             got = rules[(rules["dataset"] == dataset) & (rules["metric"] == metric)]

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spineseg.config import ConfigError, parse_override
-from spineseg.data import DatasetError
+from spineseg.errors import SpinesegError
 
 
 def _synth(args) -> None:
@@ -25,16 +24,17 @@ def _aasce(args) -> None:
 
 
 def _run(args) -> None:
-    from spineseg.runner import parse_stages, run_study
-    from spineseg.study import find_project
+    from spineseg.study.config import parse_override
+    from spineseg.study.runner import parse_stages, run_study
+    from spineseg.study.session import find_project
 
     overrides = dict(parse_override(text) for text in args.set or [])
     run_study(find_project(), args.profile, parse_stages(args.stages), overrides)
 
 
 def _bench(args) -> None:
-    from spineseg.bench import run_bench
-    from spineseg.study import find_project
+    from spineseg.study.bench import run_bench
+    from spineseg.study.session import find_project
 
     run_bench(find_project(), profile=args.profile, quick=args.quick)
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DatasetError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except SpinesegError as exc:  # the user's input; anything else is a bug and keeps its traceback
         print(f"spineseg: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,6 @@
 """Combining the probability maps of several segmentation models into one mask.
 
-The five rules of the paper (eq. 8–17) are in `METHODS`; `EXTRA_METHODS` are rules the paper does
+The five rules of the paper (eq. 8–17) are `names.RULES`; `names.EXTRA_RULES` are rules the paper does
 not test, kept beside them so that every rule goes through the same validation and the same tables.
 Note that "max" and "union" always give the same mask: max_k P_k > T exactly when some P_k > T.
 The paper lists them as separate rules, so both stay, and the tables can show that they agree.
@@ -8,29 +8,18 @@ The paper lists them as separate rules, so both stay, and the tables can show th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage, optimize, special
 
-METHODS = ("max", "min", "soft", "union", "shape")
-EXTRA_METHODS = ("geometric", "majority", "weighted", "staple")
-PAPER_NAMES = {
-    "max": "Max",
-    "min": "Min",
-    "soft": "Soft voting",
-    "union": "Union",
-    "shape": "Shape averaging",
-    # Rules that the paper does not have.
-    "geometric": "Geometric mean",
-    "majority": "Majority voting",
-    "weighted": "Weighted soft voting",
-    "staple": "STAPLE",
-}
-DEFAULT_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+from spineseg.metrics import dice
+
+# The thresholds T that are tuned over, plotted and offered on sliders.
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 STAPLE_CUTOFF = 0.5
 # Sums of signed distances and STAPLE probabilities can miss an exact tie by one rounding error,
 # whose sign depends on the order of the models; scores this close to the cutoff count as ties
@@ -178,7 +167,7 @@ _RULES: dict[str, Callable[[np.ndarray, float, np.ndarray | None], np.ndarray]] 
 }
 
 
-def tune_threshold(probs, targets, method: str = "soft", grid=DEFAULT_GRID,
+def tune_threshold(probs, targets, method: str = "soft", grid=THRESHOLD_GRID,
                    weights=None) -> tuple[float, pd.DataFrame]:
     """The threshold of `grid` with the best mean per-image DSC, and the table (threshold, mean_dsc).
 
@@ -191,7 +180,7 @@ def tune_threshold(probs, targets, method: str = "soft", grid=DEFAULT_GRID,
         raise ValueError("grid of thresholds is empty")
     table = pd.DataFrame({
         "threshold": grid,
-        "mean_dsc": [_dice(combine(probs, method, t, weights), targets).mean() for t in grid],
+        "mean_dsc": [dice(combine(probs, method, t, weights), targets).mean() for t in grid],
     })
     best = min(zip(-table["mean_dsc"], np.abs(table["threshold"] - 0.5), table["threshold"]))
     return float(best[2]), table
@@ -211,12 +200,12 @@ def leave_one_out(probs, targets, names: Sequence[str], method: str = "soft", th
     if len(probs) < 2:
         raise ValueError("leave-one-out needs at least 2 models")
     weights = None if weights is None else _checked_weights(weights, n_models=len(probs))
-    full = _dice(combine(probs, method, threshold, weights), targets).mean()
+    full = dice(combine(probs, method, threshold, weights), targets).mean()
     rows = [("(none)", full)]
     for k, name in enumerate(names):
         kept = np.arange(len(probs)) != k
         kept_weights = None if weights is None else weights[kept]
-        rows.append((name, _dice(combine(probs[kept], method, threshold, kept_weights), targets).mean()))
+        rows.append((name, dice(combine(probs[kept], method, threshold, kept_weights), targets).mean()))
     table = pd.DataFrame(rows, columns=["removed", "mean_dsc"])
     table["delta_dsc"] = table["mean_dsc"] - full
     return table
@@ -273,13 +262,6 @@ def fit_stacker(probs, targets, max_pixels: int = 200_000, l2: float = 1e-4, see
 
 def _logit_features(probs: np.ndarray) -> np.ndarray:
     return special.logit(np.clip(probs, LOGIT_CLIP, 1 - LOGIT_CLIP))
-
-
-def _dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-image DSC of `[N, H, W]` masks; 1.0 where both are empty."""
-    overlap = (pred & target).sum(axis=(1, 2))
-    total = pred.sum(axis=(1, 2)) + target.sum(axis=(1, 2))
-    return np.where(total == 0, 1.0, 2 * overlap / np.maximum(total, 1))
 
 
 def _checked_probs(probs) -> np.ndarray:

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
-from segmentation_models_pytorch import metrics as smp_metrics
 
-METRICS = ("iou", "dsc", "recall", "specificity", "precision", "f1", "pa")
-PAPER_LABELS = {"iou": "IoU", "dsc": "DSC", "recall": "Recall", "specificity": "Specificity",
-                "precision": "Precision", "f1": "F1", "pa": "PA"}
+from spineseg.names import METRICS
+
+__all__ = ["METRICS", "confusion", "dice", "per_image"]
+
+
+def _binary(masks: np.ndarray, name: str) -> np.ndarray:
+    masks = np.asarray(masks)
+    if masks.dtype == bool:
+        return masks
+    if masks.dtype.kind == "f" and np.isnan(masks).any():
+        raise ValueError(f"{name} contains NaN")
+    return masks > 0.5
 
 
 def confusion(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
-    """TP, FP, FN, TN per image for binary masks of shape [N, H, W] (or one [H, W])."""
+    """TP, FP, FN, TN per image (int64) for binary masks of shape [N, H, W] (or one [H, W])."""
     pred, target = np.asarray(pred), np.asarray(target)
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
@@ -26,10 +33,13 @@ def confusion(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
         pred, target = pred[None], target[None]
     if pred.ndim != 3:
         raise ValueError(f"masks must be [H, W] or [N, H, W], got shape {pred.shape}")
-    p = torch.from_numpy(np.ascontiguousarray(pred > 0.5 if pred.dtype != bool else pred)).long()[:, None]
-    t = torch.from_numpy(np.ascontiguousarray(target > 0.5 if target.dtype != bool else target)).long()[:, None]
-    tp, fp, fn, tn = smp_metrics.get_stats(p, t, mode="binary")
-    return tuple(x[:, 0].numpy().astype(np.int64) for x in (tp, fp, fn, tn))
+    pred, target = _binary(pred, "prediction"), _binary(target, "target")
+    axes = (1, 2)
+    tp = np.count_nonzero(pred & target, axis=axes)
+    fp = np.count_nonzero(pred & ~target, axis=axes)
+    fn = np.count_nonzero(~pred & target, axis=axes)
+    tn = pred[0].size - tp - fp - fn
+    return tuple(x.astype(np.int64) for x in (tp, fp, fn, tn))
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -50,10 +60,10 @@ def per_image(pred: np.ndarray, target: np.ndarray) -> pd.DataFrame:
         # from its own formula 2PR/(P+R): equal to DSC per image, which the tests check
         "f1": np.where(precision + recall == 0, 0.0, 2 * precision * recall / np.maximum(precision + recall, 1e-300)),
         "pa": _ratio(tp + tn, tp + tn + fp + fn),
-    })
+    })[list(METRICS)]
 
 
 def dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-image DSC alone — the early-stopping and selection criterion."""
+    """Per-image DSC alone — the early-stopping, selection and tuning criterion; 1.0 where both are empty."""
     tp, fp, fn, _ = (x.astype(np.float64) for x in confusion(pred, target))
     return _ratio(2 * tp, 2 * tp + fp + fn)

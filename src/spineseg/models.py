@@ -1,66 +1,28 @@
-"""Encoder registry: the paper's backbone names → segmentation-models-pytorch encoders.
+"""Building the segmentation networks named in `spineseg.encoders`.
 
-Every model takes one grayscale channel and returns one logit channel. Pretrained ImageNet weights
-are looked up in the local cache first; when they are not there and the hub cannot be reached, the
-build fails at once with a message that says what to do, instead of retrying for half a minute.
+By default a model takes one grayscale channel and returns one logit channel. Pretrained ImageNet
+weights are looked up in the local cache first; when they are not there and the hub cannot be
+reached, the build fails at once with a message that says what to do, instead of retrying for half
+a minute.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-# Paper name → smp encoder name (None: the encoder-less U-Net below).
-ENCODERS: dict[str, str | None] = {
-    "None": None,
-    "VGG16": "vgg16",
-    "ResNet34": "resnet34",
-    "ResNet50": "resnet50",
-    "ResNet152": "resnet152",
-    # timm's `seresnet34` has no pretrained weights at all; `legacy_seresnet34` is the ImageNet one
-    "SEResNet34": "tu-legacy_seresnet34",
-    "SEResNet50": "se_resnet50",
-    "SEResNet152": "se_resnet152",
-    "ResNeXt50": "resnext50_32x4d",
-    "SEResNeXt50": "se_resnext50_32x4d",
-    "DenseNet121": "densenet121",
-    "InceptionV3": "tu-inception_v3",
-    "InceptionResNetV2": "inceptionresnetv2",
-    "MobileNetV2": "mobilenet_v2",
-    **{f"EfficientNetB{i}": f"efficientnet-b{i}" for i in range(7)},
-}
+from spineseg.encoders import ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder
+from spineseg.errors import ModelError, WeightsUnavailable
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "unet": smp.Unet,
-    "unetplusplus": smp.UnetPlusPlus,
-    "linknet": smp.Linknet,
-    "fpn": smp.FPN,
-    "pspnet": smp.PSPNet,
-}
-
-PRETRAINED = ("none", "imagenet")
 HUB_HOST = "huggingface.co"
-
-
-class WeightsUnavailable(RuntimeError):
-    """ImageNet weights are neither cached nor downloadable."""
-
-
-def canonical_encoder(name: str) -> str:
-    """Resolve a paper encoder name case-insensitively; unknown names list the known ones."""
-    lookup = {key.lower(): key for key in ENCODERS}
-    key = lookup.get(str(name).lower())
-    if key is None:
-        raise ValueError(f"unknown encoder {name!r}; known encoders: {', '.join(ENCODERS)}")
-    return key
 
 
 class _DoubleConv(nn.Sequential):
@@ -148,19 +110,19 @@ def _weights_message(encoder: str, reason: str) -> str:
     )
 
 
-def _smp_model(architecture: str, smp_name: str, pretrained: bool) -> nn.Module:
-    cls = ARCHITECTURES[architecture]
+def _smp_model(architecture: str, smp_name: str, pretrained: bool, in_channels: int, classes: int) -> nn.Module:
     weights = None
     if pretrained:
         weights = True if smp_name.startswith("tu-") else "imagenet"
-    return cls(encoder_name=smp_name, encoder_weights=weights, in_channels=1, classes=1)
+    return smp.create_model(architecture, encoder_name=smp_name, encoder_weights=weights, in_channels=in_channels,
+                            classes=classes)
 
 
-def _pretrained_model(architecture: str, encoder: str, smp_name: str) -> nn.Module:
+def _pretrained_model(architecture: str, encoder: str, smp_name: str, in_channels: int, classes: int) -> nn.Module:
     try:
         with _hub_cache_only():
-            return _smp_model(architecture, smp_name, pretrained=True)
-    except Exception:  # noqa: BLE001 - any cache miss falls through to the online attempt
+            return _smp_model(architecture, smp_name, True, in_channels, classes)
+    except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise WeightsUnavailable(_weights_message(encoder, "they are not in the local cache and HF_HUB_OFFLINE is set"))
@@ -168,31 +130,29 @@ def _pretrained_model(architecture: str, encoder: str, smp_name: str) -> nn.Modu
     if not _hub_reachable(host=host):
         raise WeightsUnavailable(_weights_message(encoder, f"they are not in the local cache and {host} cannot be reached"))
     try:
-        return _smp_model(architecture, smp_name, pretrained=True)
-    except Exception as exc:  # noqa: BLE001 - report any download failure the same way
+        return _smp_model(architecture, smp_name, True, in_channels, classes)
+    except Exception as exc:
         raise WeightsUnavailable(_weights_message(encoder, f"the download failed ({type(exc).__name__}: {exc})")) from None
 
 
 def build_model(encoder: str, architecture: str = "unet", pretrained: str = "none",
-                weights_path: str | os.PathLike | None = None) -> nn.Module:
-    """A one-channel-in, one-logit-out segmentation model for a paper encoder name."""
+                weights_path: str | os.PathLike | None = None, in_channels: int = 1, classes: int = 1) -> nn.Module:
+    """A segmentation model for a paper encoder name: `in_channels` in, `classes` logit channels out."""
     encoder = canonical_encoder(encoder)
-    architecture = str(architecture).lower()
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    architecture = canonical_architecture(architecture)
     if pretrained not in PRETRAINED:
-        raise ValueError(f"pretrained must be one of {PRETRAINED}, got {pretrained!r}")
+        raise ModelError(f"pretrained must be one of {PRETRAINED}, got {pretrained!r}")
     smp_name = ENCODERS[encoder]
     if smp_name is None:
         if architecture != "unet":
-            raise ValueError("encoder 'None' (the plain U-Net) exists only for architecture 'unet'")
+            raise ModelError("encoder 'None' (the plain U-Net) exists only for architecture 'unet'")
         if pretrained == "imagenet":
-            raise ValueError("encoder 'None' has no ImageNet weights; use pretrained: none")
-        model = PlainUNet()
+            raise ModelError("encoder 'None' has no ImageNet weights; use pretrained: none")
+        model = PlainUNet(in_channels=in_channels, classes=classes)
     elif pretrained == "imagenet" and weights_path is None:
-        model = _pretrained_model(architecture, encoder, smp_name)
+        model = _pretrained_model(architecture, encoder, smp_name, in_channels, classes)
     else:
-        model = _smp_model(architecture, smp_name, pretrained=False)
+        model = _smp_model(architecture, smp_name, False, in_channels, classes)
     if weights_path is not None:
         load_encoder_weights(model, weights_path)
     elif pretrained == "none":
@@ -230,15 +190,15 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load an encoder state dict saved with ``torch.save(model.encoder.state_dict(), path)``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights_path {path} does not exist")
+        raise ModelError(f"weights_path {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file of any kind gets the same message
-        raise ValueError(f"weights_path {path} is not a readable torch state dict ({exc})") from None
+    except Exception as exc:
+        raise ModelError(f"weights_path {path} is not a readable torch state dict ({exc})") from None
     try:
         model.encoder.load_state_dict(state)
     except RuntimeError as exc:
-        raise ValueError(f"weights_path {path} does not match this encoder: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"weights_path {path} does not match this encoder: {str(exc).splitlines()[0]}") from None
 
 
 def parameter_count(model: nn.Module) -> int:

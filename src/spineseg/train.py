@@ -7,9 +7,8 @@ from (seed, epoch), which makes a resumed run take the same path as an uninterru
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,26 @@ from tqdm import tqdm
 from spineseg import atomic
 from spineseg.augment import augment_batch, paper_augmentation
 from spineseg.data import Split
+from spineseg.device import autocast
 from spineseg.metrics import dice
+from spineseg.predict import as_batch, predict_proba
+
+# What `fit` leaves in its folder.
+CHECKPOINT = "checkpoint.pt"  # the last finished epoch: weights, optimiser, counters, history
+BEST = "best.pt"  # the weights of the best validation epoch
+HISTORY = "history.csv"  # one row per epoch
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    batch_size: int = 4
-    lr: float = 1e-4
-    max_epochs: int = 100
-    patience: int = 10
-    augment: bool = True
-    seed: int = 0
+    """The hyperparameters of one training run (the study declares their values)."""
+
+    batch_size: int
+    lr: float
+    max_epochs: int
+    patience: int
+    augment: bool
+    seed: int
     eval_batch_size: int = 8
 
 
@@ -44,41 +52,115 @@ class TrainOutcome:
     seconds: float
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
-    return torch.device(name)
+@dataclass
+class _Progress:
+    """Everything about a run's epochs that a checkpoint restores."""
+
+    epoch: int = 0
+    best_val_dsc: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+    def finished(self, settings: TrainSettings) -> bool:
+        # Derived from the settings, not stored: called again with more epochs (or patience), go on.
+        return self.bad_epochs >= settings.patience or self.epoch >= settings.max_epochs
+
+    def record(self, val_dsc: float, train_loss: float, seconds: float) -> bool:
+        """Book one finished epoch; True when it is the best so far."""
+        self.epoch += 1
+        improved = val_dsc > self.best_val_dsc
+        if improved:
+            self.best_val_dsc, self.best_epoch, self.bad_epochs = val_dsc, self.epoch, 0
+        elif self.best_val_dsc > 0:
+            # Patience starts once the model segments anything: from scratch, the first epochs can
+            # predict no foreground at all (DSC 0) while the loss is still falling.
+            self.bad_epochs += 1
+        self.seconds += seconds
+        self.history.append({"epoch": self.epoch, "train_loss": train_loss, "val_dsc": val_dsc, "seconds": seconds})
+        return improved
+
+    def outcome(self, settings: TrainSettings) -> TrainOutcome:
+        return TrainOutcome(best_val_dsc=self.best_val_dsc, best_epoch=self.best_epoch, epochs_run=self.epoch,
+                            stopped_early=self.epoch < settings.max_epochs, seconds=self.seconds)
 
 
-def configure_threads(threads: int = 0) -> int:
-    """Use every core for intra-op work (0 = all); inter-op threads only add contention here."""
-    threads = threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    return threads
+@dataclass
+class Trainer:
+    """A model with its optimiser and loss: one gradient step at a time."""
+
+    model: nn.Module
+    device: torch.device
+    lr: float
+
+    def __post_init__(self) -> None:
+        self.model.to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda")
+        self.loss_fn = nn.BCEWithLogitsLoss()
+
+    def step(self, images: np.ndarray, masks: np.ndarray) -> float:
+        """One optimiser step on a batch of [B, H, W] images and {0, 1} masks; returns the loss."""
+        x, y = as_batch(images, self.device), as_batch(masks, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device):
+            loss = self.loss_fn(self.model(x), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
 
 
-def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.array(images, dtype=np.float32))[:, None].to(device, non_blocking=True)  # own copy: cached splits are read-only
+def train_epoch(trainer: Trainer, train: Split, settings: TrainSettings, epoch: int, augmentation) -> float:
+    """One pass over the training split in the (seed, epoch) order; returns the mean loss."""
+    order = np.random.default_rng([settings.seed, epoch]).permutation(len(train))
+    if augmentation is not None:
+        augmentation.set_random_seed(settings.seed * 1_000_003 + epoch)
+    torch.manual_seed(settings.seed * 1_000_003 + epoch)  # dropout / stochastic depth replay on resume too
+    trainer.model.train()
+    losses = []
+    for start in range(0, len(order), settings.batch_size):
+        index = np.sort(order[start:start + settings.batch_size])
+        images, masks = train.images[index], train.masks[index]
+        if augmentation is not None:
+            images, masks = augment_batch(augmentation, images, masks)
+        losses.append(trainer.step(images, masks))
+    return float(np.mean(losses))
 
 
-@torch.inference_mode()
-def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 8) -> np.ndarray:
-    """Sigmoid probabilities [N, H, W] for images [N, H, W] in [0, 1]."""
-    model.eval()
-    out = np.empty(images.shape, dtype=np.float32)
-    for start in range(0, len(images), batch_size):
-        x = _to_tensor(images[start:start + batch_size], device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            logits = model(x)
-        out[start:start + len(x)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
-    return out
+def validation_dsc(model: nn.Module, val: Split, device: torch.device, batch_size: int) -> float:
+    """Mean per-image DSC at T = 0.5: the early-stopping criterion."""
+    return float(dice(predict_proba(model, val.images, device, batch_size) > 0.5, val.masks).mean())
 
 
 def _save(path: Path, obj) -> None:
     with atomic.atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def _resume(folder: Path, trainer: Trainer) -> _Progress:
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return _Progress()
+    saved = torch.load(path, map_location=trainer.device, weights_only=False)
+    trainer.load(saved)
+    state = saved["state"]
+    return _Progress(**{key: state[key] for key in _Progress.__dataclass_fields__})
+
+
+def _checkpoint(folder: Path, trainer: Trainer, progress: _Progress) -> None:
+    atomic.write_csv(folder / HISTORY, pd.DataFrame(progress.history))
+    _save(folder / CHECKPOINT, {**trainer.state(), "state": asdict(progress)})
 
 
 def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, folder: Path,
@@ -88,67 +170,20 @@ def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, fol
     ``folder`` receives ``checkpoint.pt`` (last epoch), ``best.pt`` (best weights) and ``history.csv``.
     """
     folder = Path(folder)
-    checkpoint_path, best_path = folder / "checkpoint.pt", folder / "best.pt"
-    model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    loss_fn = nn.BCEWithLogitsLoss()
-    state = {"epoch": 0, "best_val_dsc": -1.0, "best_epoch": 0, "bad_epochs": 0, "finished": False,
-             "history": [], "seconds": 0.0}
-    if checkpoint_path.is_file():
-        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
-        state = saved["state"]
-        # "finished" depends on the settings: called again with a larger max_epochs (or patience), go on
-        state["finished"] = state["bad_epochs"] >= settings.patience or state["epoch"] >= settings.max_epochs
+    trainer = Trainer(model, device, settings.lr)
+    progress = _resume(folder, trainer)
     augmentation = paper_augmentation() if settings.augment else None
-    bar = tqdm(total=settings.max_epochs, initial=state["epoch"], desc=desc, unit="epoch", leave=False,
-               mininterval=2.0, disable=state["finished"])
-    while not state["finished"] and state["epoch"] < settings.max_epochs:
-        epoch, started = state["epoch"], time.perf_counter()
-        order = np.random.default_rng([settings.seed, epoch]).permutation(len(train))
-        if augmentation is not None:
-            augmentation.set_random_seed(settings.seed * 1_000_003 + epoch)
-        torch.manual_seed(settings.seed * 1_000_003 + epoch)  # dropout / stochastic depth replay on resume too
-        model.train()
-        losses = []
-        for start in range(0, len(order), settings.batch_size):
-            index = np.sort(order[start:start + settings.batch_size])
-            images, masks = train.images[index], train.masks[index]
-            if augmentation is not None:
-                images, masks = augment_batch(augmentation, images, masks)
-            x, y = _to_tensor(images, device), _to_tensor(masks, device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                loss = loss_fn(model(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-        val_dsc = float(dice(predict_proba(model, val.images, device, settings.eval_batch_size) > 0.5, val.masks).mean())
-        state["epoch"] = epoch + 1
-        if val_dsc > state["best_val_dsc"]:
-            state.update(best_val_dsc=val_dsc, best_epoch=epoch + 1, bad_epochs=0)
-            _save(best_path, model.state_dict())
-        elif state["best_val_dsc"] > 0:
-            # Patience starts once the model segments anything: from scratch, the first epochs can
-            # predict no foreground at all (DSC 0) while the loss is still falling.
-            state["bad_epochs"] += 1
-        seconds = time.perf_counter() - started
-        state["seconds"] += seconds
-        state["history"].append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_dsc": val_dsc,
-                                 "seconds": seconds})
-        state["finished"] = state["bad_epochs"] >= settings.patience or state["epoch"] >= settings.max_epochs
-        atomic.write_csv(folder / "history.csv", pd.DataFrame(state["history"]))
-        _save(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "state": state})
+    bar = tqdm(total=settings.max_epochs, initial=progress.epoch, desc=desc, unit="epoch", leave=False,
+               mininterval=2.0, disable=progress.finished(settings))
+    while not progress.finished(settings):
+        started = time.perf_counter()
+        loss = train_epoch(trainer, train, settings, progress.epoch, augmentation)
+        val_dsc = validation_dsc(model, val, device, settings.eval_batch_size)
+        if progress.record(val_dsc, loss, time.perf_counter() - started):
+            _save(folder / BEST, model.state_dict())
+        _checkpoint(folder, trainer, progress)
         bar.update(1)
-        bar.set_postfix(loss=f"{state['history'][-1]['train_loss']:.4f}", val_dsc=f"{val_dsc:.4f}",
-                        best=f"{state['best_val_dsc']:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", val_dsc=f"{val_dsc:.4f}", best=f"{progress.best_val_dsc:.4f}")
     bar.close()
-    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
-    return TrainOutcome(best_val_dsc=state["best_val_dsc"], best_epoch=state["best_epoch"],
-                        epochs_run=state["epoch"], stopped_early=state["epoch"] < settings.max_epochs,
-                        seconds=state["seconds"])
+    model.load_state_dict(torch.load(folder / BEST, map_location=device, weights_only=True))
+    return progress.outcome(settings)

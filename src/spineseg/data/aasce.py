@@ -13,25 +13,19 @@ a vertebra when its centre lies inside the quadrilateral.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.io
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Rectangle
-from matplotlib.patheffects import withStroke
 from PIL import Image, UnidentifiedImageError
 from skimage.draw import polygon
-from skimage.measure import find_contours
 from tqdm.auto import tqdm
 
-from spineseg import atomic
-from spineseg.data.dataset import DatasetError, Sample, read_manifest, write_dataset
+from spineseg.data.dataset import DatasetError, Sample, write_dataset
 
 VERTEBRAE = ("Th8", "Th9", "Th10", "Th11")
 FIRST_REGION_VERTEBRA = 7  # 0-based among T1…L5
@@ -43,7 +37,6 @@ OUTLINE_ORDER = (0, 1, 3, 2)
 CSV_TOLERANCE_PX = 2.0
 TEST_ONLY = MappingProxyType({"training": False, "test": True})
 DEFAULT_NAMES = MappingProxyType({"training": "aasce_train", "test": "aasce_test"})
-REGION_COLOURS = ("#e41a1c", "#ff7f00", "#4daf4a", "#377eb8")
 
 # "sunhl-1th-02-Jan-2017-162 A AP.jpg": case 162, view A. Views of one case may be filed on different
 # dates with their letters continuing (254 A–D on 10 Jan, E–P on 11 Jan), so the case number, not the
@@ -225,78 +218,3 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
         samples = (_to_sample(record, split, int(size)) for record in progress)
         written[split] = write_dataset(out, names[split], samples, test_only=TEST_ONLY[split], seed=seed)
     return written
-
-
-def _evenly_spaced(count: int, n: int) -> list[int]:
-    return sorted(set(np.linspace(0, count - 1, min(n, count)).round().astype(int).tolist()))
-
-
-def _read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img)
-
-
-def _samples_from_folder(folder: Path, n: int) -> Iterator[Sample]:
-    frame = read_manifest(folder)
-    if "labels" not in frame.columns:
-        raise DatasetError(f"{folder}: the dataset has no instance labels to draw")
-    for row in frame.iloc[_evenly_spaced(len(frame), n)].itertuples():
-        yield Sample(id=row.id, image=_read_png(folder / row.image), mask=_read_png(folder / row.mask) > 0,
-                     labels=_read_png(folder / row.labels))
-
-
-def _draw_outlines(ax, labels: np.ndarray, linewidth: float) -> None:
-    for label, colour in enumerate(REGION_COLOURS, start=1):
-        padded = np.pad(labels == label, 1).astype(float)  # closes contours that touch the border
-        for contour in find_contours(padded, 0.5):
-            ax.plot(contour[:, 1] - 1, contour[:, 0] - 1, color=colour, linewidth=linewidth)
-
-
-def overlay_figure(samples_or_dataset_folder: Sequence[Sample] | str | Path, n: int = 4,
-                   path: str | Path | None = None) -> Figure:
-    """Converted images with the Th8–Th11 masks outlined, so a reader can check the masks by eye.
-
-    Top row: the whole (stretched) image; bottom row: a zoom on the region with each vertebra named.
-    With ``path``, saves ``<path>.png`` (300 dpi) and ``<path>.pdf``.
-    """
-    if isinstance(samples_or_dataset_folder, (str, Path)):
-        samples = list(_samples_from_folder(Path(samples_or_dataset_folder), n))
-    else:
-        pool = list(samples_or_dataset_folder)
-        samples = [pool[i] for i in _evenly_spaced(len(pool), n)] if pool else []
-    if not samples:
-        raise DatasetError("overlay_figure: no samples to draw")
-    missing = [s.id for s in samples if s.labels is None]
-    if missing:
-        raise DatasetError(f"overlay_figure: samples {missing} have no instance labels to draw")
-
-    fig = Figure(figsize=(2.3 * len(samples), 5.2), layout="constrained")
-    axes = fig.subplots(2, len(samples), squeeze=False)
-    for (whole, zoom), sample in zip(axes.T, samples):
-        rows, cols = np.nonzero(sample.labels)
-        if rows.size == 0:
-            raise DatasetError(f"overlay_figure: sample {sample.id!r} has an empty mask")
-        centre_row, centre_col = (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
-        half = 0.8 * max(rows.max() - rows.min(), cols.max() - cols.min()) + 4
-        for ax in (whole, zoom):
-            ax.imshow(sample.image, cmap="gray", vmin=0, vmax=255, interpolation="nearest" if ax is zoom else "antialiased")
-            ax.set_axis_off()
-        _draw_outlines(whole, sample.labels, linewidth=0.6)
-        _draw_outlines(zoom, sample.labels, linewidth=1.0)
-        whole.add_patch(Rectangle((centre_col - half, centre_row - half), 2 * half, 2 * half,
-                                  fill=False, edgecolor="yellow", linewidth=0.6, linestyle="--"))
-        whole.set_title(sample.id, fontsize=5)
-        zoom.set_xlim(centre_col - half, centre_col + half)
-        zoom.set_ylim(centre_row + half, centre_row - half)
-        for label, (name, colour) in enumerate(zip(VERTEBRAE, REGION_COLOURS), start=1):
-            vertebra_rows, vertebra_cols = np.nonzero(sample.labels == label)
-            if vertebra_rows.size:
-                zoom.text(vertebra_cols.max() + 4, vertebra_rows.mean(), name, color=colour, fontsize=7,
-                          va="center", fontweight="bold", path_effects=[withStroke(linewidth=1.5, foreground="black")])
-    fig.legend(handles=[Line2D([], [], color=c, label=v) for v, c in zip(VERTEBRAE, REGION_COLOURS)],
-               loc="outside lower center", ncol=len(VERTEBRAE), fontsize=7, frameon=False)
-    if path is not None:
-        for suffix, options in ((".png", {"dpi": 300}), (".pdf", {})):
-            with atomic.atomic_path(Path(path).with_suffix(suffix)) as tmp:
-                fig.savefig(tmp, format=suffix[1:], **options)
-    return fig

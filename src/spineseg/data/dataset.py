@@ -9,25 +9,22 @@ every rerun sees the same images.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from spineseg import atomic
+from spineseg.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS = ("id", "split", "image", "mask")
 PAPER_FRACTIONS = (0.7, 0.1, 0.2)
-
-
-class DatasetError(ValueError):
-    """Bad dataset input; the message names the file or parameter at fault."""
 
 
 @dataclass(frozen=True)

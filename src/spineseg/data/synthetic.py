@@ -16,16 +16,16 @@ coordinates, so the mask is exactly the rasterised vertebral bodies that were re
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from spineseg.data.dataset import Sample, write_dataset
+from spineseg.data.dataset import DatasetError, Sample, write_dataset
 
 LEVELS = ("C6", "C7", *(f"Th{k}" for k in range(1, 13)), "L1", "L2", "L3")
 TARGET_LEVELS = ("Th8", "Th9", "Th10", "Th11")
@@ -337,11 +337,11 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int = 5) -> np.nda
 
 def _check(domain: str, size: int, seed: int) -> DomainStyle:
     if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
+        raise DatasetError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
     if int(size) < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE} pixels, got {size}")
+        raise DatasetError(f"size must be at least {MIN_SIZE} pixels, got {size}")
     if int(seed) < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise DatasetError(f"seed must be a non-negative integer, got {seed}")
     return DOMAINS[domain]
 
 
@@ -349,7 +349,7 @@ def render(domain: str, index: int, seed: int = 0, size: int = 512) -> Phantom:
     """Render image ``index`` of a domain; seeded per (seed, domain, index), so any image is reproducible alone."""
     style = _check(domain, size, seed)
     if int(index) < 0:
-        raise ValueError(f"index must be a non-negative integer, got {index}")
+        raise DatasetError(f"index must be a non-negative integer, got {index}")
     size = int(size)
     rng = np.random.default_rng([int(seed), zlib.crc32(domain.encode()), int(index)])
     spread = style.pose_spread
@@ -383,7 +383,7 @@ def generate(domain: str, count: int, seed: int = 0, size: int = 512) -> Iterato
     """Yield ``count`` samples of a domain lazily, so a whole dataset never sits in memory."""
     _check(domain, size, seed)
     if int(count) < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
+        raise DatasetError(f"count must be at least 1, got {count}")
 
     def samples() -> Iterator[Sample]:
         for index in range(int(count)):
@@ -404,11 +404,11 @@ def synthesize(out: str | Path, seed: int = 0, size: int = 512,
     """
     counts = dict(PAPER_COUNTS if counts is None else counts)
     if not counts:
-        raise ValueError("counts must name at least one domain")
+        raise DatasetError("counts must name at least one domain")
     for domain, count in counts.items():
         _check(domain, size, seed)
         if int(count) < 1:
-            raise ValueError(f"counts[{domain!r}] must be at least 1, got {count}")
+            raise DatasetError(f"counts[{domain!r}] must be at least 1, got {count}")
     folders = {}
     with tqdm(total=sum(counts.values()), desc="synthesizing radiographs", unit="img") as progress:
         def tracked(samples: Iterator[Sample]) -> Iterator[Sample]:

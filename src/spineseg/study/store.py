@@ -1,19 +1,20 @@
-"""Training runs as tasks: a config, a folder keyed by its hash, atomic artifacts, a completion marker.
+"""The run store: training runs as tasks, each in a folder keyed by the hash of its spec.
 
-A run's folder holds ``config.json``, ``history.csv``, ``best.pt`` (best weights), per-image metrics
-and float16 probability maps for every evaluated split, ``summary.json`` and, written last, ``DONE``.
+A run's folder holds its config, history, best weights, per-image metrics and float16 probability
+maps for every evaluated split, a summary and, written last, ``DONE`` (see `artifacts.RunFiles`).
 A rerun skips finished runs; an interrupted one resumes from its last epoch checkpoint. A stage's
-grid is a list of independent specs mapped by an executor, so a distributed engine can map it later.
+grid is a list of independent specs mapped by an executor, so a distributed engine can map it too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from functools import partial
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -22,11 +23,13 @@ from tqdm import tqdm
 
 from spineseg import atomic
 from spineseg.data import load_split, splits_present
+from spineseg.device import pick_device
+from spineseg.errors import StageOrderError
 from spineseg.metrics import per_image
 from spineseg.models import build_model
-from spineseg.train import TrainSettings, fit, pick_device, predict_proba
-
-DONE = "DONE"
+from spineseg.predict import load_weights, predict_proba
+from spineseg.study.artifacts import RunFiles
+from spineseg.train import TrainSettings, fit
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,12 @@ class StudyData:
 
     d1: Path
     d2: Path | None = None
+
+    def folder(self, dataset: str) -> Path:
+        folder = {"d1": self.d1, "d2": self.d2}[dataset]
+        if folder is None:
+            raise StageOrderError(f"this study has no dataset {dataset}")
+        return folder
 
     def eval_splits(self) -> list[tuple[str, Path, str]]:
         """(dataset name, folder, split) pairs every run is evaluated on: D1 val and test, D2 test."""
@@ -59,16 +68,19 @@ class RunSpec:
     stage: str
     encoder: str
     image_size: int
-    seed: int
-    batch_size: int = 4
-    lr: float = 1e-4
-    max_epochs: int = 100
-    patience: int = 10
-    augment: bool = True
+    train: TrainSettings
     architecture: str = "unet"
     pretrained: str = "none"
     weights_path: str | None = None
     data: str = ""  # StudyData.fingerprint()
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
+
+    @property
+    def augment(self) -> bool:
+        return self.train.augment
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -76,9 +88,8 @@ class RunSpec:
     def folder_name(self) -> str:
         return f"{self.stage}-{self.encoder}-{self.image_size}px-s{self.seed}-{self.key()}"
 
-    def settings(self) -> TrainSettings:
-        return TrainSettings(batch_size=self.batch_size, lr=self.lr, max_epochs=self.max_epochs,
-                             patience=self.patience, augment=self.augment, seed=self.seed)
+    def files(self, store: Path) -> RunFiles:
+        return RunFiles(Path(store) / self.folder_name())
 
 
 class Executor(Protocol):
@@ -95,42 +106,43 @@ class SequentialExecutor:
         return [fn(item) for item in tqdm(items, desc=self.desc, unit="run")]
 
 
-def run_folder(store: Path, spec: RunSpec) -> Path:
-    return Path(store) / spec.folder_name()
+def _evaluate(model, files: RunFiles, data: StudyData, image_size: int, device: torch.device) -> None:
+    """Probability maps (float16) and per-image metrics of every split the run is evaluated on."""
+    for name, dataset_folder, split in data.eval_splits():
+        if split not in splits_present(dataset_folder):
+            continue
+        loaded = load_split(dataset_folder, split, image_size)
+        probs = predict_proba(model, loaded.images, device)
+        with atomic.atomic_path(files.probs(name, split)) as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, ids=np.array(loaded.ids), probs=probs.astype(np.float16))
+        metrics = per_image(probs > 0.5, loaded.masks)
+        metrics.insert(0, "id", loaded.ids)
+        atomic.write_csv(files.metrics(name, split), metrics)
 
 
 def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto") -> dict:
     """Train and evaluate one run unless it is already finished; return its summary."""
-    folder = run_folder(store, spec)
-    if (folder / DONE).is_file():
-        return json.loads((folder / "summary.json").read_text())
-    atomic.write_json(folder / "config.json", asdict(spec))
+    files = spec.files(store)
+    if files.done.is_file():
+        return json.loads(files.summary.read_text())
+    atomic.write_json(files.config, asdict(spec))
     torch_device = pick_device(device)
     torch.manual_seed(spec.seed)
     # A checkpoint holds every weight: resuming needs neither the network nor the weights file.
-    resuming = (folder / "checkpoint.pt").is_file()
+    resuming = files.checkpoint.is_file()
     model = build_model(spec.encoder, spec.architecture, "none" if resuming else spec.pretrained,
                         None if resuming else spec.weights_path)
     train_split = load_split(data.d1, "train", spec.image_size)
     val_split = load_split(data.d1, "val", spec.image_size)
-    outcome = fit(model, train_split, val_split, spec.settings(), folder, torch_device,
+    outcome = fit(model, train_split, val_split, spec.train, files.folder, torch_device,
                   desc=f"{spec.encoder} s{spec.seed}")
-    for name, dataset_folder, split in data.eval_splits():
-        if split not in splits_present(dataset_folder):
-            continue
-        loaded = load_split(dataset_folder, split, spec.image_size)
-        probs = predict_proba(model, loaded.images, torch_device)
-        with atomic.atomic_path(folder / f"probs_{name}_{split}.npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, ids=np.array(loaded.ids), probs=probs.astype(np.float16))
-        metrics = per_image(probs > 0.5, loaded.masks)
-        metrics.insert(0, "id", loaded.ids)
-        atomic.write_csv(folder / f"metrics_{name}_{split}.csv", metrics)
-    summary = {**asdict(spec), **asdict(outcome), "key": spec.key(), "folder": folder.name,
+    _evaluate(model, files, data, spec.image_size, torch_device)
+    flat_spec = {key: value for key, value in asdict(spec).items() if key != "train"} | asdict(spec.train)
+    summary = {**flat_spec, **asdict(outcome), "key": spec.key(), "folder": files.folder.name,
                "device": str(torch_device)}
-    atomic.write_json(folder / "summary.json", summary)
-    atomic.write_text(folder / DONE, "")
-    (folder / "checkpoint.pt").unlink(missing_ok=True)  # best.pt keeps the weights that matter
+    atomic.write_json(files.summary, summary)
+    atomic.write_text(files.done, "")
+    files.checkpoint.unlink(missing_ok=True)  # best.pt keeps the weights that matter
     return summary
 
 
@@ -141,11 +153,16 @@ def run_all(specs: Iterable[RunSpec], data: StudyData, store: Path, device: str 
     return executor.map(partial(execute, data=data, store=store, device=device), specs)
 
 
+def load_trained(store: Path, spec: RunSpec, device: torch.device):
+    """A finished run's model with its best weights, ready for inference."""
+    return load_weights(build_model(spec.encoder, spec.architecture, "none"), spec.files(store).best, device)
+
+
 def load_probs(store: Path, spec: RunSpec, dataset: str, split: str) -> tuple[list[str], np.ndarray]:
     """Cached probability maps of a finished run, as float32 [N, H, W] with their image ids."""
-    path = run_folder(store, spec) / f"probs_{dataset}_{split}.npz"
+    path = spec.files(store).probs(dataset, split)
     if not path.is_file():
-        raise FileNotFoundError(f"no cached probabilities at {path}; run the stage that trains {spec.encoder} first")
+        raise StageOrderError(f"no cached probabilities at {path}; run the stage that trains {spec.encoder} first")
     with np.load(path) as npz:
         return [str(i) for i in npz["ids"]], npz["probs"].astype(np.float32)
 
@@ -155,13 +172,12 @@ def load_metrics(store: Path, specs: Iterable[RunSpec], group: Callable[[RunSpec
     """Per-image metrics of finished runs as one long frame: group, run, dataset, id, metrics."""
     frames = []
     for spec in specs:
-        for path in sorted(run_folder(store, spec).glob(f"metrics_*_{split}.csv")):
+        for dataset, path in spec.files(store).metrics_files(split):
             frame = pd.read_csv(path, dtype={"id": str})
-            frame.insert(0, "dataset", path.stem.split("_")[1])
+            frame.insert(0, "dataset", dataset)
             frame.insert(0, "run", spec.seed)
             frame.insert(0, "group", group(spec))
             frames.append(frame)
     if not frames:
-        raise FileNotFoundError(f"no per-image metrics for split {split!r} under {store}")
+        raise StageOrderError(f"no per-image metrics for split {split!r} under {store}")
     return pd.concat(frames, ignore_index=True)
-

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,14 @@ import torch
 from spineseg import atomic
 from spineseg.augment import augment_batch, paper_augmentation
 from spineseg.data.synthetic import generate
-from spineseg.ensemble import EXTRA_METHODS, METHODS, combine
-from spineseg.inference import ensemble_forward, mean_seconds, peak_memory_mb
+from spineseg.device import configure_threads, describe, pick_device
+from spineseg.ensemble import combine
 from spineseg.models import build_model
-from spineseg.runner import NOTEBOOKS
-from spineseg.train import configure_threads, pick_device
+from spineseg.names import EXTRA_RULES, RULES
+from spineseg.study.artifacts import Layout, bench_dir
+from spineseg.study.runner import NOTEBOOKS
+from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
+from spineseg.train import Trainer
 
 # When a profile has no stage-3 models yet, time these ten (a plausible top ten of the paper's list).
 DEFAULT_TEN = ["ResNet34", "ResNet50", "SEResNet34", "SEResNet50", "ResNeXt50", "DenseNet121", "MobileNetV2",
@@ -32,7 +34,7 @@ TRAINING_ENCODERS = ("ResNet34", "MobileNetV2")
 
 
 def _ensemble_encoders(project: Path, profile: str) -> tuple[list[str], str]:
-    selection = project / "runs" / profile / "stage2" / "selection.json"
+    selection = Layout(project, profile).selection
     if selection.is_file():
         chosen = json.loads(selection.read_text())["encoders"]
         if len(chosen) >= 2:
@@ -60,17 +62,13 @@ def inference_bench(encoders: list[str], device: torch.device, size: int, repeat
         per_batch = {}
         for batch in batches:
             image = torch.rand(batch, 1, size, size, device=device)
-            per_batch[batch] = 1000 * mean_seconds(lambda: ensemble_forward([model], image), device, repeats, 1) / batch
+            per_batch[batch] = 1000 * mean_seconds(ensemble_step([model], image, rules=()), repeats) / batch
         best = min(per_batch, key=per_batch.get)
         rows.append({"model": name, "ms_batch1": per_batch[1], "ms_best": per_batch[best], "best_batch": best})
     image = torch.rand(1, 1, size, size, device=device)
-    singles = 1000 * mean_seconds(lambda: [ensemble_forward([m], image) for m in models], device, repeats, 1)
-
-    def whole():
-        probs = ensemble_forward(models, image)
-        return [combine(probs, method, 0.5) for method in METHODS]
-
-    ensemble = 1000 * mean_seconds(whole, device, repeats, 1)
+    forwards = [ensemble_step([m], image, rules=()) for m in models]
+    singles = 1000 * mean_seconds(lambda: [forward() for forward in forwards], repeats)
+    ensemble = 1000 * mean_seconds(ensemble_step(models, image), repeats)
     return {"per_model": rows, "sum_of_single_forwards_ms": singles, "ensemble_ms": ensemble,
             "ratio": ensemble / singles, "target_ratio": 1.10, "peak_memory_mb": peak_memory_mb(device)}
 
@@ -78,47 +76,32 @@ def inference_bench(encoders: list[str], device: torch.device, size: int, repeat
 def aggregation_bench(size: int, n_models: int, batch: int, repeats: int) -> list[dict]:
     probs = _phantom_probs(n_models, batch, size)
     rows = []
-    for method in (*METHODS, *EXTRA_METHODS):
+    for method in (*RULES, *EXTRA_RULES):
         weights = np.linspace(0.8, 1.0, n_models) if method == "weighted" else None
-        one = 1000 * mean_seconds(lambda: combine(probs[:, 0], method, 0.5, weights), torch.device("cpu"), repeats, 1)
-        many = 1000 * mean_seconds(lambda: combine(probs, method, 0.5, weights), torch.device("cpu"), max(1, repeats // 2), 0)
+        one = 1000 * mean_seconds(lambda: combine(probs[:, 0], method, 0.5, weights), repeats)
+        many = 1000 * mean_seconds(lambda: combine(probs, method, 0.5, weights), max(1, repeats // 2), warmup=0)
         rows.append({"method": method, "ms_one_image": one, f"ms_batch_{batch}": many, "ms_per_image_in_batch": many / batch})
     return rows
 
 
 def training_bench(device: torch.device, size: int, steps: int, batch_size: int = 4) -> list[dict]:
-    """Step time fed by the real pipeline (in-memory data + augmentation + batching) vs tensors already there."""
+    """`fit`'s own step fed by the real pipeline (in-memory data + augmentation + batching) vs fixed arrays."""
     samples = list(generate("d1", 32, seed=0, size=size))
     images = np.stack([s.image for s in samples]).astype(np.float32) / 255
     masks = np.stack([s.mask for s in samples]).astype(np.uint8)
     augmentation = paper_augmentation(seed=0)
     rows = []
     for name in TRAINING_ENCODERS:
-        model = build_model(name).to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), 1e-4)
-        loss_fn = torch.nn.BCEWithLogitsLoss()
-        fixed_x = torch.from_numpy(images[:batch_size, None]).to(device)
-        fixed_y = torch.from_numpy(masks[:batch_size, None].astype(np.float32)).to(device)
-
-        def step(x, y):
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-
+        trainer = Trainer(build_model(name).train(), device, lr=1e-4)
         draws = itertools.count()
 
-        def pipeline_step():
+        def next_batch():
             index = np.random.default_rng(next(draws)).choice(len(images), batch_size, replace=False)
-            x, y = augment_batch(augmentation, images[index], masks[index])
-            step(torch.from_numpy(x[:, None]).to(device), torch.from_numpy(y[:, None].astype(np.float32)).to(device))
+            return augment_batch(augmentation, images[index], masks[index])
 
-        fed = mean_seconds(pipeline_step, device, steps, 2)
-        in_memory = mean_seconds(lambda: step(fixed_x, fixed_y), device, steps, 2)
-        started = time.perf_counter()
-        for i in range(steps * 4):
-            index = np.random.default_rng(i).choice(len(images), batch_size, replace=False)
-            augment_batch(augmentation, images[index], masks[index])
-        data_only = (time.perf_counter() - started) / (steps * 4)
+        fed = mean_seconds(lambda: trainer.step(*next_batch()), steps)
+        in_memory = mean_seconds(lambda: trainer.step(images[:batch_size], masks[:batch_size]), steps)
+        data_only = mean_seconds(next_batch, steps * 4)
         rows.append({"encoder": name, "image_size": size, "batch_size": batch_size,
                      "ms_step_pipeline": 1000 * fed, "ms_step_in_memory": 1000 * in_memory,
                      "ms_data_only": 1000 * data_only, "ratio": fed / in_memory, "target_ratio": 1.10})
@@ -128,10 +111,10 @@ def training_bench(device: torch.device, size: int, steps: int, batch_size: int 
 def study_wall_times(project: Path) -> list[dict]:
     rows = []
     for profile, target in (("smoke", 5), ("quick", 45)):
-        folder = project / "runs" / profile / "notebooks"
+        layout = Layout(project, profile)
         seconds = {}
         for name in NOTEBOOKS:
-            path = folder / f"{name}.timing.json"
+            path = layout.notebook_timing(name)
             if path.is_file():
                 seconds[name] = json.loads(path.read_text())["seconds"]
         if seconds:
@@ -173,14 +156,14 @@ def run_bench(project: Path, profile: str = "quick", quick: bool = False, size: 
     inference["encoders_from"] = source
     print("[bench] 2/4 aggregation, 3/4 training steps, 4/4 study timings ...", flush=True)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "device": describe(device) + ("" if device.type == "cuda" else f", {platform.processor() or platform.machine()}"),
         "torch": torch.__version__, "threads": threads, "platform": platform.platform(), "size": size,
         "n_models": len(encoders), "inference": inference,
         "aggregation": aggregation_bench(size, len(encoders), batch=4, repeats=repeats),
         "training": training_bench(device, 128 if device.type == "cpu" else 256, steps=3 if quick else 8),
         "studies": study_wall_times(project),
     }
-    out = project / "runs" / "bench"
+    out = bench_dir(project)
     atomic.write_json(out / "report.json", report)
     text = _markdown(report)
     atomic.write_text(out / "report.md", text)

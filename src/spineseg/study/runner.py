@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from spineseg import atomic
-from spineseg.config import load_profile
+from spineseg.errors import ConfigError, NotebookFailed
+from spineseg.study.artifacts import Layout
+from spineseg.study.config import load_profile
+from spineseg.study.session import profile_path
 
 NOTEBOOKS = (
     "00_data",
@@ -24,10 +28,6 @@ NOTEBOOKS = (
     "04_ensembles",
     "05_analysis",
 )
-
-
-class NotebookFailed(RuntimeError):
-    """A stage notebook raised; the message names the rendered notebook and the error."""
 
 
 def parse_stages(text: str | None) -> list[int]:
@@ -40,11 +40,16 @@ def parse_stages(text: str | None) -> list[int]:
         try:
             stages.extend(range(int(lo), int(hi or lo) + 1))
         except ValueError:
-            raise ValueError(f"--stages {text!r}: use numbers like 2,3 or 1-4") from None
+            raise ConfigError(f"--stages {text!r}: use numbers like 2,3 or 1-4") from None
     bad = [s for s in stages if not 0 <= s < len(NOTEBOOKS)]
     if bad:
-        raise ValueError(f"--stages {text!r}: stage(s) {bad} do not exist; stages are 0–{len(NOTEBOOKS) - 1}")
+        raise ConfigError(f"--stages {text!r}: stage(s) {bad} do not exist; stages are 0–{len(NOTEBOOKS) - 1}")
     return sorted(set(stages))
+
+
+def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, project: Path) -> dict[str, Any]:
+    """What every stage notebook is called with (its parameters cell declares exactly these)."""
+    return {"profile": profile, "overrides": dict(overrides or {}), "project_dir": str(project), "interactive": False}
 
 
 def _export_html(notebook: Path) -> None:
@@ -62,14 +67,14 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
     from papermill.exceptions import PapermillExecutionError
 
     project = Path(project).resolve()
-    cfg = load_profile(project / "params" / f"{profile}.yaml", overrides)  # fail before anything runs
-    out_dir = project / "runs" / cfg["name"] / "notebooks"
+    load_profile(profile_path(project, profile), overrides)  # fail before anything runs
+    layout = Layout(project, profile)
     # The kernel must be this interpreter, whatever `python` means on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     rendered = []
     for index in stages if stages is not None else range(len(NOTEBOOKS)):
         name = NOTEBOOKS[index]
-        source, target = project / "notebooks" / f"{name}.ipynb", out_dir / f"{name}.ipynb"
+        source, target = project / "notebooks" / f"{name}.ipynb", layout.notebook(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         log(f"[{profile}] {name} ...")
@@ -77,8 +82,7 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
             papermill.execute_notebook(
                 str(source), str(target), kernel_name="python3", cwd=str(source.parent), progress_bar=False,
                 stderr_file=progress,  # the notebooks' tqdm bars, live on the console
-                parameters={"profile": profile, "overrides": dict(overrides or {}), "project_dir": str(project),
-                            "interactive": False},
+                parameters=notebook_parameters(profile, overrides, project),
             )
         except PapermillExecutionError as exc:
             raise NotebookFailed(f"{target}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue}") from None
@@ -86,7 +90,7 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
             if target.is_file():
                 _export_html(target)
         seconds = time.perf_counter() - started
-        atomic.write_json(out_dir / f"{name}.timing.json", {"notebook": name, "seconds": seconds})
+        atomic.write_json(layout.notebook_timing(name), {"notebook": name, "seconds": seconds})
         log(f"[{profile}] {name} done in {seconds:.0f} s → {target}")
         rendered.append(target)
     return rendered

@@ -1,0 +1,51 @@
+"""Display names: the one table of how metrics, ensemble rules and study groups are printed.
+
+Keys are what the code and the CSV files use; values are the article's wording. Torch-free, so the
+configuration and the command line can use it without loading the models.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+# The seven per-image metrics of the article, in its column order.
+METRICS = ("iou", "dsc", "recall", "specificity", "precision", "f1", "pa")
+BOUNDARY_METRICS = ("hd95", "assd")
+METRIC_NAMES = MappingProxyType({
+    "iou": "IoU", "dsc": "DSC", "recall": "Recall", "specificity": "Specificity", "precision": "Precision",
+    "f1": "F1", "pa": "PA", "hd95": "HD95", "assd": "ASSD",
+})
+
+# The five rules of the article (eq. 8–17), then rules it does not test.
+RULES = ("max", "min", "soft", "union", "shape")
+EXTRA_RULES = ("geometric", "majority", "weighted", "staple")
+# Stage-4 results that learn something on dataset-1 validation.
+TUNED = "tuned_soft"
+STACKING = "stacking"
+RULE_NAMES = MappingProxyType({
+    "max": "Max",
+    "min": "Min",
+    "soft": "Soft voting",
+    "union": "Union",
+    "shape": "Shape averaging",
+    "geometric": "Geometric mean",
+    "majority": "Majority voting",
+    "weighted": "Weighted soft voting",
+    "staple": "STAPLE",
+    TUNED: "Soft voting, tuned T",
+    STACKING: "Stacking (logistic)",
+})
+
+# Stage 1's two arms, keyed by whether augmentation was on.
+AUGMENTATION_GROUPS = MappingProxyType({False: "Without augmentation", True: "With augmentation"})
+
+DATASET_NAMES = MappingProxyType({"d1": "Dataset 1", "d2": "Dataset 2"})
+
+
+def rule_name(key: str) -> str:
+    """The printed name of an ensemble rule (or stage-4 result); unknown keys print as themselves."""
+    return RULE_NAMES.get(key, key)
+
+
+def metric_name(key: str) -> str:
+    return METRIC_NAMES.get(key, key.upper())

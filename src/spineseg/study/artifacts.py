@@ -1,0 +1,156 @@
+"""Every file the study writes, named in one place.
+
+    runs/<profile>/
+        data/                 stage 0: the datasets (made or converted) and source.json
+        train/<run>/          one folder per training run (`RunFiles`)
+        stage1/ … stage3/     runs.csv, metrics_test.csv, metrics_val.csv
+        stage2/               + ranking.csv, selection.json
+        stage4/               metrics_test.csv, threshold_tuning.csv, learned.json, leave_one_out.csv, timing.csv
+        tables/               tableN.csv/.md/.tex, wilcoxon.csv, wilcoxon_readable.*
+        notebooks/            the rendered notebooks, their HTML copies and <name>.timing.json
+    runs/bench/               report.md, report.json
+    figures/<profile>/        <name>.png (300 dpi) and <name>.pdf
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TRAINING_STAGES = ("stage1", "stage2", "stage3")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one training run."""
+
+    folder: Path
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "config.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.folder / "summary.json"
+
+    @property
+    def done(self) -> Path:
+        """Written last: its presence means every other artifact is complete."""
+        return self.folder / "DONE"
+
+    # `train.fit` names its own files; imported late so that this module (and the CLI) stays torch-free.
+    @property
+    def best(self) -> Path:
+        from spineseg.train import BEST
+
+        return self.folder / BEST
+
+    @property
+    def checkpoint(self) -> Path:
+        from spineseg.train import CHECKPOINT
+
+        return self.folder / CHECKPOINT
+
+    @property
+    def history(self) -> Path:
+        from spineseg.train import HISTORY
+
+        return self.folder / HISTORY
+
+    def probs(self, dataset: str, split: str) -> Path:
+        return self.folder / f"probs_{dataset}_{split}.npz"
+
+    def metrics(self, dataset: str, split: str) -> Path:
+        return self.folder / f"metrics_{dataset}_{split}.csv"
+
+    def metrics_files(self, split: str) -> list[tuple[str, Path]]:
+        """(dataset, path) of every per-image metrics file of `split`, sorted by dataset."""
+        return [(path.stem.split("_")[1], path) for path in sorted(self.folder.glob(f"metrics_*_{split}.csv"))]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one profile's artifacts live under a project folder."""
+
+    project: Path
+    profile: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.project / "runs" / self.profile
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def data_source(self) -> Path:
+        """What the datasets in `data_dir` were made from; a change remakes them."""
+        return self.data_dir / "source.json"
+
+    @property
+    def store(self) -> Path:
+        return self.run_dir / "train"
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.run_dir / "tables"
+
+    @property
+    def notebooks_dir(self) -> Path:
+        return self.run_dir / "notebooks"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.project / "figures" / self.profile
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def runs_table(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "runs.csv"
+
+    def stage_metrics(self, stage: str, split: str = "test") -> Path:
+        return self.stage_dir(stage) / f"metrics_{split}.csv"
+
+    @property
+    def ranking(self) -> Path:
+        return self.stage_dir("stage2") / "ranking.csv"
+
+    @property
+    def selection(self) -> Path:
+        return self.stage_dir("stage2") / "selection.json"
+
+    @property
+    def threshold_tuning(self) -> Path:
+        return self.stage_dir("stage4") / "threshold_tuning.csv"
+
+    @property
+    def learned(self) -> Path:
+        """What stage 4 fitted on dataset-1 validation: the tuned threshold and the stacker."""
+        return self.stage_dir("stage4") / "learned.json"
+
+    @property
+    def leave_one_out(self) -> Path:
+        return self.stage_dir("stage4") / "leave_one_out.csv"
+
+    @property
+    def timing(self) -> Path:
+        return self.stage_dir("stage4") / "timing.csv"
+
+    def table(self, name: str, suffix: str) -> Path:
+        return self.tables_dir / f"{name}.{suffix}"
+
+    def notebook(self, name: str) -> Path:
+        return self.notebooks_dir / f"{name}.ipynb"
+
+    def notebook_timing(self, name: str) -> Path:
+        return self.notebooks_dir / f"{name}.timing.json"
+
+    def figure(self, name: str, suffix: str) -> Path:
+        return self.figures_dir / f"{name}.{suffix}"
+
+
+def bench_dir(project: Path) -> Path:
+    return Path(project) / "runs" / "bench"

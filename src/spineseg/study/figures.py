@@ -1,0 +1,251 @@
+"""Publication figures: each saved as a 300-dpi PNG and a PDF under ``figures/<profile>/``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from matplotlib.patheffects import withStroke
+from PIL import Image
+from skimage.measure import find_contours
+
+from spineseg import atomic
+from spineseg.data import DatasetError, Sample, load_split, read_manifest
+from spineseg.data.aasce import VERTEBRAE
+from spineseg.encoders import PAPER_ENCODERS
+from spineseg.ensemble import THRESHOLD_GRID, combine
+from spineseg.metrics import per_image
+from spineseg.names import RULES, rule_name
+from spineseg.study.session import Study
+from spineseg.study.stage4_ensembles import EnsembleInputs, available_eval_sets, ensemble_inputs, threshold_curves
+from spineseg.study.store import StudyData
+from spineseg.study.training import load_stage_metrics
+
+FALSE_POSITIVE = (0.9, 0.1, 0.1)
+FALSE_NEGATIVE = (0.1, 0.4, 1.0)
+TRUTH = "#2ca02c"
+
+
+REGION_COLOURS = ("#e41a1c", "#ff7f00", "#4daf4a", "#377eb8")
+
+
+def save(fig: Figure, study: Study, name: str) -> list[Path]:
+    """The figure as PNG (at the profile's dpi) and PDF, each written atomically."""
+    paths = [study.layout.figure(name, "png"), study.layout.figure(name, "pdf")]
+    for path in paths:
+        with atomic.atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:], dpi=study.cfg.analysis.dpi, bbox_inches="tight")
+    return paths
+
+
+def dataset_examples(data: StudyData, size: int = 512) -> plt.Figure:
+    """Fig. 1: an image and its Th8–Th11 mask from each dataset."""
+    sets = [("Dataset 1", data.d1, "train")] + ([("Dataset 2", data.d2, "test")] if data.d2 else [])
+    fig, axes = plt.subplots(len(sets), 2, figsize=(6, 3 * len(sets)), squeeze=False)
+    for row, (title, folder, split) in zip(axes, sets):
+        loaded = load_split(folder, split, size)
+        row[0].imshow(loaded.images[0], cmap="gray", vmin=0, vmax=1)
+        row[0].set_title(f"{title}: {loaded.ids[0]}", fontsize=9)
+        row[1].imshow(loaded.masks[0], cmap="gray")
+        row[1].set_title("Th8–Th11 mask", fontsize=9)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _error_overlay(ax, image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
+    rgb = np.repeat(image[..., None], 3, axis=2)
+    rgb[pred & ~truth] = FALSE_POSITIVE
+    rgb[~pred & truth] = FALSE_NEGATIVE
+    ax.imshow(rgb)
+    ax.contour(truth, levels=[0.5], colors=TRUTH, linewidths=0.6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def ensemble_overlays(inputs: EnsembleInputs, threshold: float = 0.5, methods=RULES) -> plt.Figure:
+    """Every rule's mask on the best, median and worst test image (ranked by soft-voting DSC).
+
+    Ground-truth contour in green; false positives red, false negatives blue.
+    """
+    masks = {m: combine(inputs.probs, m, threshold) for m in methods}
+    truth = inputs.masks.astype(bool)
+    order = np.argsort(per_image(masks["soft"], truth)["dsc"].to_numpy(), kind="stable")
+    picks = {"best": order[-1], "median": order[len(order) // 2], "worst": order[0]}
+    fig, axes = plt.subplots(len(picks), len(methods), figsize=(2.2 * len(methods), 2.3 * len(picks)), squeeze=False)
+    for row, (label, index) in zip(axes, picks.items()):
+        for ax, method in zip(row, methods):
+            _error_overlay(ax, inputs.images[index], masks[method][index], truth[index])
+            dsc = per_image(masks[method][index], truth[index])["dsc"].iloc[0]
+            ax.set_title(f"{rule_name(method)}\nDSC {100 * dsc:.1f}%", fontsize=8)
+        row[0].set_ylabel(f"{label}\n{inputs.ids[index]}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def dsc_boxplot(frame: pd.DataFrame, order: list[str], title: str) -> plt.Figure:
+    """Per-image DSC distribution per group (method or encoder), one panel per dataset."""
+    data = frame[frame["group"].isin(order)].assign(DSC=lambda f: 100 * f["dsc"])
+    datasets = sorted(data["dataset"].unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(5, 0.7 * len(order)) * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        sns.boxplot(data=data[data["dataset"] == dataset], x="group", y="DSC", order=[g for g in order if g in set(data["group"])],
+                    ax=ax, color="#9ecae1", fliersize=2)
+        ax.set_title(f"{title} — {dataset}")
+        ax.set_xlabel("")
+        ax.set_ylabel("DSC per image (%)")
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return fig
+
+
+def threshold_plot(curves: pd.DataFrame, threshold: float) -> plt.Figure:
+    """Mean DSC against the threshold T for each rule, with the paper's T marked."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for (dataset, method), part in curves.groupby(["dataset", "method"]):
+        ax.plot(part["threshold"], 100 * part["mean_dsc"], marker="o", ms=3,
+                label=f"{rule_name(method)} ({dataset})", linestyle="-" if dataset == "d1" else "--")
+    ax.axvline(threshold, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("Threshold T")
+    ax.set_ylabel("Mean DSC (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def threshold_explorer(inputs: EnsembleInputs, methods=RULES):
+    """An ipywidgets panel: sliders for T and the image; masks and metrics recomputed from cached maps."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    truth = inputs.masks.astype(bool)
+
+    def show(threshold: float, index: int) -> None:
+        masks = {m: combine(inputs.probs[:, index], m, threshold) for m in methods}
+        fig, axes = plt.subplots(1, len(methods), figsize=(2.4 * len(methods), 2.6))
+        for ax, (method, mask) in zip(axes, masks.items()):
+            _error_overlay(ax, inputs.images[index], mask, truth[index])
+            ax.set_title(rule_name(method), fontsize=8)
+        plt.show()
+        table = pd.concat([per_image(mask, truth[index]) for mask in masks.values()], ignore_index=True)
+        table.index = [rule_name(m) for m in masks]
+        display((100 * table).round(2))
+
+    return widgets.interactive(
+        show,
+        threshold=widgets.SelectionSlider(options=[float(t) for t in THRESHOLD_GRID], value=0.5, description="T"),
+        index=widgets.IntSlider(value=0, min=0, max=len(inputs.ids) - 1, description="image"),
+    )
+
+
+def _evenly_spaced(count: int, n: int) -> list[int]:
+    return sorted(set(np.linspace(0, count - 1, min(n, count)).round().astype(int).tolist()))
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+def _samples_from_folder(folder: Path, n: int) -> Iterator[Sample]:
+    frame = read_manifest(folder)
+    if "labels" not in frame.columns:
+        raise DatasetError(f"{folder}: the dataset has no instance labels to draw")
+    for row in frame.iloc[_evenly_spaced(len(frame), n)].itertuples():
+        yield Sample(id=row.id, image=_read_png(folder / row.image), mask=_read_png(folder / row.mask) > 0,
+                     labels=_read_png(folder / row.labels))
+
+
+def _draw_outlines(ax, labels: np.ndarray, linewidth: float) -> None:
+    for label, colour in enumerate(REGION_COLOURS, start=1):
+        padded = np.pad(labels == label, 1).astype(float)  # closes contours that touch the border
+        for contour in find_contours(padded, 0.5):
+            ax.plot(contour[:, 1] - 1, contour[:, 0] - 1, color=colour, linewidth=linewidth)
+
+
+def label_overlays(samples_or_dataset_folder: Sequence[Sample] | str | Path, n: int = 4) -> Figure:
+    """Converted images with the Th8–Th11 masks outlined, so a reader can check the masks by eye.
+
+    Top row: the whole (stretched) image; bottom row: a zoom on the region with each vertebra named.
+    """
+    if isinstance(samples_or_dataset_folder, (str, Path)):
+        samples = list(_samples_from_folder(Path(samples_or_dataset_folder), n))
+    else:
+        pool = list(samples_or_dataset_folder)
+        samples = [pool[i] for i in _evenly_spaced(len(pool), n)] if pool else []
+    if not samples:
+        raise DatasetError("label_overlays: no samples to draw")
+    missing = [s.id for s in samples if s.labels is None]
+    if missing:
+        raise DatasetError(f"label_overlays: samples {missing} have no instance labels to draw")
+
+    fig = Figure(figsize=(2.3 * len(samples), 5.2), layout="constrained")
+    axes = fig.subplots(2, len(samples), squeeze=False)
+    for (whole, zoom), sample in zip(axes.T, samples):
+        rows, cols = np.nonzero(sample.labels)
+        if rows.size == 0:
+            raise DatasetError(f"label_overlays: sample {sample.id!r} has an empty mask")
+        centre_row, centre_col = (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+        half = 0.8 * max(rows.max() - rows.min(), cols.max() - cols.min()) + 4
+        for ax in (whole, zoom):
+            ax.imshow(sample.image, cmap="gray", vmin=0, vmax=255, interpolation="nearest" if ax is zoom else "antialiased")
+            ax.set_axis_off()
+        _draw_outlines(whole, sample.labels, linewidth=0.6)
+        _draw_outlines(zoom, sample.labels, linewidth=1.0)
+        whole.add_patch(Rectangle((centre_col - half, centre_row - half), 2 * half, 2 * half,
+                                  fill=False, edgecolor="yellow", linewidth=0.6, linestyle="--"))
+        whole.set_title(sample.id, fontsize=5)
+        zoom.set_xlim(centre_col - half, centre_col + half)
+        zoom.set_ylim(centre_row + half, centre_row - half)
+        for label, (name, colour) in enumerate(zip(VERTEBRAE, REGION_COLOURS), start=1):
+            vertebra_rows, vertebra_cols = np.nonzero(sample.labels == label)
+            if vertebra_rows.size:
+                zoom.text(vertebra_cols.max() + 4, vertebra_rows.mean(), name, color=colour, fontsize=7,
+                          va="center", fontweight="bold", path_effects=[withStroke(linewidth=1.5, foreground="black")])
+    fig.legend(handles=[Line2D([], [], color=c, label=v) for v, c in zip(VERTEBRAE, REGION_COLOURS)],
+               loc="outside lower center", ncol=len(VERTEBRAE), fontsize=7, frameon=False)
+    return fig
+
+
+def data_figures(study: Study, data: StudyData) -> dict[str, Figure]:
+    """Fig. 1, and the labelled vertebrae of a few dataset-1 images when the dataset has labels."""
+    figures = {"fig1_datasets": dataset_examples(data)}
+    if "labels" in read_manifest(data.d1).columns:
+        figures["label_overlays"] = label_overlays(data.d1, n=4)
+    for name, figure in figures.items():
+        save(figure, study, name)
+    return figures
+
+
+def write_figures(study: Study, data: StudyData) -> dict[str, Figure]:
+    """The analysis figures: every rule's masks on the best/median/worst image, DSC box plots, DSC vs T."""
+    threshold = study.cfg.stage4.threshold
+    figures, curves = {}, []
+    for dataset, split in available_eval_sets(data):
+        inputs = ensemble_inputs(study, data, dataset, split)
+        figures[f"ensemble_masks_{dataset}"] = ensemble_overlays(inputs, threshold)
+        curves.append(threshold_curves(inputs).assign(dataset=dataset))
+    stage4 = load_stage_metrics(study, "stage4")
+    figures["dsc_by_ensemble"] = dsc_boxplot(stage4.assign(group=stage4["group"].map(rule_name)),
+                                             [rule_name(m) for m in RULES], "Ensembles")
+    figures["dsc_by_encoder"] = dsc_boxplot(load_stage_metrics(study, "stage3"), list(PAPER_ENCODERS), "Stage-3 models")
+    figures["dsc_vs_threshold"] = threshold_plot(pd.concat(curves, ignore_index=True), threshold)
+    for name, figure in figures.items():
+        save(figure, study, name)
+    return figures
+
+
+def live_threshold_explorer(study: Study, data: StudyData, interactive: bool):
+    """The ipywidgets explorer in a live session; a note when executed headlessly."""
+    if not interactive:
+        print("Headless run: the interactive threshold explorer is skipped.")
+        return None
+    return threshold_explorer(ensemble_inputs(study, data, "d1", "test"))

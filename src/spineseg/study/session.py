@@ -1,0 +1,64 @@
+"""A study session: a validated profile, where its artifacts live, and the notebooks' one setup call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spineseg.errors import ConfigError
+from spineseg.study.artifacts import Layout
+from spineseg.study.config import Profile, load_profile
+
+
+@dataclass(frozen=True)
+class Study:
+    """A profile's configuration and the layout of its artifacts."""
+
+    cfg: Profile
+    layout: Layout
+
+    @property
+    def name(self) -> str:
+        return self.layout.profile
+
+    @property
+    def project(self) -> Path:
+        return self.layout.project
+
+
+def find_project(start: Path | None = None) -> Path:
+    """The folder holding ``params/`` and ``pyproject.toml``, searched upwards from ``start``."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params").is_dir() and (folder / "pyproject.toml").is_file():
+            return folder
+    raise ConfigError(f"no spineseg project (a folder with params/ and pyproject.toml) at or above {here}")
+
+
+def profile_path(project: Path, profile: str) -> Path:
+    return Path(project) / "params" / f"{profile}.yaml"
+
+
+def open_study(profile: str = "quick", overrides: Mapping[str, Any] | None = None,
+               project_dir: str | Path | None = None) -> Study:
+    """Validate the profile (with overrides) and set torch's thread count from it."""
+    from spineseg.device import configure_threads
+
+    project = Path(project_dir).resolve() if project_dir else find_project()
+    study = Study(load_profile(profile_path(project, profile), overrides), Layout(project, profile))
+    configure_threads(study.cfg.threads)
+    return study
+
+
+def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | None):
+    """The first cell of every notebook: open the study, locate its data, and say what runs."""
+    from IPython.display import Markdown, display
+
+    from spineseg.study.stage0_data import prepare_data
+
+    study = open_study(profile, overrides, project_dir or None)
+    data = prepare_data(study)
+    display(Markdown(f"**Profile `{study.name}`** — {study.cfg.description}  \nArtifacts: `{study.layout.run_dir}`"))
+    return study, data

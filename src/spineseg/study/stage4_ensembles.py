@@ -1,0 +1,149 @@
+"""Stage 4: the ensemble rules applied to the stage-3 models' cached probabilities (Tables 8–9).
+
+Each model ran once per image in stage 3; everything here works on those maps, so trying another
+rule or threshold costs no forward pass. Validation predictions of dataset 1 serve the rules that
+learn something (tuned threshold, stacking); test sets are only ever evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spineseg import atomic
+from spineseg.boundary import boundary_metrics
+from spineseg.data import load_split, splits_present
+from spineseg.device import describe, pick_device
+from spineseg.ensemble import THRESHOLD_GRID, combine, fit_stacker, leave_one_out, tune_threshold
+from spineseg.errors import StageOrderError
+from spineseg.metrics import dice, per_image
+from spineseg.models import parameter_count
+from spineseg.names import EXTRA_RULES, RULES, STACKING, TUNED
+from spineseg.study.session import Study
+from spineseg.study.stage3_final import ensemble_members
+from spineseg.study.store import StudyData, load_probs, load_trained
+from spineseg.study.training import load_stage_runs
+from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
+
+
+@dataclass(frozen=True)
+class EnsembleInputs:
+    """The stage-3 models' cached probabilities for one dataset split, stacked [M, N, H, W]."""
+
+    names: list[str]
+    ids: list[str]
+    probs: np.ndarray
+    masks: np.ndarray
+    images: np.ndarray
+    val_dsc: np.ndarray  # each model's best validation DSC (weights for weighted voting)
+
+
+def ensemble_inputs(study: Study, data: StudyData, dataset: str, split: str) -> EnsembleInputs:
+    """Stack the cached probabilities of the ensemble members, checked against the dataset's ids."""
+    specs = ensemble_members(study, data)
+    runs = load_stage_runs(study, "stage3").set_index("folder")
+    folder = data.folder(dataset)
+    loaded = load_split(folder, split, specs[0].image_size)
+    probs = []
+    for spec in specs:
+        ids, p = load_probs(study.layout.store, spec, dataset, split)
+        if list(ids) != list(loaded.ids):
+            raise StageOrderError(f"cached probabilities of {spec.folder_name()} do not match {folder} ({split}); rerun stage 3")
+        probs.append(p)
+    val_dsc = np.array([runs.loc[spec.folder_name(), "best_val_dsc"] for spec in specs], dtype=float)
+    return EnsembleInputs([s.encoder for s in specs], list(loaded.ids), np.stack(probs), loaded.masks,
+                          loaded.images, val_dsc)
+
+
+def available_eval_sets(data: StudyData) -> list[tuple[str, str]]:
+    """(dataset, split) pairs reported in the ensemble tables: D1 test and, when present, D2 test."""
+    return [(name, split) for name, folder, split in data.eval_splits()
+            if split == "test" and split in splits_present(folder)]
+
+
+def chosen_rules(study: Study) -> list[str]:
+    """The profile's rules, the article's first, each in the canonical order."""
+    cfg = study.cfg.stage4
+    return [m for m in RULES if m in cfg.methods] + [m for m in EXTRA_RULES if m in cfg.extra_methods]
+
+
+def _scored(mask: np.ndarray, inputs: EnsembleInputs, group: str, dataset: str) -> pd.DataFrame:
+    frame = pd.concat([per_image(mask, inputs.masks), boundary_metrics(mask, inputs.masks)], axis=1)
+    frame.insert(0, "id", inputs.ids)
+    frame.insert(0, "dataset", dataset)
+    frame.insert(0, "run", 0)
+    frame.insert(0, "group", group)
+    return frame
+
+
+def ensemble_masks(inputs: EnsembleInputs, rules, threshold: float) -> dict[str, np.ndarray]:
+    """Every requested rule's masks [N, H, W] for one dataset split."""
+    return {m: combine(inputs.probs, m, threshold, weights=inputs.val_dsc if m == "weighted" else None)
+            for m in rules}
+
+
+def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
+    """Per-image metrics of every rule on every test set; also writes the tuning and ablation tables."""
+    threshold, layout = study.cfg.stage4.threshold, study.layout
+    rules = chosen_rules(study)
+    validation = ensemble_inputs(study, data, "d1", "val")
+    tuned_threshold, tuning = tune_threshold(validation.probs, validation.masks.astype(bool), method="soft")
+    stacker = fit_stacker(validation.probs, validation.masks.astype(bool))
+    atomic.write_csv(layout.threshold_tuning, tuning)
+    atomic.write_json(layout.learned, {"tuned_threshold": tuned_threshold, "stacker": stacker.to_dict(),
+                                       "models": validation.names, "trained_on": "d1 validation"})
+    frames, ablations = [], []
+    for dataset, split in available_eval_sets(data):
+        inputs = ensemble_inputs(study, data, dataset, split)
+        for rule, mask in ensemble_masks(inputs, rules, threshold).items():
+            frames.append(_scored(mask, inputs, rule, dataset))
+        frames.append(_scored(combine(inputs.probs, "soft", tuned_threshold), inputs, TUNED, dataset))
+        frames.append(_scored(stacker.predict_proba(inputs.probs) > 0.5, inputs, STACKING, dataset))
+        if len(inputs.names) >= 2:
+            table = leave_one_out(inputs.probs, inputs.masks.astype(bool), inputs.names, "soft", threshold)
+            table.insert(0, "dataset", dataset)
+            ablations.append(table)
+    metrics = pd.concat(frames, ignore_index=True)
+    atomic.write_csv(layout.stage_metrics("stage4"), metrics)
+    if ablations:
+        atomic.write_csv(layout.leave_one_out, pd.concat(ablations, ignore_index=True))
+    return metrics
+
+
+def threshold_curves(inputs: EnsembleInputs, rules=("soft", "max", "min", "union"), grid=THRESHOLD_GRID) -> pd.DataFrame:
+    """Mean per-image DSC of each rule as the threshold T varies, from cached probabilities."""
+    rows = []
+    for rule in rules:
+        for t in grid:
+            mean_dsc = dice(combine(inputs.probs, rule, float(t)), inputs.masks).mean()
+            rows.append({"method": rule, "threshold": float(t), "mean_dsc": float(mean_dsc)})
+    return pd.DataFrame(rows)
+
+
+def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
+    """ms per image for each stage-3 model alone and for the whole ensemble (forwards + the five rules)."""
+    cfg = study.cfg.stage4
+    device = pick_device(study.cfg.device)
+    specs = ensemble_members(study, data)
+    models = [load_trained(study.layout.store, spec, device) for spec in specs]
+    size = cfg.timing_size
+    image = torch.from_numpy(np.random.default_rng(0).random((1, 1, size, size), dtype=np.float32)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rows = []
+    for spec, model in zip(specs, models):
+        seconds = mean_seconds(ensemble_step([model], image, rules=()), cfg.timing_repeats, cfg.timing_warmup)
+        rows.append({"what": spec.encoder, "models": 1, "params_millions": parameter_count(model) / 1e6,
+                     "ms_per_image": 1000 * seconds})
+    seconds = mean_seconds(ensemble_step(models, image, cfg.threshold), cfg.timing_repeats, cfg.timing_warmup)
+    rows.append({"what": "Ensemble (forwards + 5 rules)", "models": len(models),
+                 "params_millions": sum(r["params_millions"] for r in rows), "ms_per_image": 1000 * seconds})
+    table = pd.DataFrame(rows)
+    table["peak_memory_mb"] = peak_memory_mb(device)
+    table["device"] = describe(device)
+    table["image_size"] = size
+    atomic.write_csv(study.layout.timing, table)
+    return table

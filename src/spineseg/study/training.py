@@ -1,0 +1,58 @@
+"""What the three training stages share: turning a profile section into run specs, and collecting
+the finished runs' per-image metrics into the stage's tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import fields
+
+import pandas as pd
+
+from spineseg import atomic
+from spineseg.errors import StageOrderError
+from spineseg.study.config import Training
+from spineseg.study.session import Study
+from spineseg.study.store import RunSpec, StudyData, load_metrics, run_all
+from spineseg.train import TrainSettings
+
+_SETTINGS = {f.name for f in fields(TrainSettings)}
+
+
+def run_spec(data: StudyData, stage: str, encoder: str, seed: int, section: Training, *, augment: bool,
+             pretrained: str, architecture: str = "unet") -> RunSpec:
+    """One run of `section`'s settings; the hyperparameters are read by name, declared only in the config."""
+    values = {name: getattr(section, name) for name in _SETTINGS if hasattr(section, name)}
+    train = TrainSettings(**{**values, "augment": augment, "seed": seed})
+    return RunSpec(stage=stage, encoder=encoder, image_size=section.image_size, train=train,
+                   architecture=architecture, pretrained=pretrained, data=data.fingerprint())
+
+
+def train_and_collect(study: Study, data: StudyData, stage: str, specs: list[RunSpec],
+                      group: Callable[[RunSpec], str]) -> pd.DataFrame:
+    """Run the grid (skipping finished runs) and write the stage's runs and per-image metrics."""
+    summaries = pd.DataFrame(run_all(specs, data, study.layout.store, study.cfg.device))
+    atomic.write_csv(study.layout.runs_table(stage), summaries)
+    for split in ("test", "val"):
+        frame = load_metrics(study.layout.store, specs, group, split=split)
+        atomic.write_csv(study.layout.stage_metrics(stage, split), frame)
+    return load_stage_metrics(study, stage)
+
+
+def load_stage_metrics(study: Study, stage: str, split: str = "test") -> pd.DataFrame:
+    path = study.layout.stage_metrics(stage, split)
+    if not path.is_file():
+        raise StageOrderError(f"{path} is missing: run {stage} first")
+    return pd.read_csv(path, dtype={"id": str, "group": str})
+
+
+def load_stage_runs(study: Study, stage: str) -> pd.DataFrame:
+    path = study.layout.runs_table(stage)
+    if not path.is_file():
+        raise StageOrderError(f"{path} is missing: run {stage} first")
+    return pd.read_csv(path)
+
+
+def training_summary(study: Study, stage: str, by: str) -> pd.DataFrame:
+    """How the stage's runs trained: best validation DSC, epochs and seconds, per `by` group."""
+    runs = load_stage_runs(study, stage)
+    return runs.groupby(by)[["best_val_dsc", "best_epoch", "epochs_run", "seconds"]].describe().T.round(3)
