@@ -258,3 +258,29 @@ def test_real_conversion_gives_plausible_masks(real_src: Path, tmp_path: Path) -
         centres = [np.nonzero(labels == label)[0].mean() for label in (1, 2, 3, 4)]
         assert centres == sorted(centres), row.id
     label_overlays(folder, n=2)
+
+
+# --- the output folder -----------------------------------------------------------------------------
+
+def test_a_non_empty_output_folder_is_refused_unless_forced(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    with pytest.raises(DatasetError, match=f"{out} is not empty.*--force"):
+        convert(src, out, size=32)
+    assert (out / "mine.txt").read_text() == "a user's file"
+    folders = convert(src, out, size=32, force=True)
+    assert not (out / "mine.txt").exists() and read_manifest(folders["training"]).shape[0] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+def test_a_truncated_source_image_stops_the_conversion_before_anything_changes(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = convert(src, out, size=32)["training"]
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    image = src / "data" / "training" / "sunhl-1th-03-Jan-2017-163 A AP.jpg"
+    image.write_bytes(image.read_bytes()[: len(image.read_bytes()) // 2])
+    with pytest.raises(DatasetError, match="unreadable image .*163 A AP.jpg"):
+        convert(src, out, size=32, force=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert read_manifest(first).shape[0] == 3

@@ -35,3 +35,9 @@ def test_bad_override_and_missing_aasce_source(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "spineseg", "--help"], capture_output=True, text=True, check=True)
     assert "data" in result.stdout and "run" in result.stdout and "bench" in result.stdout
+
+
+def test_data_synth_refuses_a_non_empty_folder_without_force(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(["data", "synth", "--out", str(tmp_path), "--size", "32"]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "notes.txt").exists()

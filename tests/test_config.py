@@ -58,6 +58,14 @@ def test_overrides_apply_with_types(tmp_path):
     ({"stage4": {"threshold": 1.5}}, "stage4.threshold = 1.5"),
     ({"stage4": {"methods": ["mean"]}}, "stage4.methods.0 = 'mean': Input should be 'max', 'min'"),
     ({"data": {"source": "web"}}, "data.source = 'web'"),
+    ({"threads": -1}, "threads = -1: Input should be greater than or equal to 0"),
+    ({"device": "tpu"}, "device = 'tpu': must be auto, cpu, cuda or cuda:<index>"),
+    ({"stage2": {"architecture": "segformer9"}}, "stage2.architecture = 'segformer9': unknown architecture"),
+    ({"analysis": {"dpi": 0}}, "analysis.dpi = 0"),
+    ({"stage4": {"methods": []}}, "stage4.methods = []: List should have at least 1 item"),
+    ({"stage2": {"encoders": ["ResNet34", "resnet34"]}}, "stage2.encoders = ['ResNet34', 'resnet34']: lists ['ResNet34'] more than once"),
+    ({"stage4": {"timing_warmup": -1}}, "stage4.timing_warmup = -1"),
+    ({"data": {"source": "folder"}}, "source: folder needs d1"),
 ])
 def test_bad_profiles_name_the_key_and_file(tmp_path, content, fragment):
     path = _write(tmp_path, content)
@@ -84,6 +92,13 @@ def test_missing_or_invalid_profile_file(tmp_path):
         load_profile(bad)
 
 
+def test_a_key_given_twice_in_a_profile_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("stage2:\n  repeats: 2\n  lr: 1.0e-3\n  repeats: 5\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: line 4: key 'repeats' is given twice"):
+        load_profile(path)
+
+
 def test_parse_stages():
     assert parse_stages(None) == list(range(len(NOTEBOOKS)))
     assert parse_stages("2,3") == [2, 3]
@@ -92,3 +107,7 @@ def test_parse_stages():
         parse_stages("7")
     with pytest.raises(ValueError, match="use numbers"):
         parse_stages("two")
+    with pytest.raises(ConfigError, match="runs backwards; write 1-3"):
+        parse_stages("3-1")
+    with pytest.raises(ConfigError, match="use numbers"):
+        parse_stages("0-")

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import rectangle_samples, write_rectangles
 from spineseg.data import DatasetError, Sample, assign_splits, load_split, read_manifest, splits_present, write_dataset
-from spineseg.data.dataset import MANIFEST
+from spineseg.data import dataset as dataset_module
+from spineseg.data.dataset import MANIFEST, check_dataset, read_image
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -334,3 +335,79 @@ def test_edited_manifest_is_reread_not_served_from_cache(tiny_dataset):
     _write_manifest(tiny_dataset, frame)
     after = load_split(tiny_dataset, "test", 64)
     assert len(after) == 18 and len(before) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the full check before any training, and the content fingerprint
+
+
+def test_the_fingerprint_changes_when_a_mask_is_corrected_with_the_manifest_unchanged(tiny_dataset, tmp_path):
+    cache = tmp_path / "hashes.json"
+    before = check_dataset(tiny_dataset, cache=cache).fingerprint
+    assert check_dataset(tiny_dataset, cache=cache).fingerprint == before  # same content, same key
+    mask_path = tiny_dataset / _first(tiny_dataset)["mask"]
+    mask = np.asarray(Image.open(mask_path)).copy()
+    mask[:2, :2] = 255 - mask[:2, :2]
+    _save_png(mask_path, mask)
+    assert check_dataset(tiny_dataset, cache=cache).fingerprint != before
+    assert check_dataset(tiny_dataset).fingerprint == check_dataset(tiny_dataset, cache=cache).fingerprint
+
+
+def test_unchanged_files_are_not_decoded_again(tiny_dataset, tmp_path, monkeypatch):
+    cache = tmp_path / "hashes.json"
+    check_dataset(tiny_dataset, cache=cache)
+    decoded = []
+    monkeypatch.setitem(dataset_module._READERS, "image", lambda path: decoded.append(path) or np.zeros((64, 64)))
+    check_dataset(tiny_dataset, cache=cache)
+    assert decoded == []
+    image_path = tiny_dataset / _first(tiny_dataset)["image"]
+    image_path.write_bytes(image_path.read_bytes())  # new mtime: decoded and hashed again
+    check_dataset(tiny_dataset, cache=cache)
+    assert decoded == [image_path]
+
+
+def test_a_corrupt_test_image_is_found_before_any_training(tiny_dataset):
+    path = tiny_dataset / _first(tiny_dataset, "test")["image"]
+    path.write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=f"unreadable image file {path}"):
+        check_dataset(tiny_dataset)
+
+
+def test_dataset_1_needs_every_split(tmp_path):
+    folder = write_rectangles(tmp_path, "no_test", 10, fractions=(0.8, 0.2, 0.0))
+    with pytest.raises(DatasetError, match=r"split\(s\) \['test'\] are empty"):
+        check_dataset(folder)
+
+
+def test_an_external_dataset_must_be_all_test(tmp_path):
+    folder = write_rectangles(tmp_path, "d2", 10)
+    with pytest.raises(DatasetError, match="must mark every row 'test'"):
+        check_dataset(folder, external=True)
+    assert check_dataset(write_rectangles(tmp_path, "ok", 4, test_only=True), external=True).counts["test"] == 4
+
+
+@pytest.mark.parametrize("path", ["../../../../etc/passwd", "/etc/passwd", "images/../../other/x.png"])
+def test_manifest_paths_must_stay_inside_the_dataset(tiny_dataset, path):
+    frame = _manifest(tiny_dataset)
+    frame.loc[0, "image"] = path
+    _write_manifest(tiny_dataset, frame)
+    with pytest.raises(DatasetError, match="outside the dataset folder"):
+        read_manifest(tiny_dataset)
+
+
+def test_12_bit_values_in_a_16_bit_png_are_scaled_by_the_bits_used(tmp_path):
+    values = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "x.png")
+    np.testing.assert_allclose(read_image(tmp_path / "x.png"), values / 4095)
+    Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(tmp_path / "y.png")
+    np.testing.assert_allclose(read_image(tmp_path / "y.png"), [[0, 1]])
+
+
+def test_tall_sizes_and_label_maps_load(tmp_path):
+    samples = [Sample(id=f"s{i}", image=np.full((96, 32), 100, np.uint8), mask=np.eye(96, 32, dtype=bool),
+                      labels=np.eye(96, 32, dtype=np.uint8) * 9) for i in range(10)]
+    folder = write_dataset(tmp_path, "tall", samples)
+    loaded = load_split(folder, "train", labels=True)
+    assert loaded.size == (96, 32) and loaded.labels is not None and set(np.unique(loaded.labels)) == {0, 9}
+    assert load_split(folder, "train", (64, 32)).images.shape[1:] == (64, 32)
+    assert check_dataset(folder).size == (96, 32)

@@ -322,8 +322,8 @@ GOOD = np.full((2, 3, 3), 0.5)
 @pytest.mark.parametrize(
     ("probs", "kwargs", "message"),
     [
-        (np.zeros((3, 3)), {}, r"\[M, H, W\] or \[M, N, H, W\]"),
-        (np.zeros((1, 1, 1, 3, 3)), {}, r"\[M, H, W\] or \[M, N, H, W\]"),
+        (np.zeros((3, 3)), {}, r"\[M, H, W\] \(one image\) or \[M, N, H, W\]"),
+        (np.zeros((1, 1, 1, 3, 3)), {}, r"\[M, H, W\] \(one image\) or \[M, N, H, W\]"),
         (np.zeros((0, 3, 3)), {}, r"M = 0"),
         (GOOD + 0.6, {}, r"\[0, 1\]"),
         (GOOD - 0.6, {}, r"\[0, 1\]"),
@@ -367,3 +367,21 @@ def test_tuning_leave_one_out_and_stacking_refuse_bad_input():
         leave_one_out(probs, targets, ["a", "b", "c"])
     with pytest.raises(ValueError, match="at least 2 models"):
         leave_one_out(probs[:1], targets, ["a"])
+
+
+def test_float16_maps_are_pooled_in_float32():
+    # 3 maps whose exact mean is just above T = 0.5, but whose float16 mean rounds down onto it
+    probs = np.array([0.5, 0.5, 0.5005], dtype=np.float16)[:, None, None]
+    assert not probs.mean(axis=0)[0, 0] > 0.5 and probs.astype(np.float32).mean(axis=0)[0, 0] > 0.5
+    assert combine(probs, "soft", 0.5)[0, 0]
+
+
+@pytest.mark.parametrize("probs, threshold, message", [
+    (np.zeros((2, 0, 4, 4)), 0.5, r"no images to combine \(N = 0\)"),
+    (np.zeros((2, 3, 4)), None, "threshold must be a number in \\[0, 1\\], got None"),
+    (np.zeros((2, 4)), 0.5, r"\[M, H, W\] \(one image\) or \[M, N, H, W\]"),
+])
+@pytest.mark.parametrize("method", ["soft", "shape", "staple"])
+def test_bad_inputs_get_one_clear_message(probs, threshold, message, method):
+    with pytest.raises(ValueError, match=message):
+        combine(probs, method, threshold)

@@ -170,3 +170,11 @@ def test_confusion_counts_agree_with_smp_get_stats():
     theirs = smp_metrics.get_stats(torch.from_numpy(pred).long()[:, None], torch.from_numpy(target).long()[:, None], mode="binary")
     for mine, reference in zip(ours, theirs):
         np.testing.assert_array_equal(mine, reference[:, 0].numpy())
+
+
+def test_nan_in_a_mask_is_an_error_not_a_silent_zero():
+    target = np.zeros((1, 4, 4))
+    pred = target.copy()
+    pred[0, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="prediction contains NaN"):
+        per_image(pred, target)

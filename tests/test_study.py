@@ -9,8 +9,8 @@ import yaml
 from conftest import write_rectangles
 from spineseg.data import DatasetError
 from spineseg.study.session import open_study
-from spineseg.study.stage0_data import data_summary, prepare_data
-from spineseg.study.store import RunSpec, StudyData, execute, load_probs
+from spineseg.study.stage0_data import StudyData, data_summary, prepare_data
+from spineseg.study.store import RunSpec, execute, load_probs, run_all, summary_columns
 from spineseg.train import TrainSettings
 
 
@@ -41,8 +41,8 @@ def test_folder_source_without_manifest_names_it(tmp_path):
 def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
     d1 = write_rectangles(tmp_path, "d1", 20)
     d2 = write_rectangles(tmp_path, "d2", 5, seed=1, test_only=True)
-    data = StudyData(d1, d2)
-    spec = RunSpec(stage="t", encoder="MobileNetV2", image_size=64, data=data.fingerprint(),
+    data = StudyData(d1, d2, fingerprint="f")
+    spec = RunSpec(stage="t", encoder="MobileNetV2", image_size=64, data=data.fingerprint,
                    train=TrainSettings(batch_size=4, lr=1e-4, max_epochs=2, patience=2, augment=True, seed=0))
     summary = execute(spec, data, tmp_path / "store", device="cpu")
     folder = spec.files(tmp_path / "store").folder
@@ -56,6 +56,9 @@ def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
     assert summary["epochs_run"] == 2 and json.loads((folder / "config.json").read_text())["encoder"] == "MobileNetV2"
     before = (folder / "best.pt").stat().st_mtime_ns
     assert execute(spec, data, tmp_path / "store", device="cpu") == summary
+    said = []
+    assert run_all([spec], data, tmp_path / "store", device="cpu", log=said.append) == [summary]
+    assert said == ["1 of 1 runs already finished: skipped"]
     assert (folder / "best.pt").stat().st_mtime_ns == before
 
 
@@ -68,3 +71,69 @@ def test_run_keys_change_with_the_config_and_the_data(tmp_path):
     assert spec().key() != spec(seed=1).key()
     assert spec().key() != spec(data="abd").key()
     assert spec().key() != spec(lr=3e-4).key()
+
+
+LEASE_SCRIPT = """
+import sys, json
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from spineseg.study.stage0_data import StudyData
+from spineseg.study.store import RunSpec, run_all
+from spineseg.train import TrainSettings
+d1, store, log = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+import spineseg.study.store as S
+real = S._train
+def counted(spec, files, data, device):
+    with open(log, "a") as fh:
+        fh.write(files.folder.name + "\\n")
+    return real(spec, files, data, device)
+S._train = counted
+specs = [RunSpec(stage="t", encoder="MobileNetV2", image_size=32, data="x",
+                 train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=2, patience=2, augment=False, seed=seed))
+         for seed in range(3)]
+print(json.dumps([s["folder"] for s in run_all(specs, StudyData(d1, fingerprint="x"), store, device="cpu")]))
+"""
+
+
+def test_two_processes_on_one_store_train_each_run_exactly_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    d1 = write_rectangles(tmp_path, "d1", 20, size=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "trained.log"
+    children = [subprocess.Popen([sys.executable, "-c", LEASE_SCRIPT, str(d1), str(tmp_path / "store"), str(log)],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [child.communicate(timeout=600) for child in children]
+    assert all(child.returncode == 0 for child in children), [err for _, err in outputs]
+    trained = log.read_text().split()
+    assert len(trained) == len(set(trained)) == 3  # every run once, by one of the two
+    folders = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert folders[0] == folders[1]  # both got every summary, in order
+
+
+def test_summaries_have_one_column_order_whether_trained_now_or_read_back(tmp_path):
+    d1 = write_rectangles(tmp_path, "d1", 20, size=32)
+    data = StudyData(d1, fingerprint="f")
+    spec = RunSpec(stage="t", encoder="MobileNetV2", image_size=32, data="f",
+                   train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=1, patience=1, augment=False, seed=0))
+    fresh = execute(spec, data, tmp_path / "store", device="cpu")
+    again = execute(spec, data, tmp_path / "store", device="cpu")
+    assert list(fresh) == summary_columns()
+    assert list(again) != list(fresh) and set(again) == set(fresh)  # read back from sorted JSON: why the order is imposed
+
+
+def test_a_corrected_mask_gives_every_run_a_new_key(tmp_path):
+    write_rectangles(tmp_path / "mydata", "a", 20)
+    _project(tmp_path, {"source": "folder", "d1": "mydata/a"})
+    study = open_study("mine", project_dir=tmp_path)
+    before = prepare_data(study).fingerprint
+    mask = tmp_path / "mydata/a/masks/img000.png"
+    from PIL import Image
+
+    values = np.asarray(Image.open(mask)).copy()
+    values[0, 0] = 255 - values[0, 0]
+    Image.fromarray(values).save(mask)
+    assert prepare_data(study).fingerprint != before

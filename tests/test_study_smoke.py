@@ -116,3 +116,40 @@ def test_a_failing_notebook_names_itself_and_the_error(tmp_path):
         run_study(fresh, "smoke", stages=[3], log=lambda message: None)
     message = str(info.value)
     assert "03_final_training.ipynb" in message and "StageOrderError" in message and "run stage 2" in message
+
+
+def test_a_dead_kernel_names_the_notebook_the_likely_cause_and_the_resume(tmp_path):
+    import nbformat
+
+    fresh = _copy_project(tmp_path)
+    notebook = nbformat.read(fresh / "notebooks/00_data.ipynb", as_version=4)
+    notebook.cells = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+    notebook.cells.append(nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"))
+    nbformat.write(notebook, fresh / "notebooks/00_data.ipynb")
+    with pytest.raises(NotebookFailed) as info:
+        run_study(fresh, "smoke", stages=[0], log=lambda message: None)
+    message = str(info.value)
+    assert "00_data" in message and "kernel" in message and "memory" in message and "rerun the same command" in message
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fresh = _copy_project(tmp_path)
+    # like a terminal: the whole foreground process group gets SIGINT
+    child = subprocess.Popen([sys.executable, "-m", "spineseg", "run", "--profile", "smoke"], cwd=fresh,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (fresh / "runs/smoke/notebooks/01_augmentation.ipynb").exists():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.5)
+    time.sleep(5)  # inside stage 1's training
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130
+    assert err.rstrip().splitlines()[-1] == "spineseg: interrupted; rerun the same command to resume"
+    assert "Traceback" not in err

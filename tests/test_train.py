@@ -19,6 +19,7 @@ import torch
 
 import spineseg.train as train_module
 from spineseg.data import Split, load_split
+from spineseg.errors import SpinesegError
 from spineseg.metrics import dice
 from spineseg.models import build_model
 from spineseg.predict import predict_proba
@@ -264,3 +265,46 @@ def test_predict_proba_is_batch_size_independent(reference, splits):
     assert a.shape == images.shape and a.dtype == np.float32
     assert ((a >= 0) & (a <= 1)).all()
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+class _RunsCode:
+    """Unpickling this object would run a shell command (the attack a weights_only load refuses)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_runs_no_code_and_says_what_to_do(splits, tmp_path):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": _RunsCode(marker)}, run / "checkpoint.pt")
+    with pytest.raises(SpinesegError) as info:
+        fit(_model(), *splits, SETTINGS, run, CPU)
+    assert not marker.exists()
+    assert str(run / "checkpoint.pt") in str(info.value) and f"delete {run}" in str(info.value)
+
+
+def test_a_kill_between_the_checkpoint_and_its_derived_files_is_repaired_on_resume(splits, tmp_path):
+    settings = replace(SETTINGS, max_epochs=2)
+    fit(_model(), *splits, settings, tmp_path, CPU)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    # as if killed right after the checkpoint of epoch 2: history one row short, best.pt gone, a temporary left
+    pd.read_csv(tmp_path / "history.csv").iloc[:1].to_csv(tmp_path / "history.csv", index=False)
+    (tmp_path / "best.pt").unlink()
+    (tmp_path / ".checkpoint.pt.x1y2.tmp.pt").write_bytes(b"half a checkpoint")
+    model = _model(seed=3)
+    outcome = fit(model, *splits, settings, tmp_path, CPU)
+    assert outcome.epochs_run == 2 and len(_history(tmp_path)) == 2
+    assert _state_equal(torch.load(tmp_path / "best.pt", weights_only=True), saved["best_model"])
+    assert _state_equal(model.state_dict(), saved["best_model"])
+    assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_checkpoints_load_with_weights_only(reference):
+    folder, outcome, _ = reference
+    saved = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert saved["state"]["best_epoch"] == outcome.best_epoch and len(saved["state"]["history"]) == saved["state"]["epoch"]

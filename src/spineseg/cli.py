@@ -12,14 +12,15 @@ from spineseg.errors import SpinesegError
 def _synth(args) -> None:
     from spineseg.data.synthetic import synthesize
 
-    for name, folder in synthesize(args.out, seed=args.seed, size=args.size).items():
+    for name, folder in synthesize(args.out, seed=args.seed, size=args.size, force=args.force).items():
         print(f"{name}: {folder}")
 
 
 def _aasce(args) -> None:
     from spineseg.data.aasce import convert
 
-    for name, folder in convert(args.src, args.out, splits=args.splits.split(","), size=args.size, seed=args.seed).items():
+    for name, folder in convert(args.src, args.out, splits=args.splits.split(","), size=args.size, seed=args.seed,
+                                force=args.force).items():
         print(f"{name}: {folder}")
 
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=512)
+    synth.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     synth.set_defaults(func=_synth)
     aasce = data.add_parser("aasce", help="convert AASCE/BoostNet radiographs into Th8–Th11 datasets")
     aasce.add_argument("--src", required=True, type=Path, help="the boostnet_labeldata folder")
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     aasce.add_argument("--splits", default="training,test")
     aasce.add_argument("--size", type=int, default=512)
     aasce.add_argument("--seed", type=int, default=0)
+    aasce.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     aasce.set_defaults(func=_aasce)
 
     run = commands.add_parser("run", help="execute the study notebooks with papermill")
@@ -77,4 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpinesegError as exc:  # the user's input; anything else is a bug and keeps its traceback
         print(f"spineseg: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nspineseg: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0

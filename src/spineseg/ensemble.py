@@ -270,10 +270,17 @@ def _checked_probs(probs) -> np.ndarray:
         raise ValueError(f"probabilities must be numeric, got dtype {probs.dtype}")
     if probs.dtype.kind != "f":
         probs = probs.astype(np.float64)
+    elif probs.dtype.itemsize < 4:
+        probs = probs.astype(np.float32)  # a float16 mean near T flips pixels; cached maps are float16
     if probs.ndim not in (3, 4):
-        raise ValueError(f"probabilities must be [M, H, W] or [M, N, H, W], got shape {probs.shape}")
+        raise ValueError(f"probabilities must be [M, H, W] (one image) or [M, N, H, W] (N images) of M models, "
+                         f"got shape {probs.shape}")
     if len(probs) == 0:
         raise ValueError("no models to combine (M = 0)")
+    if probs.ndim == 4 and probs.shape[1] == 0:
+        raise ValueError("no images to combine (N = 0)")
+    if 0 in probs.shape[-2:]:
+        raise ValueError(f"images of size {probs.shape[-2:]} have no pixels")
     if np.isnan(probs).any():
         raise ValueError("probabilities contain NaN")
     if probs.size and (probs.min() < 0 or probs.max() > 1):
@@ -282,7 +289,10 @@ def _checked_probs(probs) -> np.ndarray:
 
 
 def _checked_threshold(threshold) -> float:
-    threshold = float(threshold)
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
     if not 0 <= threshold <= 1:  # also refuses NaN
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
     return threshold

@@ -1,8 +1,11 @@
 """Training one segmentation model: BCE, Adam, early stopping on validation DSC, resumable epochs.
 
-Every epoch ends with an atomic checkpoint (model, optimiser, counters, history), so a run killed at
-any point restarts from its last finished epoch. Data order and augmentation are reseeded per epoch
-from (seed, epoch), which makes a resumed run take the same path as an uninterrupted one.
+Every epoch ends with one atomic checkpoint (model, optimiser, counters, history and the best
+weights), so a run killed at any point restarts from its last finished epoch. ``best.pt`` and
+``history.csv`` are derived from the checkpoint after it is written, and rewritten from it on
+resume, so the three never disagree about the epoch. Checkpoints are read with
+``weights_only=True``: a crafted file cannot run code. Data order and augmentation are reseeded per
+epoch from (seed, epoch), which makes a resumed run take the same path as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from spineseg import atomic
 from spineseg.augment import augment_batch, paper_augmentation
 from spineseg.data import Split
 from spineseg.device import autocast
+from spineseg.errors import SpinesegError
 from spineseg.metrics import dice
 from spineseg.predict import as_batch, predict_proba
 
@@ -148,30 +152,53 @@ def _save(path: Path, obj) -> None:
         torch.save(obj, tmp)
 
 
-def _resume(folder: Path, trainer: Trainer) -> _Progress:
+def _write_derived(folder: Path, saved: dict) -> None:
+    """best.pt, then history.csv (its row count marks both as current) from a committed checkpoint."""
+    _save(folder / BEST, saved["best_model"])
+    atomic.write_csv(folder / HISTORY, pd.DataFrame(saved["state"]["history"]))
+
+
+def _derived_are_current(folder: Path, epoch: int) -> bool:
+    try:
+        return (folder / BEST).is_file() and len(pd.read_csv(folder / HISTORY)) == epoch
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return False
+
+
+def _resume(folder: Path, trainer: Trainer) -> tuple[_Progress, dict | None]:
+    """The progress (and best weights) of the last finished epoch; a fresh start without a checkpoint."""
+    atomic.remove_stale_temporaries(folder)  # a kill during a write leaves one; nobody else writes here
     path = folder / CHECKPOINT
     if not path.is_file():
-        return _Progress()
-    saved = torch.load(path, map_location=trainer.device, weights_only=False)
-    trainer.load(saved)
-    state = saved["state"]
-    return _Progress(**{key: state[key] for key in _Progress.__dataclass_fields__})
+        return _Progress(), None
+    try:
+        saved = torch.load(path, map_location=trainer.device, weights_only=True)
+        trainer.load(saved)
+        progress = _Progress(**{key: saved["state"][key] for key in _Progress.__dataclass_fields__})
+    except Exception as exc:
+        raise SpinesegError(f"cannot resume from {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                            f"delete {folder} to train this run from the start") from None
+    if not _derived_are_current(folder, progress.epoch):
+        _write_derived(folder, saved)
+    return progress, saved["best_model"]
 
 
-def _checkpoint(folder: Path, trainer: Trainer, progress: _Progress) -> None:
-    atomic.write_csv(folder / HISTORY, pd.DataFrame(progress.history))
-    _save(folder / CHECKPOINT, {**trainer.state(), "state": asdict(progress)})
+def _checkpoint(folder: Path, trainer: Trainer, progress: _Progress, best_model: dict) -> None:
+    saved = {**trainer.state(), "best_model": best_model, "state": asdict(progress)}
+    _save(folder / CHECKPOINT, saved)
+    _write_derived(folder, saved)
 
 
 def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, folder: Path,
         device: torch.device, desc: str = "train") -> TrainOutcome:
     """Train until early stopping or max epochs; on return the model holds its best-validation weights.
 
-    ``folder`` receives ``checkpoint.pt`` (last epoch), ``best.pt`` (best weights) and ``history.csv``.
+    ``folder`` receives ``checkpoint.pt`` (last epoch), ``best.pt`` (best weights) and ``history.csv``;
+    one process at a time may train in it.
     """
     folder = Path(folder)
     trainer = Trainer(model, device, settings.lr)
-    progress = _resume(folder, trainer)
+    progress, best_model = _resume(folder, trainer)
     augmentation = paper_augmentation() if settings.augment else None
     bar = tqdm(total=settings.max_epochs, initial=progress.epoch, desc=desc, unit="epoch", leave=False,
                mininterval=2.0, disable=progress.finished(settings))
@@ -180,10 +207,10 @@ def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, fol
         loss = train_epoch(trainer, train, settings, progress.epoch, augmentation)
         val_dsc = validation_dsc(model, val, device, settings.eval_batch_size)
         if progress.record(val_dsc, loss, time.perf_counter() - started):
-            _save(folder / BEST, model.state_dict())
-        _checkpoint(folder, trainer, progress)
+            best_model = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        _checkpoint(folder, trainer, progress, best_model)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", val_dsc=f"{val_dsc:.4f}", best=f"{progress.best_val_dsc:.4f}")
     bar.close()
-    model.load_state_dict(torch.load(folder / BEST, map_location=device, weights_only=True))
+    model.load_state_dict(best_model)
     return progress.outcome(settings)

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from skimage.draw import polygon
 from tqdm.auto import tqdm
 
-from spineseg.data.dataset import DatasetError, Sample, write_dataset
+from spineseg.data.dataset import DatasetError, Sample, fresh_output, write_dataset
 
 VERTEBRAE = ("Th8", "Th9", "Th10", "Th11")
 FIRST_REGION_VERTEBRA = 7  # 0-based among T1…L5
@@ -104,12 +104,14 @@ def _read_p2(path: Path) -> np.ndarray:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
+    """The size of a source image, decoded whole: a truncated JPEG fails here, before anything is written."""
     if not path.is_file():
         raise DatasetError(f"missing image {path}")
     try:
         with Image.open(path) as img:
+            img.load()
             return img.size
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DatasetError(f"unreadable image {path} ({exc})") from None
 
 
@@ -189,12 +191,15 @@ def _to_sample(record: _Annotated, split: str, size: int) -> Sample:
 
 
 def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training", "test"), size: int = 512,
-            seed: int = 0, names: Mapping[str, str] = DEFAULT_NAMES, limit: int | None = None) -> dict[str, Path]:
+            seed: int = 0, names: Mapping[str, str] = DEFAULT_NAMES, limit: int | None = None,
+            force: bool = False) -> dict[str, Path]:
     """Convert the AASCE splits found under ``src`` (the ``boostnet_labeldata`` folder) into ``out``.
 
     ``training`` gets a seeded patient-level train/val/test split; ``test`` becomes a test-only dataset.
-    Every annotation of every split is checked before the first file is written. ``limit`` keeps the
-    first images of each split, for quick checks. Returns the dataset folder of each converted split.
+    Every annotation and every source image of every split is read and checked before the first file is
+    written, and the datasets are written beside ``out`` and moved into place when complete; a
+    non-empty ``out`` is refused unless ``force``. ``limit`` keeps the first images of each split, for
+    quick checks. Returns the dataset folder of each converted split.
     """
     src = Path(src)
     unknown = [s for s in splits if s not in TEST_ONLY]
@@ -212,9 +217,9 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
         raise DatasetError(f"no AASCE split {list(splits)} under {src}: expected {src / 'data' / '<split>'}; "
                            f"src must be the boostnet_labeldata folder")
     records = {split: _read_split(src, split, limit) for split in found}
-    written = {}
-    for split, split_records in records.items():
-        progress = tqdm(split_records, desc=f"AASCE {split}", unit="image")
-        samples = (_to_sample(record, split, int(size)) for record in progress)
-        written[split] = write_dataset(out, names[split], samples, test_only=TEST_ONLY[split], seed=seed)
-    return written
+    with fresh_output(out, force) as staging:
+        for split, split_records in records.items():
+            progress = tqdm(split_records, desc=f"AASCE {split}", unit="image")
+            samples = (_to_sample(record, split, int(size)) for record in progress)
+            write_dataset(staging, names[split], samples, test_only=TEST_ONLY[split], seed=seed)
+    return {split: Path(out) / names[split] for split in records}

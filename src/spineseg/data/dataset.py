@@ -1,15 +1,21 @@
-"""The on-disk dataset format every stage reads, and its in-memory loader.
+"""The on-disk dataset format every stage reads, its check, its fingerprint and its in-memory loader.
 
 Layout: ``<root>/<name>/images/<id>.png``, ``masks/<id>.png`` (0/255), optional ``labels/<id>.png``
-(instance map, 1–4 = Th8..Th11) and ``manifest.csv`` with ``id, split, image, mask`` (+ ``labels``,
-``patient``, ``source``). The split is decided once, when the dataset is written, so every stage and
-every rerun sees the same images.
+(vertebral level codes, see `spineseg.vertebrae`) and ``manifest.csv`` with ``id, split, image, mask``
+(+ ``labels``, ``patient``, ``source``, ``flags``). The split is decided once, when the dataset is
+written, so every stage and every rerun sees the same images. Every path in the manifest must lie
+inside the dataset folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Iterable
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +30,19 @@ from spineseg.errors import DatasetError
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS = ("id", "split", "image", "mask")
+FILE_COLUMNS = ("image", "mask", "labels")
 PAPER_FRACTIONS = (0.7, 0.1, 0.2)
+MIN_SIZE = 16
+
+Size = int | tuple[int, int]  # a square side, or (height, width)
+
+
+def as_hw(size: Size) -> tuple[int, int]:
+    """A size as (height, width)."""
+    height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    if min(height, width) < MIN_SIZE:
+        raise DatasetError(f"image size must be at least {MIN_SIZE} pixels, got {size}")
+    return int(height), int(width)
 
 
 @dataclass(frozen=True)
@@ -34,9 +52,10 @@ class Sample:
     id: str
     image: np.ndarray  # uint8 [H, W]
     mask: np.ndarray  # bool [H, W]
-    labels: np.ndarray | None = None  # uint8 [H, W], 0 = background, 1..4 = Th8..Th11
+    labels: np.ndarray | None = None  # uint8 [H, W], level codes (spineseg.vertebrae)
     patient: str | None = None
     source: str | None = None
+    flags: str = ""  # what is known to be wrong with the annotation, if anything
 
 
 @dataclass(frozen=True)
@@ -48,9 +67,14 @@ class Split:
     ids: tuple[str, ...]
     images: np.ndarray  # float32 [N, H, W]
     masks: np.ndarray  # uint8 {0, 1} [N, H, W]
+    labels: np.ndarray | None = None  # uint8 [N, H, W] level codes, when asked for and present
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.images.shape[1], self.images.shape[2]
 
 
 def assign_splits(ids: list[str], patients: list[str | None], seed: int,
@@ -103,6 +127,7 @@ def write_dataset(root: str | Path, name: str, samples: Iterable[Sample], *, tes
             atomic.write_bytes(folder / row["labels"], _png_bytes(np.asarray(s.labels, dtype=np.uint8)))
         row["patient"] = s.patient or ""
         row["source"] = s.source or ""
+        row["flags"] = s.flags
         rows.append(row)
     if not rows:
         raise DatasetError(f"dataset {folder}: no samples to write")
@@ -110,14 +135,45 @@ def write_dataset(root: str | Path, name: str, samples: Iterable[Sample], *, tes
     if frame["id"].duplicated().any():
         raise DatasetError(f"dataset {folder}: duplicate ids {sorted(frame.loc[frame['id'].duplicated(), 'id'])}")
     frame["split"] = "test" if test_only else assign_splits(list(frame["id"]), list(frame["patient"]), seed, fractions)
-    columns = [c for c in ("id", "split", "image", "mask", "labels", "patient", "source") if c in frame]
+    if not frame["flags"].astype(bool).any():
+        frame = frame.drop(columns="flags")
+    columns = [c for c in ("id", "split", "image", "mask", "labels", "patient", "source", "flags") if c in frame]
     atomic.write_csv(folder / MANIFEST, frame[columns])
     return folder
 
 
+@contextmanager
+def fresh_output(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `out` to write datasets into, renamed to `out` when the block succeeds.
+
+    A non-empty `out` is refused unless `force`, and then replaced only once the new content is
+    complete: a failure half-way (a truncated source image, Ctrl-C) leaves `out` as it was.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DatasetError(f"{out} is not empty: choose a new or empty folder, or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            out.rename(previous / out.name)
+            staging.rename(out)
+            shutil.rmtree(previous)
+        else:
+            staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
 def read_manifest(folder: str | Path) -> pd.DataFrame:
-    """Read and check a dataset's manifest: columns, ids, split names."""
-    path = Path(folder) / MANIFEST
+    """Read and check a dataset's manifest: columns, ids, split names, and paths inside the folder."""
+    folder = Path(folder)
+    path = folder / MANIFEST
     if not path.is_file():
         raise DatasetError(f"no dataset manifest at {path}")
     try:
@@ -135,65 +191,192 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     unknown = sorted(set(frame["split"]) - set(SPLITS))
     if unknown:
         raise DatasetError(f"{path}: unknown split name(s) {unknown}; use {list(SPLITS)}")
+    root = folder.resolve()
+    for column in (c for c in FILE_COLUMNS if c in frame.columns):
+        for sample_id, relative in zip(frame["id"], frame[column]):
+            if not (root / relative).resolve().is_relative_to(root) or Path(relative).is_absolute():
+                raise DatasetError(f"{path}: {column} of {sample_id!r} is {relative!r}, outside the dataset folder {root}")
     return frame
 
 
-def _read_png(path: Path) -> np.ndarray:
+def _open(path: Path) -> Image.Image:
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I"):
-                return np.asarray(img, dtype=np.float64) / 65535.0
-            return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"unreadable image file {path} ({exc})") from None
 
 
-def _resize(array: np.ndarray, size: int, nearest: bool) -> np.ndarray:
-    if array.shape == (size, size):
+HIGH_BIT_DEPTHS = (10, 12, 14, 16)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A grayscale image as float64 in [0, 1].
+
+    16-bit PNGs are scaled by the bit depth their values actually use (10, 12, 14 or 16 bits), so a
+    12-bit detector's image stored in a 16-bit PNG is not read four times too dark.
+    """
+    with _open(path) as img:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            values = np.asarray(img, dtype=np.float64)
+            bits = next((b for b in HIGH_BIT_DEPTHS if values.max() < 2**b), 16)
+            return np.clip(values / (2**bits - 1), 0.0, 1.0)
+        return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A binary mask (0 and 255, or 0 and 1) as bool."""
+    with _open(path) as img:
+        values = np.asarray(img.convert("L") if img.mode not in ("1", "L") else img)
+    found = np.unique(values)
+    if not (set(found.tolist()) <= {0, 255} or set(found.tolist()) <= {0, 1}):
+        raise DatasetError(f"mask {path} is not binary: found values {found[:6].tolist()}, expected 0 and 255")
+    return values > 0
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """A label map of level codes (uint8)."""
+    with _open(path) as img:
+        if img.mode not in ("L", "P"):
+            raise DatasetError(f"label map {path} must be an 8-bit single-channel PNG, got mode {img.mode}")
+        return np.asarray(img, dtype=np.uint8)
+
+
+_READERS = {"image": read_image, "mask": read_mask, "labels": read_labels}
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    """What a full read of a dataset found: its content fingerprint, its image size (when uniform), its splits."""
+
+    fingerprint: str
+    size: tuple[int, int] | None
+    counts: dict[str, int]
+
+
+def _load_cache(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+
+
+def check_dataset(folder: str | Path, *, external: bool = False, cache: Path | None = None) -> DatasetCheck:
+    """Decode every file of a dataset once and check it; fingerprint its content.
+
+    Dataset 1 (``external=False``) needs non-empty train, val and test splits; an external dataset
+    (the article's dataset 2) must mark every row ``test``. Every image must have a mask of its size
+    (and a label map of its size, where the manifest names one). The fingerprint hashes the manifest
+    and every file's bytes, so regenerating an image or correcting a mask changes it. Hashes of files
+    already checked are reused from ``cache`` while their size and modification time are unchanged.
+    """
+    folder = Path(folder)
+    frame = read_manifest(folder)
+    counts = {split: int((frame["split"] == split).sum()) for split in SPLITS}
+    manifest = folder / MANIFEST
+    if external:
+        other = frame.loc[frame["split"] != "test", "id"].tolist()
+        if other:
+            raise DatasetError(f"{manifest}: an external test dataset must mark every row 'test'; "
+                               f"{len(other)} are not (first: {other[:5]})")
+    else:
+        empty = [split for split, n in counts.items() if n == 0]
+        if empty:
+            raise DatasetError(f"{manifest}: split(s) {empty} are empty; dataset 1 needs train, val and test images")
+    known = _load_cache(cache)
+    entries, digest, sizes = {}, hashlib.sha1(manifest.read_bytes()), set()
+    columns = [c for c in FILE_COLUMNS if c in frame.columns]
+    for row in frame.itertuples():
+        shapes = {}
+        for column in columns:
+            relative = getattr(row, column)
+            if column == "labels" and not relative:
+                continue
+            path = folder / relative
+            if not path.is_file():
+                raise DatasetError(f"missing file {path}")
+            stat = path.stat()
+            entry = known.get(relative)
+            if not entry or entry[:2] != [stat.st_size, stat.st_mtime_ns]:
+                shape = _READERS[column](path).shape
+                entry = [stat.st_size, stat.st_mtime_ns, hashlib.sha1(path.read_bytes()).hexdigest(), *shape]
+            entries[relative] = entry
+            shapes[column] = tuple(entry[3:5])
+            digest.update(f"{relative}:{entry[2]}".encode())
+        if len(set(shapes.values())) > 1:
+            described = ", ".join(f"{c} {folder / getattr(row, c)} is {shape[1]}x{shape[0]}" for c, shape in shapes.items())
+            raise DatasetError(f"size mismatch for {row.id!r}: {described}")
+        sizes.add(shapes["image"])
+    if cache is not None:
+        atomic.write_text(cache, json.dumps(entries))
+    return DatasetCheck(digest.hexdigest()[:12], next(iter(sizes)) if len(sizes) == 1 else None, counts)
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    if array.shape == size:
         return array
     img = Image.fromarray(array.astype(np.float32), mode="F")
     method = Image.NEAREST if nearest else Image.BILINEAR  # PIL's bilinear is area-aware when shrinking
-    return np.asarray(img.resize((size, size), method), dtype=np.float32)
+    return np.asarray(img.resize(size[::-1], method), dtype=np.float32)
+
+
+def stored_size(folder: str | Path, split: str) -> tuple[int, int]:
+    """The common size of a split's stored images; a clear error where they differ."""
+    frame = read_manifest(folder)
+    sizes = set()
+    for relative in frame.loc[frame["split"] == split, "image"]:
+        with _open(Path(folder) / relative) as img:
+            sizes.add(img.size[::-1])
+    if len(sizes) != 1:
+        raise DatasetError(f"{Path(folder) / MANIFEST}: the {split} images differ in size ({sorted(sizes)[:4]}); "
+                           f"they need a common size to be evaluated on one grid")
+    return sizes.pop()
 
 
 @lru_cache(maxsize=16)
-def _load_split_cached(folder: str, split: str, size: int, stamp: float) -> Split:
+def _load_split_cached(folder: str, split: str, size: tuple[int, int] | None, labels: bool, stamp: int) -> Split:
     frame = read_manifest(folder)
     rows = frame[frame["split"] == split]
     if rows.empty:
         raise DatasetError(f"{Path(folder) / MANIFEST}: split {split!r} is empty")
-    images = np.empty((len(rows), size, size), dtype=np.float32)
-    masks = np.empty((len(rows), size, size), dtype=np.uint8)
+    size = size or stored_size(folder, split)
+    labels = labels and "labels" in rows.columns and rows["labels"].astype(bool).all()
+    images = np.empty((len(rows), *size), dtype=np.float32)
+    masks = np.empty((len(rows), *size), dtype=np.uint8)
+    label_maps = np.empty((len(rows), *size), dtype=np.uint8) if labels else None
     for k, row in enumerate(rows.itertuples()):
         image_path, mask_path = Path(folder) / row.image, Path(folder) / row.mask
-        image, mask = _read_png(image_path), _read_png(mask_path)
+        image, mask = read_image(image_path), read_mask(mask_path)
         if image.shape != mask.shape:
             raise DatasetError(f"size mismatch: {image_path} is {image.shape[::-1]} but {mask_path} is {mask.shape[::-1]}")
-        values = np.unique(mask)
-        if not np.all(np.isin(values, (0.0, 1.0))):
-            raise DatasetError(f"mask {mask_path} is not binary: found values {np.round(values[:6] * 255).astype(int).tolist()}, expected 0 and 255")
         images[k] = np.clip(_resize(image, size, nearest=False), 0.0, 1.0)
-        masks[k] = _resize(mask, size, nearest=True) > 0.5
-    images.flags.writeable = False  # shared by every caller through the cache
-    masks.flags.writeable = False
-    return Split(Path(folder).name, split, tuple(rows["id"]), images, masks)
+        masks[k] = _resize(mask.astype(np.float32), size, nearest=True) > 0.5
+        if label_maps is not None:
+            label_maps[k] = _resize(read_labels(Path(folder) / row.labels), size, nearest=True)
+    for array in (images, masks, label_maps):
+        if array is not None:
+            array.flags.writeable = False  # shared by every caller through the cache
+    return Split(Path(folder).name, split, tuple(rows["id"]), images, masks, label_maps)
 
 
-def load_split(folder: str | Path, split: str, size: int) -> Split:
-    """Load one split of a dataset folder into memory, resized to ``size`` × ``size`` (cached per process)."""
+def load_split(folder: str | Path, split: str, size: Size | None = None, labels: bool = False) -> Split:
+    """Load one split into memory, resized to ``size`` (a side or (height, width); None: as stored).
+
+    Images are resized bilinearly, masks and label maps by nearest neighbour. ``labels`` also loads the
+    label maps, when every image of the split has one. Cached per process.
+    """
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of {list(SPLITS)}")
-    if int(size) < 16:
-        raise DatasetError(f"image size must be at least 16 pixels, got {size}")
     manifest = Path(folder) / MANIFEST
-    stamp = manifest.stat().st_mtime if manifest.is_file() else 0.0
-    return _load_split_cached(str(Path(folder).resolve()), split, int(size), stamp)
+    stamp = manifest.stat().st_mtime_ns if manifest.is_file() else 0
+    return _load_split_cached(str(Path(folder).resolve()), split, None if size is None else as_hw(size), bool(labels), stamp)
 
 
 def splits_present(folder: str | Path) -> list[str]:
     frame = read_manifest(folder)
     return [s for s in SPLITS if (frame["split"] == s).any()]
-

@@ -25,7 +25,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from spineseg.data.dataset import DatasetError, Sample, write_dataset
+from spineseg.data.dataset import DatasetError, Sample, fresh_output, write_dataset
 
 LEVELS = ("C6", "C7", *(f"Th{k}" for k in range(1, 13)), "L1", "L2", "L3")
 TARGET_LEVELS = ("Th8", "Th9", "Th10", "Th11")
@@ -396,11 +396,11 @@ def generate(domain: str, count: int, seed: int = 0, size: int = 512) -> Iterato
 
 
 def synthesize(out: str | Path, seed: int = 0, size: int = 512,
-               counts: Mapping[str, int] | None = None) -> dict[str, Path]:
+               counts: Mapping[str, int] | None = None, force: bool = False) -> dict[str, Path]:
     """Write the default study data: ``out/d1`` split 70/10/20, ``out/d2`` all test (external set).
 
     ``counts`` maps domain → number of images (default: the paper's 183 and 58); only the domains it
-    names are written.
+    names are written. A non-empty ``out`` is refused unless ``force`` (see `fresh_output`).
     """
     counts = dict(PAPER_COUNTS if counts is None else counts)
     if not counts:
@@ -409,14 +409,14 @@ def synthesize(out: str | Path, seed: int = 0, size: int = 512,
         _check(domain, size, seed)
         if int(count) < 1:
             raise DatasetError(f"counts[{domain!r}] must be at least 1, got {count}")
-    folders = {}
-    with tqdm(total=sum(counts.values()), desc="synthesizing radiographs", unit="img") as progress:
+    with fresh_output(out, force) as staging, \
+            tqdm(total=sum(counts.values()), desc="synthesizing radiographs", unit="img") as progress:
         def tracked(samples: Iterator[Sample]) -> Iterator[Sample]:
             for sample in samples:
                 yield sample
                 progress.update(1)
 
         for domain, count in counts.items():
-            folders[domain] = write_dataset(out, domain, tracked(generate(domain, count, seed, size)),
-                                            test_only=domain in _EXTERNAL_TEST_DOMAINS, seed=seed)
-    return folders
+            write_dataset(staging, domain, tracked(generate(domain, count, seed, size)),
+                          test_only=domain in _EXTERNAL_TEST_DOMAINS, seed=seed)
+    return {domain: Path(out) / domain for domain in counts}

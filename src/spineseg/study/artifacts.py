@@ -1,7 +1,7 @@
 """Every file the study writes, named in one place.
 
     runs/<profile>/
-        data/                 stage 0: the datasets (made or converted) and source.json
+        data/                 stage 0: the datasets (made or converted), source.json, checked_<dataset>.json
         train/<run>/          one folder per training run (`RunFiles`)
         stage1/ … stage3/     runs.csv, metrics_test.csv, metrics_val.csv
         stage2/               + ranking.csv, selection.json
@@ -25,6 +25,11 @@ class RunFiles:
     """The files of one training run."""
 
     folder: Path
+
+    @property
+    def lease(self) -> Path:
+        """Beside the folder: held (an OS lock) by the one process training this run."""
+        return self.folder.with_name(self.folder.name + ".lock")
 
     @property
     def config(self) -> Path:
@@ -88,6 +93,10 @@ class Layout:
     def data_source(self) -> Path:
         """What the datasets in `data_dir` were made from; a change remakes them."""
         return self.data_dir / "source.json"
+
+    def data_check(self, dataset: str) -> Path:
+        """The content hashes of a dataset's files that passed the check, by size and modification time."""
+        return self.data_dir / f"checked_{dataset}.json"
 
     @property
     def store(self) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from spineseg.encoders import PAPER_ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder
 from spineseg.errors import ConfigError
@@ -29,6 +29,19 @@ def _yaml_float(value: Any) -> Any:
         except ValueError:
             return value
     return value
+
+
+def _unique(values: list) -> list:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"lists {repeated} more than once")
+    return values
+
+
+def _device(name: str) -> str:
+    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise ValueError("must be auto, cpu, cuda or cuda:<index>")
 
 
 def _multiple_of_32(size: int) -> int:
@@ -64,6 +77,14 @@ class DataSection(Section):
     d1: str = ""  # source: folder — dataset folders, relative to the project
     d2: str = ""
 
+    @model_validator(mode="after")
+    def _sources_have_their_paths(self) -> DataSection:
+        if self.source == "folder" and not self.d1:
+            raise ValueError("source: folder needs d1, the folder of dataset 1 (d2 is optional)")
+        if self.source == "aasce" and not self.aasce_src:
+            raise ValueError("source: aasce needs aasce_src, the boostnet_labeldata folder")
+        return self
+
 
 class Training(Section):
     """What every training stage sets: the run grid and the optimisation."""
@@ -91,7 +112,8 @@ class Stage1(Training):
 class Stage2(Training):
     """Every candidate encoder, repeated; the top k by validation DSC go on."""
 
-    encoders: list[EncoderName] = Field(default_factory=lambda: list(PAPER_ENCODERS), min_length=1)
+    encoders: Annotated[list[EncoderName], AfterValidator(_unique)] = Field(default_factory=lambda: list(PAPER_ENCODERS),
+                                                                           min_length=1)
     architecture: ArchitectureName = "unet"
     repeats: PositiveInt = 10
     image_size: TrainingSize = 256
@@ -116,8 +138,8 @@ class Stage3(Training):
 
 class Stage4(Section):
     threshold: Fraction = 0.5
-    methods: list[Rule] = Field(default_factory=lambda: list(RULES))
-    extra_methods: list[ExtraRule] = Field(default_factory=lambda: list(EXTRA_RULES))
+    methods: Annotated[list[Rule], AfterValidator(_unique)] = Field(default_factory=lambda: list(RULES), min_length=1)
+    extra_methods: Annotated[list[ExtraRule], AfterValidator(_unique)] = Field(default_factory=lambda: list(EXTRA_RULES))
     timing_size: PositiveInt = 512
     timing_repeats: PositiveInt = 10
     timing_warmup: Annotated[int, Field(ge=0)] = 2
@@ -132,8 +154,8 @@ class Profile(Section):
     """A whole study: the article's settings unless a profile says otherwise."""
 
     description: str = ""
-    device: str = "auto"
-    threads: int = 0  # torch intra-op threads; 0 = every core
+    device: Annotated[str, AfterValidator(_device)] = "auto"
+    threads: Annotated[int, Field(ge=0)] = 0  # torch intra-op threads; 0 = every core
     data: DataSection = Field(default_factory=DataSection)
     stage1: Stage1 = Field(default_factory=Stage1)
     stage2: Stage2 = Field(default_factory=Stage2)
@@ -141,6 +163,19 @@ class Profile(Section):
     stage4: Stage4 = Field(default_factory=Stage4)
     analysis: Analysis = Field(default_factory=Analysis)
 
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -203,9 +238,11 @@ def load_profile(path: str | Path, overrides: Mapping[str, Any] | None = None) -
     if not path.is_file():
         raise ConfigError(f"profile file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: a profile must be a mapping of settings")
     merged = _deep_update(copy.deepcopy(dict(raw)), _nest(overrides))

@@ -24,8 +24,8 @@ from spineseg.ensemble import THRESHOLD_GRID, combine
 from spineseg.metrics import per_image
 from spineseg.names import RULES, rule_name
 from spineseg.study.session import Study
+from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage4_ensembles import EnsembleInputs, available_eval_sets, ensemble_inputs, threshold_curves
-from spineseg.study.store import StudyData
 from spineseg.study.training import load_stage_metrics
 
 FALSE_POSITIVE = (0.9, 0.1, 0.1)

@@ -18,7 +18,7 @@ from spineseg import atomic
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.study.artifacts import Layout
 from spineseg.study.config import load_profile
-from spineseg.study.session import profile_path
+from spineseg.study.session import Study, profile_path
 
 NOTEBOOKS = (
     "00_data",
@@ -31,20 +31,42 @@ NOTEBOOKS = (
 
 
 def parse_stages(text: str | None) -> list[int]:
-    """``"2,3"`` or ``"1-4"`` → stage numbers; None → all."""
+    """``"2,3"`` or ``"1-4"`` → stage numbers; None → all. Ranges run upwards and name both ends."""
     if not text:
         return list(range(len(NOTEBOOKS)))
     stages: list[int] = []
     for part in str(text).split(","):
-        lo, _, hi = part.strip().partition("-")
+        lo, dash, hi = part.strip().partition("-")
         try:
-            stages.extend(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi) if dash else int(lo)
         except ValueError:
             raise ConfigError(f"--stages {text!r}: use numbers like 2,3 or 1-4") from None
+        if last < first:
+            raise ConfigError(f"--stages {text!r}: the range {part.strip()} runs backwards; write {last}-{first}")
+        stages.extend(range(first, last + 1))
     bad = [s for s in stages if not 0 <= s < len(NOTEBOOKS)]
     if bad:
         raise ConfigError(f"--stages {text!r}: stage(s) {bad} do not exist; stages are 0–{len(NOTEBOOKS) - 1}")
     return sorted(set(stages))
+
+
+def _kernel_manager_class():
+    """Kernels in their own session, with their process-level log silenced.
+
+    A terminal's Ctrl-C then reaches only `spineseg run`, which stops the kernel cleanly instead of
+    both printing ZMQ tracebacks; the kernel's own stderr carries only start-up warnings (what the
+    notebooks print reaches the console through papermill, not through it).
+    """
+    import subprocess
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw.update(start_new_session=True, stderr=subprocess.DEVNULL)
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return QuietKernelManager
 
 
 def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, project: Path) -> dict[str, Any]:
@@ -62,13 +84,21 @@ def _export_html(notebook: Path) -> None:
 
 def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
               overrides: Mapping[str, Any] | None = None, log=print, progress=sys.stderr) -> list[Path]:
-    """Validate the profile, then execute the chosen stage notebooks in order."""
+    """Validate the profile and check the data, then execute the chosen stage notebooks in order.
+
+    A notebook that raises, or whose kernel dies, stops the run with a `NotebookFailed` naming it;
+    Ctrl-C stops it with KeyboardInterrupt. Either way a rerun resumes.
+    """
     import papermill
+    from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
+    from spineseg.study.stage0_data import prepare_data
+
     project = Path(project).resolve()
-    load_profile(profile_path(project, profile), overrides)  # fail before anything runs
     layout = Layout(project, profile)
+    # Fail before anything runs: the profile, then every file of every split.
+    prepare_data(Study(load_profile(profile_path(project, profile), overrides), layout))
     # The kernel must be this interpreter, whatever `python` means on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     rendered = []
@@ -83,9 +113,14 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
                 str(source), str(target), kernel_name="python3", cwd=str(source.parent), progress_bar=False,
                 stderr_file=progress,  # the notebooks' tqdm bars, live on the console
                 parameters=notebook_parameters(profile, overrides, project),
+                kernel_manager_class=_kernel_manager_class(),
             )
         except PapermillExecutionError as exc:
             raise NotebookFailed(f"{target}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue}") from None
+        except DeadKernelError:
+            raise NotebookFailed(f"{target}: the kernel running {name} died; most often the system killed it for lack "
+                                 f"of memory (try a smaller batch_size or image_size, or fewer threads). Finished "
+                                 f"training runs are kept: rerun the same command to resume.") from None
         finally:
             if target.is_file():
                 _export_html(target)

@@ -1,15 +1,55 @@
-"""Stage 0: make (synthetic, AASCE) or locate (folder) the two datasets, once."""
+"""Stage 0: make (synthetic, AASCE) or locate (folder) the two datasets once, and check every file.
+
+Every split is read before any training: a missing, corrupt or mismatched file, an empty split, or an
+external dataset with rows not marked ``test`` stops the study here, not hours into stage 2.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
 from spineseg import atomic
 from spineseg.data import read_manifest
+from spineseg.data.dataset import check_dataset
+from spineseg.errors import StageOrderError
 from spineseg.study.session import Study
-from spineseg.study.store import StudyData
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """Dataset 1 (train/val/test) and the optional external dataset 2 (test only), as checked."""
+
+    d1: Path
+    d2: Path | None = None
+    fingerprint: str = ""  # changes whenever any image, mask, label map or manifest changes
+
+    def folder(self, dataset: str) -> Path:
+        folder = {"d1": self.d1, "d2": self.d2}[dataset]
+        if folder is None:
+            raise StageOrderError(f"this study has no dataset {dataset}")
+        return folder
+
+    def eval_splits(self) -> list[tuple[str, Path, str]]:
+        """(dataset name, folder, split) pairs every run is evaluated on: D1 val and test, D2 test."""
+        out = [("d1", self.d1, "val"), ("d1", self.d1, "test")]
+        if self.d2 is not None:
+            out.append(("d2", self.d2, "test"))
+        return out
+
+
+def checked(study: Study, d1: Path, d2: Path | None) -> StudyData:
+    """Read every file of both datasets (or reuse the hashes of unchanged ones) and fingerprint them."""
+    digest = hashlib.sha1()
+    for name, folder in (("d1", d1), ("d2", d2)):
+        if folder is not None:
+            check = check_dataset(folder, external=name == "d2", cache=study.layout.data_check(name))
+            digest.update(check.fingerprint.encode())
+    return StudyData(d1, d2, digest.hexdigest()[:12])
 
 
 def prepare_data(study: Study) -> StudyData:
@@ -19,25 +59,22 @@ def prepare_data(study: Study) -> StudyData:
     if cfg.source == "folder":
         d1 = (study.project / cfg.d1).resolve()
         d2 = (study.project / cfg.d2).resolve() if cfg.d2 else None
-        for folder in (d1, d2):
-            if folder is not None:
-                read_manifest(folder)
-        return StudyData(d1, d2)
+        return checked(study, d1, d2)
     stamp = study.layout.data_source
     wanted = cfg.model_dump(include={"source", "seed", "size", "d1_count", "d2_count", "aasce_src"})
     if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
         if cfg.source == "synthetic":
             from spineseg.data.synthetic import synthesize
 
-            synthesize(out, seed=cfg.seed, size=cfg.size, counts={"d1": cfg.d1_count, "d2": cfg.d2_count})
+            synthesize(out, seed=cfg.seed, size=cfg.size, counts={"d1": cfg.d1_count, "d2": cfg.d2_count}, force=True)
         else:
             from spineseg.data.aasce import convert
 
             src = (study.project / cfg.aasce_src).resolve()
-            convert(src, out, size=cfg.size, seed=cfg.seed, names={"training": "d1", "test": "d2"})
+            convert(src, out, size=cfg.size, seed=cfg.seed, names={"training": "d1", "test": "d2"}, force=True)
         atomic.write_json(stamp, wanted)
     d2 = out / "d2"
-    return StudyData(out / "d1", d2 if (d2 / "manifest.csv").is_file() else None)
+    return checked(study, out / "d1", d2 if (d2 / "manifest.csv").is_file() else None)
 
 
 def data_summary(data: StudyData) -> pd.DataFrame:

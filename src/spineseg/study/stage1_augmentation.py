@@ -6,7 +6,8 @@ import pandas as pd
 
 from spineseg.names import AUGMENTATION_GROUPS
 from spineseg.study.session import Study
-from spineseg.study.store import RunSpec, StudyData
+from spineseg.study.stage0_data import StudyData
+from spineseg.study.store import RunSpec
 from spineseg.study.training import run_spec, train_and_collect
 
 

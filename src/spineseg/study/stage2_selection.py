@@ -11,7 +11,8 @@ from spineseg import atomic
 from spineseg.errors import StageOrderError
 from spineseg.study.config import Stage2
 from spineseg.study.session import Study
-from spineseg.study.store import RunSpec, StudyData
+from spineseg.study.stage0_data import StudyData
+from spineseg.study.store import RunSpec
 from spineseg.study.training import run_spec, train_and_collect
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 
 from spineseg.study.session import Study
+from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage2_selection import selected_encoders
-from spineseg.study.store import RunSpec, StudyData
+from spineseg.study.store import RunSpec
 from spineseg.study.training import run_spec, train_and_collect
 
 

@@ -23,8 +23,9 @@ from spineseg.metrics import dice, per_image
 from spineseg.models import parameter_count
 from spineseg.names import EXTRA_RULES, RULES, STACKING, TUNED
 from spineseg.study.session import Study
+from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage3_final import ensemble_members
-from spineseg.study.store import StudyData, load_probs, load_trained
+from spineseg.study.store import load_probs, load_trained
 from spineseg.study.training import load_stage_runs
 from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
 

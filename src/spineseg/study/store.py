@@ -4,6 +4,9 @@ A run's folder holds its config, history, best weights, per-image metrics and fl
 maps for every evaluated split, a summary and, written last, ``DONE`` (see `artifacts.RunFiles`).
 A rerun skips finished runs; an interrupted one resumes from its last epoch checkpoint. A stage's
 grid is a list of independent specs mapped by an executor, so a distributed engine can map it too.
+
+A lease (an OS file lock beside the run folder, released by the OS when its holder dies) lets only
+one process train a run: two studies or workers sharing a store never train the same run twice.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from spineseg import atomic
@@ -29,36 +33,8 @@ from spineseg.metrics import per_image
 from spineseg.models import build_model
 from spineseg.predict import load_weights, predict_proba
 from spineseg.study.artifacts import RunFiles
-from spineseg.train import TrainSettings, fit
-
-
-@dataclass(frozen=True)
-class StudyData:
-    """Dataset 1 (train/val/test) and the optional external dataset 2 (test only)."""
-
-    d1: Path
-    d2: Path | None = None
-
-    def folder(self, dataset: str) -> Path:
-        folder = {"d1": self.d1, "d2": self.d2}[dataset]
-        if folder is None:
-            raise StageOrderError(f"this study has no dataset {dataset}")
-        return folder
-
-    def eval_splits(self) -> list[tuple[str, Path, str]]:
-        """(dataset name, folder, split) pairs every run is evaluated on: D1 val and test, D2 test."""
-        out = [("d1", self.d1, "val"), ("d1", self.d1, "test")]
-        if self.d2 is not None:
-            out.append(("d2", self.d2, "test"))
-        return out
-
-    def fingerprint(self) -> str:
-        """Changes whenever a manifest (ids or splits) changes, so runs on other data get other keys."""
-        digest = hashlib.sha1()
-        for folder in (self.d1, self.d2):
-            if folder is not None:
-                digest.update((Path(folder) / "manifest.csv").read_bytes())
-        return digest.hexdigest()[:12]
+from spineseg.study.stage0_data import StudyData
+from spineseg.train import TrainOutcome, TrainSettings, fit
 
 
 @dataclass(frozen=True)
@@ -72,7 +48,7 @@ class RunSpec:
     architecture: str = "unet"
     pretrained: str = "none"
     weights_path: str | None = None
-    data: str = ""  # StudyData.fingerprint()
+    data: str = ""  # StudyData.fingerprint
 
     @property
     def seed(self) -> int:
@@ -120,16 +96,44 @@ def _evaluate(model, files: RunFiles, data: StudyData, image_size: int, device: 
         atomic.write_csv(files.metrics(name, split), metrics)
 
 
-def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto") -> dict:
-    """Train and evaluate one run unless it is already finished; return its summary."""
+def summary_columns() -> list[str]:
+    """The columns of a run summary, in one order whether the run was trained now or earlier."""
+    spec = [f.name for f in fields(RunSpec) if f.name != "train"]
+    return [*spec, *(f.name for f in fields(TrainSettings)), *(f.name for f in fields(TrainOutcome)), "key", "folder", "device"]
+
+
+def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", wait: bool = True) -> dict | None:
+    """Train and evaluate one run unless it is already finished; return its summary.
+
+    Another process training the same run holds its lease: then wait for it to finish, or with
+    ``wait=False`` return None at once so the caller can do other runs first.
+    """
     files = spec.files(store)
     if files.done.is_file():
         return json.loads(files.summary.read_text())
+    files.lease.parent.mkdir(parents=True, exist_ok=True)
+    lease = FileLock(files.lease)
+    try:
+        lease.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return None
+    try:
+        if files.done.is_file():  # finished by the previous holder
+            return json.loads(files.summary.read_text())
+        return _train(spec, files, data, device)
+    finally:
+        lease.release()
+
+
+def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str) -> dict:
+    # A checkpoint holds every weight: resuming needs neither the network nor the weights file.
+    resuming = files.checkpoint.is_file()
+    if resuming:
+        epochs = len(pd.read_csv(files.history)) if files.history.is_file() else 0
+        tqdm.write(f"resuming {files.folder.name} after epoch {epochs}")
     atomic.write_json(files.config, asdict(spec))
     torch_device = pick_device(device)
     torch.manual_seed(spec.seed)
-    # A checkpoint holds every weight: resuming needs neither the network nor the weights file.
-    resuming = files.checkpoint.is_file()
     model = build_model(spec.encoder, spec.architecture, "none" if resuming else spec.pretrained,
                         None if resuming else spec.weights_path)
     train_split = load_split(data.d1, "train", spec.image_size)
@@ -147,10 +151,21 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto") -
 
 
 def run_all(specs: Iterable[RunSpec], data: StudyData, store: Path, device: str = "auto",
-            executor: Executor | None = None) -> list[dict]:
+            executor: Executor | None = None, log=tqdm.write) -> list[dict]:
+    """Every run's summary, in the order of `specs`; finished runs are skipped, leased ones done last."""
     specs = list(specs)
+    done = sum(spec.files(store).done.is_file() for spec in specs)
+    if done:
+        log(f"{done} of {len(specs)} runs already finished: skipped")
     executor = executor or SequentialExecutor(desc=f"{len(specs)} runs")
-    return executor.map(partial(execute, data=data, store=store, device=device), specs)
+    summaries = executor.map(partial(execute, data=data, store=store, device=device, wait=False), specs)
+    busy = [index for index, summary in enumerate(summaries) if summary is None]
+    if busy:
+        log(f"{len(busy)} runs are being trained by another process: waiting for them")
+        for index, summary in zip(busy, executor.map(partial(execute, data=data, store=store, device=device),
+                                                     [specs[i] for i in busy])):
+            summaries[index] = summary
+    return summaries
 
 
 def load_trained(store: Path, spec: RunSpec, device: torch.device):

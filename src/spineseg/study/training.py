@@ -12,7 +12,8 @@ from spineseg import atomic
 from spineseg.errors import StageOrderError
 from spineseg.study.config import Training
 from spineseg.study.session import Study
-from spineseg.study.store import RunSpec, StudyData, load_metrics, run_all
+from spineseg.study.stage0_data import StudyData
+from spineseg.study.store import RunSpec, load_metrics, run_all, summary_columns
 from spineseg.train import TrainSettings
 
 _SETTINGS = {f.name for f in fields(TrainSettings)}
@@ -24,13 +25,13 @@ def run_spec(data: StudyData, stage: str, encoder: str, seed: int, section: Trai
     values = {name: getattr(section, name) for name in _SETTINGS if hasattr(section, name)}
     train = TrainSettings(**{**values, "augment": augment, "seed": seed})
     return RunSpec(stage=stage, encoder=encoder, image_size=section.image_size, train=train,
-                   architecture=architecture, pretrained=pretrained, data=data.fingerprint())
+                   architecture=architecture, pretrained=pretrained, data=data.fingerprint)
 
 
 def train_and_collect(study: Study, data: StudyData, stage: str, specs: list[RunSpec],
                       group: Callable[[RunSpec], str]) -> pd.DataFrame:
     """Run the grid (skipping finished runs) and write the stage's runs and per-image metrics."""
-    summaries = pd.DataFrame(run_all(specs, data, study.layout.store, study.cfg.device))
+    summaries = pd.DataFrame(run_all(specs, data, study.layout.store, study.cfg.device), columns=summary_columns())
     atomic.write_csv(study.layout.runs_table(stage), summaries)
     for split in ("test", "val"):
         frame = load_metrics(study.layout.store, specs, group, split=split)
