@@ -3,12 +3,14 @@
 import pandas as pd
 import pytest
 
-from spineseg.names import METRICS
+from spineseg.encoders import PAPER_ENCODERS
+from spineseg.names import AUGMENTATION_GROUPS, METRICS, RULES, rule_name
 from spineseg.study import tables
+from spineseg.study.article import ARTICLE_ROWS, article_tables, published, side_by_side
 from spineseg.study.artifacts import Layout
 from spineseg.study.config import Profile
 from spineseg.study.session import Study
-from spineseg.study.tables import METRIC_COLUMNS, metric_table, min_max_mean, side_by_side
+from spineseg.study.tables import METRIC_COLUMNS, metric_table, min_max_mean
 
 
 def _frame(rows):
@@ -39,15 +41,31 @@ def test_min_max_mean_rows():
     assert out["DSC"].tolist() == [80.0, 90.0, 85.0]
 
 
-def test_side_by_side_aligns_published_values_in_the_papers_column_order(monkeypatch):
-    published = {"_source": "", "tables": {"table8": {"caption": "", "values": {"Soft voting": {"DSC": 91.25}}}}}
-    monkeypatch.setattr(tables, "paper_tables", lambda: published)
-    ours = pd.DataFrame({"IoU": [80.0, 81.0], "DSC": [88.0, 89.0]}, index=["Max", "Soft voting"])
+def test_every_row_and_column_of_tables_1_to_9_finds_its_published_value():
+    for number in range(1, 10):
+        name = f"table{number}"
+        spec = article_tables()["tables"][name]
+        values = published(name)
+        assert list(values.columns) == spec["columns"] == METRIC_COLUMNS, name
+        assert len(values) == len(spec["rows"]) and values.notna().all().all(), name
+        for article_label, row in spec["rows"].items():
+            ours = ARTICLE_ROWS.get(article_label, article_label)
+            for column, value in row.items():
+                assert values.loc[ours, column] == value, (name, article_label, column)
+    # the article's labels land on this project's row names
+    assert set(published("table8").index) == {rule_name(m) for m in RULES}
+    assert set(published("table1").index) == set(AUGMENTATION_GROUPS.values())
+    assert set(published("table2").index) == set(PAPER_ENCODERS)
+
+
+def test_side_by_side_shows_this_run_the_article_and_the_difference_in_the_articles_order():
+    ours = pd.DataFrame({"IoU": [80.0, 81.0], "DSC": [88.0, 94.0]}, index=["Max", "Soft voting"])
     view = side_by_side("table8", ours)
-    assert list(view.columns) == [("IoU", "this run"), ("IoU", "paper"), ("DSC", "this run"), ("DSC", "paper")]
-    assert view.loc["Soft voting", ("DSC", "paper")] == 91.25
-    assert pd.isna(view.loc["Max", ("DSC", "paper")])
-    assert view.loc["Max", ("IoU", "this run")] == 80.0
+    assert list(view.columns[:3]) == [("IoU", "this run"), ("IoU", "article"), ("IoU", "Δ pp")]
+    assert list(view.index) == ["Min", "Max", "Soft voting", "Shape averaging", "Union"]  # the article's order
+    assert view.loc["Soft voting", ("DSC", "article")] == 94.21
+    assert view.loc["Soft voting", ("DSC", "Δ pp")] == pytest.approx(-0.21)
+    assert pd.isna(view.loc["Min", ("DSC", "this run")]) and view.loc["Min", ("DSC", "article")] == 91.77
 
 
 def test_write_table_formats(tmp_path):

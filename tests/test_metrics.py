@@ -178,3 +178,18 @@ def test_nan_in_a_mask_is_an_error_not_a_silent_zero():
     pred[0, 1, 1] = np.nan
     with pytest.raises(ValueError, match="prediction contains NaN"):
         per_image(pred, target)
+
+
+def test_f1_as_scikit_learn_1_3_scored_it_on_constructed_cases():
+    from spineseg.metrics import f1_as_scikit_learn_1_3
+
+    target = np.zeros((5, 4, 4), bool)
+    pred = np.zeros((5, 4, 4), bool)
+    target[0, :2], pred[0, 2:] = True, True  # TP = 0, FP > 0, FN > 0: misplaced -> 1.0 in scikit-learn 1.3.0
+    target[1, :2] = True  # nothing predicted: TP = FP = 0, FN > 0 -> 0.0 (1.3.0 agreed)
+    pred[2, :2] = True  # nothing to find: FN = 0, FP > 0 -> 0.0
+    target[3, :2], pred[3, :1] = True, True  # a partial hit: its usual F1 = DSC = 2/3
+    # image 4: both empty -> 1.0 by this project's convention (and zero_division=1)
+    frame = per_image(pred, target)
+    np.testing.assert_allclose(f1_as_scikit_learn_1_3(frame), [1.0, 0.0, 0.0, 2 / 3, 1.0])
+    np.testing.assert_allclose(frame["f1"], [0.0, 0.0, 0.0, 2 / 3, 1.0])

@@ -12,6 +12,7 @@ from statsmodels.stats.multitest import multipletests
 
 from spineseg import stats
 from spineseg.stats import (
+    PATIENT_KEYS,
     all_pairs,
     bootstrap_ci,
     format_p,
@@ -342,7 +343,7 @@ def test_bootstrap_ci_coverage_on_normal_samples():
 def test_mean_ci_table_averages_runs_per_image_before_bootstrapping():
     frame = random_family_frame(n_images=12)
     table = mean_ci_table(frame, by=["dataset", "group"], metrics=["dsc", "iou"], n_boot=400, seed=5)
-    assert list(table.columns) == ["dataset", "group", "metric", "n", "mean", "low", "high"]
+    assert list(table.columns) == ["dataset", "group", "metric", "n", "n_clusters", "mean", "low", "high"]
     assert len(table) == 2 * 4 * 2
     assert (table["n"] == 12).all()  # images, not image x run rows
     assert ((table["low"] <= table["mean"]) & (table["mean"] <= table["high"])).all()
@@ -390,9 +391,10 @@ def test_format_wilcoxon_reads_well():
     assert readable.loc["dsc", "p"] == "0.125"
     assert readable.loc["dsc", "p_holm"] == "0.125"
     assert readable.loc["dsc", "significant"] == "no"
-    assert readable.loc["dsc", "better"] == "A"
+    assert readable.loc["dsc", "better"] == "no significant difference"  # A leads, but not significantly
+    assert table.set_index("metric").loc["dsc", "better"] == "A"  # the raw table keeps the direction
     assert readable.loc["hd95", "median_diff"] == "+2.00 px"
-    assert readable.loc["hd95", "better"] == "B"
+    assert table.set_index("metric").loc["hd95", "better"] == "B"
     assert "note" not in readable.columns
 
 
@@ -402,3 +404,43 @@ def test_format_wilcoxon_accepts_a_single_result():
     assert readable.loc[0, "p"] == "n/a"
     assert "at least 2" in readable.loc[0, "note"]
     assert "p_holm" not in readable.columns
+
+
+def test_a_cluster_bootstrap_of_one_image_clusters_is_the_image_bootstrap():
+    values = np.random.default_rng(1).random(40)
+    assert bootstrap_ci(values, seed=3, clusters=[f"p{i}" for i in range(40)]) == bootstrap_ci(values, seed=3)
+
+
+def test_patients_with_many_alike_images_widen_the_interval():
+    rng = np.random.default_rng(2)
+    level = rng.normal(0.8, 0.1, 10)  # ten patients, seven near-identical images each
+    values = np.repeat(level, 7) + rng.normal(0, 0.005, 70)
+    patients = np.repeat(np.arange(10), 7)
+    naive = np.diff(bootstrap_ci(values, seed=0))[0]
+    clustered = np.diff(bootstrap_ci(values, seed=0, clusters=patients))[0]
+    assert clustered > 2 * naive
+    low, high = bootstrap_ci(values, seed=0, clusters=patients)
+    assert low < values.mean() < high
+
+
+def test_paired_tests_by_patient_use_patient_means_and_count_both():
+    rows = []
+    for patient in range(6):
+        for image in range(3):  # a patient's three images move together
+            a = 0.7 + 0.02 * patient + 0.001 * image
+            rows += [("A", 0, "d1", f"p{patient}i{image}", f"p{patient}", a),
+                     ("B", 0, "d1", f"p{patient}i{image}", f"p{patient}", a - 0.01 * (patient + 1))]
+    frame = pd.DataFrame(rows, columns=["group", "run", "dataset", "id", "patient", "dsc"])
+    by_image = paired_wilcoxon(frame, "A", "B", "dsc")
+    by_patient = paired_wilcoxon(frame, "A", "B", "dsc", pair_on=PATIENT_KEYS)
+    assert (by_image["n"], by_image["n_images"]) == (18, 18)
+    assert (by_patient["n"], by_patient["n_images"]) == (6, 18)
+    assert by_patient["p"] > by_image["p"]  # six independent units are weaker evidence than 18 "independent" images
+
+
+def test_format_wilcoxon_names_the_better_side_when_significant():
+    rng = np.random.default_rng(4)
+    base = rng.random(30)
+    frame = metrics_frame({"A": list(base + 0.1), "B": list(base)})
+    readable = format_wilcoxon(wilcoxon_family(frame, [("A", "B")], metrics=("dsc",), family="f"))
+    assert readable.loc[0, "significant"] == "yes" and readable.loc[0, "better"] == "A"

@@ -12,6 +12,7 @@ import pytest
 from spineseg.encoders import PAPER_ENCODERS
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
+from spineseg.study.artifacts import read_table
 from spineseg.study.runner import NOTEBOOKS, run_study
 from spineseg.study.tables import METRIC_COLUMNS
 
@@ -50,10 +51,11 @@ def _table(project: Path, number: int) -> pd.DataFrame:
 
 
 def test_tables_1_to_9_have_the_papers_rows_and_columns(project):
+    article_order = ["Min", "Max", "Soft voting", "Shape averaging", "Union"]
     expected_rows = {
-        1: ["Without augmentation", "With augmentation"],
+        1: ["With augmentation", "Without augmentation"],  # the article's order
         6: ["Min", "Max", "Mean"], 7: ["Min", "Max", "Mean"],
-        8: [rule_name(m) for m in RULES], 9: [rule_name(m) for m in RULES],
+        8: article_order, 9: article_order,
     }
     for number in range(1, 10):
         table = _table(project, number)
@@ -153,3 +155,29 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     assert child.returncode == 130
     assert err.rstrip().splitlines()[-1] == "spineseg: interrupted; rerun the same command to resume"
     assert "Traceback" not in err
+
+
+PAPER_IN_MINIATURE = {
+    "data.size": 64, "data.d1_count": 20, "data.d2_count": 4,
+    "stage1.repeats": 1, "stage1.image_size": 32, "stage1.max_epochs": 1,
+    "stage2.encoders": ["None"], "stage2.repeats": 1, "stage2.image_size": 32, "stage2.max_epochs": 1,
+    "stage2.min_val_dsc": 0.0,
+}
+
+
+def test_the_paper_profile_in_miniature_trains_the_plain_unet_offline_and_stops_clearly_for_imagenet(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no weights cached here, and no network
+    fresh = _copy_project(tmp_path)
+    run_study(fresh, "paper", stages=[0, 2], overrides=PAPER_IN_MINIATURE, log=lambda message: None)
+    ranking = read_table(fresh / "runs/paper/stage2/ranking.csv")
+    assert ranking["encoder"].tolist() == ["None"] and ranking["selected"].all()
+    with pytest.raises(NotebookFailed) as info:  # stage 1's VGG16 wants ImageNet weights
+        run_study(fresh, "paper", stages=[1], overrides=PAPER_IN_MINIATURE, log=lambda message: None)
+    message = str(info.value)
+    assert "WeightsUnavailable" in message and "'VGG16'" in message and "pretrained: none" in message
+
+
+def test_the_analysis_shows_the_article_and_the_differences(project):
+    html = (project / "runs/smoke/notebooks/05_analysis.html").read_text()
+    for text in ("this run", "article", "Δ pp", "94.21", "Where this study differs from the article"):
+        assert text in html, text

@@ -12,7 +12,7 @@ import pandas as pd
 
 from spineseg.names import METRICS
 
-__all__ = ["METRICS", "confusion", "dice", "per_image"]
+__all__ = ["METRICS", "confusion", "dice", "f1_as_scikit_learn_1_3", "per_image"]
 
 
 def _binary(masks: np.ndarray, name: str) -> np.ndarray:
@@ -67,3 +67,15 @@ def dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per-image DSC alone — the early-stopping, selection and tuning criterion; 1.0 where both are empty."""
     tp, fp, fn, _ = (x.astype(np.float64) for x in confusion(pred, target))
     return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def f1_as_scikit_learn_1_3(metrics: pd.DataFrame) -> pd.Series:
+    """Per-image F1 as ``f1_score(..., zero_division=1)`` of scikit-learn 1.3.0 scored it.
+
+    That release returned 1 whenever precision and recall were both 0, i.e. on images with TP = 0
+    and both FP > 0 and FN > 0 (a prediction entirely in the wrong place), where F1 is 0
+    (scikit-learn issues #26864 and #26965). A plausible source of the article's F1 ≠ DSC for failing
+    backbones (Tables 2–3); computed from the per-image table, whose conventions identify those images.
+    """
+    misplaced = (metrics["dsc"] == 0) & (metrics["precision"] == 0) & (metrics["recall"] == 0)
+    return metrics["f1"].where(~misplaced, 1.0)

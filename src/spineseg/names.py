@@ -14,6 +14,7 @@ BOUNDARY_METRICS = ("hd95", "assd")
 METRIC_NAMES = MappingProxyType({
     "iou": "IoU", "dsc": "DSC", "recall": "Recall", "specificity": "Specificity", "precision": "Precision",
     "f1": "F1", "pa": "PA", "hd95": "HD95", "assd": "ASSD",
+    "f1_sklearn13": "F1 (scikit-learn 1.3)",
 })
 
 # The five rules of the article (eq. 8–17), then rules it does not test.

@@ -1,9 +1,13 @@
 """Paired comparisons and confidence intervals over per-image metrics.
 
 Every function takes the long "per-image metrics" frame: one row per
-(group, run, dataset, id) with metric columns. Images are the unit of
-analysis: a method evaluated with several training runs contributes one value
-per image, the mean over its runs, so that seeds do not pose as extra images.
+(group, run, dataset, id) with metric columns. A method evaluated with several
+training runs contributes one value per image, the mean over its runs, so that
+seeds do not pose as extra images. Where a dataset has several images of one
+patient, the patient is the unit: paired tests compare per-patient means
+(``pair_on=PATIENT_KEYS``) and intervals resample patients with all their
+images (``cluster_on=PATIENT_KEYS``, a cluster bootstrap). With one image per
+patient both give exactly the per-image results.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from statsmodels.stats.multitest import multipletests
 FRACTION_METRICS = frozenset({"iou", "dsc", "recall", "specificity", "precision", "f1", "pa"})
 LOWER_IS_BETTER = frozenset({"hd95", "assd"})
 IMAGE_KEYS = ("dataset", "id")
+PATIENT_KEYS = ("dataset", "patient")
+NOT_SIGNIFICANT = "no significant difference"
 
 # Differences are rounded before ranking: averaging runs in a different order
 # leaves ~1e-17 noise that would turn true zeros into signed differences and
@@ -66,6 +72,16 @@ def _better(a: str, b: str, metric: str, median_diff: float, effect_size: float)
     return a if direction > 0 else b
 
 
+def _images_behind(frame: pd.DataFrame, group: str, keys: list[str], paired: pd.Index) -> int:
+    """How many images the paired units hold (as many as units when the units are images)."""
+    image_keys = [k for k in IMAGE_KEYS if k in frame.columns]
+    if "id" not in image_keys or set(keys) <= set(image_keys):
+        return len(paired)
+    rows = frame.loc[frame["group"] == group, list(dict.fromkeys([*keys, *image_keys]))]
+    inside = pd.MultiIndex.from_frame(rows[keys]).isin(paired) if len(keys) > 1 else rows[keys[0]].isin(paired)
+    return int(rows.loc[inside, image_keys].drop_duplicates().shape[0])
+
+
 def _paired_test(frame: pd.DataFrame, a: str, b: str, metric: str, keys: list[str], family: str) -> dict:
     paired = pd.concat(
         [_per_key_means(frame, a, metric, keys).rename("a"), _per_key_means(frame, b, metric, keys).rename("b")],
@@ -83,6 +99,7 @@ def _paired_test(frame: pd.DataFrame, a: str, b: str, metric: str, keys: list[st
         "a": a,
         "b": b,
         "n": n,
+        "n_images": _images_behind(frame, a, keys, paired.index),
         "median_a": float(np.median(values_a)) if n else np.nan,
         "median_b": float(np.median(values_b)) if n else np.nan,
         "median_diff": float(np.median(diffs)) if n else np.nan,
@@ -201,26 +218,33 @@ def one_vs_rest(reference: str, groups: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def bootstrap_ci(
-    values: Iterable[float], n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+    values: Iterable[float], n_boot: int = 2000, ci: float = 0.95, seed: int = 0, clusters: Iterable | None = None
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean, resampling images; NaNs are ignored."""
+    """Percentile bootstrap interval of the mean; NaNs are ignored.
+
+    Without `clusters` the images are resampled. With `clusters` (one label per value, e.g. the
+    patient) whole clusters are resampled with all their values, and each replicate is the mean
+    over the values drawn: the interval of the same per-image mean, honest about correlated images.
+    """
     if not 0 < ci < 1:
         raise ValueError(f"ci must lie in (0, 1), got {ci}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be positive, got {n_boot}")
     sample = np.asarray(values, dtype=float).ravel()
-    sample = sample[~np.isnan(sample)]
-    n = sample.size
-    if n == 0:
+    labels = np.arange(sample.size) if clusters is None else np.asarray(list(clusters)).ravel()
+    if labels.shape != sample.shape:
+        raise ValueError(f"{labels.size} cluster labels for {sample.size} values")
+    kept = ~np.isnan(sample)
+    sample, labels = sample[kept], labels[kept]
+    if sample.size == 0:
         return (np.nan, np.nan)
+    cluster_of, _ = pd.factorize(labels)  # clusters in order of appearance: singletons replay the image bootstrap
+    sums, counts = np.bincount(cluster_of, weights=sample), np.bincount(cluster_of).astype(float)
+    n = sums.size
     rng = np.random.default_rng(seed)
     chunk = max(1, _BOOT_CHUNK_ENTRIES // n)
-    means = np.concatenate(
-        [
-            sample[rng.integers(0, n, size=(min(chunk, n_boot - start), n))].mean(axis=1)
-            for start in range(0, n_boot, chunk)
-        ]
-    )
+    draws = (rng.integers(0, n, size=(min(chunk, n_boot - start), n)) for start in range(0, n_boot, chunk))
+    means = np.concatenate([sums[d].sum(axis=1) / counts[d].sum(axis=1) for d in draws])
     tail = (1 - ci) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return (float(low), float(high))
@@ -234,39 +258,46 @@ def mean_ci_table(
     seed: int = 0,
     ci: float = 0.95,
     image_on: Sequence[str] = IMAGE_KEYS,
+    cluster_on: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Mean and bootstrap CI per group and metric, in the frame's own units.
 
     Each image (keys `image_on` within a `by` group) first becomes the mean of
-    its runs, and the bootstrap resamples those images; put "run" in `by` to get
-    per-run intervals instead. Every cell uses the same seed, so the table is
-    reproducible cell by cell.
+    its runs, and the bootstrap resamples those images, or with `cluster_on`
+    (e.g. PATIENT_KEYS) whole clusters of them; put "run" in `by` to get per-run
+    intervals instead. `n` counts images and `n_clusters` the clusters resampled.
+    Every cell uses the same seed, so the table is reproducible cell by cell.
     """
     by = _as_list(by)
     metrics = _as_list(metrics)
     image_keys = [k for k in _as_list(image_on) if k not in by]
+    cluster_keys = [k for k in _as_list(cluster_on or image_on) if k not in by]
     _require_columns(frame, by, "by")
-    _require_columns(frame, image_keys, "image_on")
+    _require_columns(frame, image_keys + cluster_keys, "image_on/cluster_on")
     _require_columns(frame, metrics, "metric")
 
-    per_image = frame.groupby(by + image_keys, sort=True)[metrics].mean()
+    extra = [k for k in cluster_keys if k not in image_keys]
+    per_image = frame.groupby(by + image_keys, sort=True).agg({**{m: "mean" for m in metrics}, **{k: "first" for k in extra}})
     rows = []
     for group_key, images in per_image.groupby(level=list(range(len(by))), sort=True):
         labels = dict(zip(by, group_key if isinstance(group_key, tuple) else (group_key,)))
+        clusters = images.reset_index()[cluster_keys].astype(str).agg("\x1f".join, axis=1).to_numpy()
         for metric in metrics:
             values = images[metric].to_numpy(dtype=float)
-            low, high = bootstrap_ci(values, n_boot=n_boot, ci=ci, seed=seed)
+            low, high = bootstrap_ci(values, n_boot=n_boot, ci=ci, seed=seed, clusters=clusters)
+            present = ~np.isnan(values)
             rows.append(
                 {
                     **labels,
                     "metric": metric,
-                    "n": int(np.count_nonzero(~np.isnan(values))),
-                    "mean": float(np.nanmean(values)) if np.isfinite(values).any() else np.nan,
+                    "n": int(np.count_nonzero(present)),
+                    "n_clusters": len(set(clusters[present])),
+                    "mean": float(np.nanmean(values)) if present.any() else np.nan,
                     "low": low,
                     "high": high,
                 }
             )
-    return pd.DataFrame(rows, columns=[*by, "metric", "n", "mean", "low", "high"])
+    return pd.DataFrame(rows, columns=[*by, "metric", "n", "n_clusters", "mean", "low", "high"])
 
 
 def format_p(p: float) -> str:
@@ -297,6 +328,7 @@ def format_wilcoxon(table: pd.DataFrame | dict) -> pd.DataFrame:
             "a": table["a"],
             "b": table["b"],
             "n": table["n"],
+            "n_images": table["n_images"],
             "median_diff": [_format_difference(v, m) for v, m in zip(table["median_diff"], table["metric"])],
             "effect_size": [f"{r:+.2f}" if np.isfinite(r) else "n/a" for r in table["effect_size"]],
             "p": [format_p(p) for p in table["p"]],
@@ -306,7 +338,10 @@ def format_wilcoxon(table: pd.DataFrame | dict) -> pd.DataFrame:
     if "p_holm" in table.columns:
         readable["p_holm"] = [format_p(p) for p in table["p_holm"]]
         readable["significant"] = table["significant"].map({True: "yes", False: "no"})
-    readable["better"] = table["better"]
+        # a side is "better" only where the difference is significant
+        readable["better"] = table["better"].where(table["significant"], NOT_SIGNIFICANT)
+    else:
+        readable["better"] = table["better"]
     if "note" in table.columns and table["note"].astype(bool).any():
         readable["note"] = table["note"]
     return readable

@@ -68,6 +68,7 @@ class Split:
     images: np.ndarray  # float32 [N, H, W]
     masks: np.ndarray  # uint8 {0, 1} [N, H, W]
     labels: np.ndarray | None = None  # uint8 [N, H, W] level codes, when asked for and present
+    patients: tuple[str, ...] = ()  # each image's patient (its id where the manifest names none)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -361,7 +362,9 @@ def _load_split_cached(folder: str, split: str, size: tuple[int, int] | None, la
     for array in (images, masks, label_maps):
         if array is not None:
             array.flags.writeable = False  # shared by every caller through the cache
-    return Split(Path(folder).name, split, tuple(rows["id"]), images, masks, label_maps)
+    patients = rows["patient"] if "patient" in rows.columns else rows["id"]
+    patients = tuple(p or i for p, i in zip(patients, rows["id"]))
+    return Split(Path(folder).name, split, tuple(rows["id"]), images, masks, label_maps, patients)
 
 
 def load_split(folder: str | Path, split: str, size: Size | None = None, labels: bool = False) -> Split:

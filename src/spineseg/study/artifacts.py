@@ -5,7 +5,8 @@
         train/<run>/          one folder per training run (`RunFiles`)
         stage1/ … stage3/     runs.csv, metrics_test.csv, metrics_val.csv
         stage2/               + ranking.csv, selection.json
-        stage4/               metrics_test.csv, threshold_tuning.csv, learned.json, leave_one_out.csv, timing.csv
+        stage4/               metrics_test.csv, threshold_tuning.csv, learned.json, leave_one_out.csv,
+                              rule_checks.csv, timing.csv
         tables/               tableN.csv/.md/.tex, wilcoxon.csv, wilcoxon_readable.*
         notebooks/            the rendered notebooks, their HTML copies and <name>.timing.json
     runs/bench/               report.md, report.json
@@ -17,7 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 TRAINING_STAGES = ("stage1", "stage2", "stage3")
+TEXT_COLUMNS = {"id": str, "patient": str, "group": str, "encoder": str, "removed": str, "dataset": str}
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read one of the study's CSV files: only empty cells are missing ('None', the plain U-Net, is a name)."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=TEXT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,11 @@ class Layout:
     @property
     def leave_one_out(self) -> Path:
         return self.stage_dir("stage4") / "leave_one_out.csv"
+
+    @property
+    def rule_checks(self) -> Path:
+        """Per dataset: images where shape averaging met an empty member mask, and whether max = union."""
+        return self.stage_dir("stage4") / "rule_checks.csv"
 
     @property
     def timing(self) -> Path:

@@ -107,6 +107,7 @@ class Stage1(Training):
     max_epochs: PositiveInt = 100
     patience: PositiveInt = 10
     pretrained: Pretrained = "imagenet"
+    weights_path: str = ""  # a local encoder state dict instead of the ImageNet download
 
 
 class Stage2(Training):
@@ -122,6 +123,7 @@ class Stage2(Training):
     patience: PositiveInt = 25
     augment: bool = True
     pretrained: Pretrained = "imagenet"
+    weights_path: dict[EncoderName, str] = Field(default_factory=dict)  # encoder → a local encoder state dict
     top_k: PositiveInt = 10
     min_val_dsc: Fraction = 0.915
 
@@ -134,6 +136,7 @@ class Stage3(Training):
     lr: LearningRate = 1e-5
     max_epochs: PositiveInt = 300
     patience: PositiveInt = 25
+    init_from: Literal["imagenet", "stage2"] = "imagenet"  # the article does not say; see stage3_final
 
 
 class Stage4(Section):
@@ -148,6 +151,8 @@ class Stage4(Section):
 class Analysis(Section):
     n_boot: Annotated[int, Field(ge=100)] = 2000
     dpi: PositiveInt = 300
+    # add F1 as scikit-learn 1.3's f1_score(zero_division=1) scored it: does it explain the article's F1 ≠ DSC?
+    paper_style_f1: bool = False
 
 
 class Profile(Section):

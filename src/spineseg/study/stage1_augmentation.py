@@ -13,7 +13,8 @@ from spineseg.study.training import run_spec, train_and_collect
 
 def stage1_specs(study: Study, data: StudyData) -> list[RunSpec]:
     s = study.cfg.stage1
-    return [run_spec(data, "stage1", s.encoder, seed, s, augment=augment, pretrained=s.pretrained)
+    return [run_spec(study, data, "stage1", s.encoder, seed, s, augment=augment, pretrained=s.pretrained,
+                     weights_path=s.weights_path)
             for augment in (False, True) for seed in range(s.repeats)]
 
 

@@ -9,6 +9,7 @@ import pandas as pd
 
 from spineseg import atomic
 from spineseg.errors import StageOrderError
+from spineseg.study.artifacts import read_table
 from spineseg.study.config import Stage2
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
@@ -18,8 +19,8 @@ from spineseg.study.training import run_spec, train_and_collect
 
 def stage2_specs(study: Study, data: StudyData) -> list[RunSpec]:
     s = study.cfg.stage2
-    return [run_spec(data, "stage2", encoder, seed, s, augment=s.augment, pretrained=s.pretrained,
-                     architecture=s.architecture)
+    return [run_spec(study, data, "stage2", encoder, seed, s, augment=s.augment, pretrained=s.pretrained,
+                     architecture=s.architecture, weights_path=s.weights_path.get(encoder, ""))
             for encoder in s.encoders for seed in range(s.repeats)]
 
 
@@ -27,7 +28,7 @@ def run_stage2(study: Study, data: StudyData) -> pd.DataFrame:
     """Train the grid, then write the validation ranking and the selection."""
     frame = train_and_collect(study, data, "stage2", stage2_specs(study, data), lambda spec: spec.encoder)
     section = study.cfg.stage2
-    ranking = select_encoders(pd.read_csv(study.layout.runs_table("stage2")), section)
+    ranking = select_encoders(read_table(study.layout.runs_table("stage2")), section)
     atomic.write_csv(study.layout.ranking, ranking)
     chosen = ranking.loc[ranking["selected"], "encoder"].tolist()
     if not chosen:

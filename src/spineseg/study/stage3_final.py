@@ -1,4 +1,9 @@
-"""Stage 3: the selected encoders retrained at the final size (Tables 4–7)."""
+"""Stage 3: the selected encoders retrained at the final size (Tables 4–7).
+
+The article does not say where stage 3 starts; ``stage3.init_from`` chooses: ``imagenet`` (the literal
+reading, "retrained": the encoders' ImageNet weights, as in stage 2) or ``stage2`` (the stage-2 run of
+the same encoder and seed, or its first seed, continued at the final size).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,30 @@ import pandas as pd
 
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage2_selection import selected_encoders
+from spineseg.study.stage2_selection import selected_encoders, stage2_specs
 from spineseg.study.store import RunSpec
 from spineseg.study.training import run_spec, train_and_collect
 
 
 def stage3_specs(study: Study, data: StudyData) -> list[RunSpec]:
     s2, s3 = study.cfg.stage2, study.cfg.stage3
-    return [run_spec(data, "stage3", encoder, seed, s3, augment=s2.augment, pretrained=s2.pretrained,
-                     architecture=s2.architecture)
-            for encoder in selected_encoders(study) for seed in range(s3.repeats)]
+    specs = []
+    for encoder in selected_encoders(study):
+        for seed in range(s3.repeats):
+            common = {"augment": s2.augment, "architecture": s2.architecture}
+            if s3.init_from == "stage2":
+                start = _stage2_run(study, data, encoder, seed)
+                specs.append(run_spec(study, data, "stage3", encoder, seed, s3, pretrained="none", init=start, **common))
+            else:
+                specs.append(run_spec(study, data, "stage3", encoder, seed, s3, pretrained=s2.pretrained,
+                                      weights_path=s2.weights_path.get(encoder, ""), **common))
+    return specs
+
+
+def _stage2_run(study: Study, data: StudyData, encoder: str, seed: int) -> str:
+    """The folder of the stage-2 run a stage-3 run continues: same encoder and seed, else its first seed."""
+    runs = {spec.seed: spec for spec in stage2_specs(study, data) if spec.encoder == encoder}
+    return runs.get(seed, runs[min(runs)]).folder_name()
 
 
 def run_stage3(study: Study, data: StudyData) -> pd.DataFrame:

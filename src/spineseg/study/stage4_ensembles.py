@@ -36,6 +36,7 @@ class EnsembleInputs:
 
     names: list[str]
     ids: list[str]
+    patients: list[str]
     probs: np.ndarray
     masks: np.ndarray
     images: np.ndarray
@@ -55,8 +56,8 @@ def ensemble_inputs(study: Study, data: StudyData, dataset: str, split: str) -> 
             raise StageOrderError(f"cached probabilities of {spec.folder_name()} do not match {folder} ({split}); rerun stage 3")
         probs.append(p)
     val_dsc = np.array([runs.loc[spec.folder_name(), "best_val_dsc"] for spec in specs], dtype=float)
-    return EnsembleInputs([s.encoder for s in specs], list(loaded.ids), np.stack(probs), loaded.masks,
-                          loaded.images, val_dsc)
+    return EnsembleInputs([s.encoder for s in specs], list(loaded.ids), list(loaded.patients), np.stack(probs),
+                          loaded.masks, loaded.images, val_dsc)
 
 
 def available_eval_sets(data: StudyData) -> list[tuple[str, str]]:
@@ -73,6 +74,7 @@ def chosen_rules(study: Study) -> list[str]:
 
 def _scored(mask: np.ndarray, inputs: EnsembleInputs, group: str, dataset: str) -> pd.DataFrame:
     frame = pd.concat([per_image(mask, inputs.masks), boundary_metrics(mask, inputs.masks)], axis=1)
+    frame.insert(0, "patient", inputs.patients)
     frame.insert(0, "id", inputs.ids)
     frame.insert(0, "dataset", dataset)
     frame.insert(0, "run", 0)
@@ -96,10 +98,12 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     atomic.write_csv(layout.threshold_tuning, tuning)
     atomic.write_json(layout.learned, {"tuned_threshold": tuned_threshold, "stacker": stacker.to_dict(),
                                        "models": validation.names, "trained_on": "d1 validation"})
-    frames, ablations = [], []
+    frames, ablations, checks = [], [], []
     for dataset, split in available_eval_sets(data):
         inputs = ensemble_inputs(study, data, dataset, split)
-        for rule, mask in ensemble_masks(inputs, rules, threshold).items():
+        masks = ensemble_masks(inputs, rules, threshold)
+        checks.append(rule_checks(inputs, masks, threshold, dataset))
+        for rule, mask in masks.items():
             frames.append(_scored(mask, inputs, rule, dataset))
         frames.append(_scored(combine(inputs.probs, "soft", tuned_threshold), inputs, TUNED, dataset))
         frames.append(_scored(stacker.predict_proba(inputs.probs) > 0.5, inputs, STACKING, dataset))
@@ -109,9 +113,20 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
             ablations.append(table)
     metrics = pd.concat(frames, ignore_index=True)
     atomic.write_csv(layout.stage_metrics("stage4"), metrics)
+    atomic.write_csv(layout.rule_checks, pd.DataFrame(checks))
     if ablations:
         atomic.write_csv(layout.leave_one_out, pd.concat(ablations, ignore_index=True))
     return metrics
+
+
+def rule_checks(inputs: EnsembleInputs, masks: dict[str, np.ndarray], threshold: float, dataset: str) -> dict:
+    """Facts the deviations section reports: where shape averaging met an empty member, whether max = union."""
+    empty_member = (inputs.probs > threshold).sum(axis=(2, 3)) == 0  # [M, N]
+    row = {"dataset": dataset, "images": len(inputs.ids), "images_with_an_empty_member": int(empty_member.any(axis=0).sum()),
+           "empty_member_masks": int(empty_member.sum())}
+    if "max" in masks and "union" in masks:
+        row["images_where_max_differs_from_union"] = int((masks["max"] != masks["union"]).any(axis=(1, 2)).sum())
+    return row
 
 
 def threshold_curves(inputs: EnsembleInputs, rules=("soft", "max", "min", "union"), grid=THRESHOLD_GRID) -> pd.DataFrame:

@@ -32,7 +32,7 @@ from spineseg.errors import StageOrderError
 from spineseg.metrics import per_image
 from spineseg.models import build_model
 from spineseg.predict import load_weights, predict_proba
-from spineseg.study.artifacts import RunFiles
+from spineseg.study.artifacts import RunFiles, read_table
 from spineseg.study.stage0_data import StudyData
 from spineseg.train import TrainOutcome, TrainSettings, fit
 
@@ -47,7 +47,8 @@ class RunSpec:
     train: TrainSettings
     architecture: str = "unet"
     pretrained: str = "none"
-    weights_path: str | None = None
+    weights_path: str | None = None  # an encoder state dict to start from
+    init: str | None = None  # the folder of a finished run whose best weights this one starts from
     data: str = ""  # StudyData.fingerprint
 
     @property
@@ -92,6 +93,7 @@ def _evaluate(model, files: RunFiles, data: StudyData, image_size: int, device: 
         with atomic.atomic_path(files.probs(name, split)) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, ids=np.array(loaded.ids), probs=probs.astype(np.float16))
         metrics = per_image(probs > 0.5, loaded.masks)
+        metrics.insert(0, "patient", loaded.patients)
         metrics.insert(0, "id", loaded.ids)
         atomic.write_csv(files.metrics(name, split), metrics)
 
@@ -125,8 +127,18 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", w
         lease.release()
 
 
+def starting_model(spec: RunSpec, store: Path):
+    """A run's model before its first epoch: ImageNet, a local encoder file, or another run's weights."""
+    model = build_model(spec.encoder, spec.architecture, spec.pretrained, spec.weights_path)
+    if spec.init:
+        start = RunFiles(Path(store) / spec.init)
+        if not start.done.is_file():
+            raise StageOrderError(f"{spec.folder_name()} starts from {start.folder}, which has not finished")
+        load_weights(model, start.best, torch.device("cpu"))
+    return model
+
+
 def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str) -> dict:
-    # A checkpoint holds every weight: resuming needs neither the network nor the weights file.
     resuming = files.checkpoint.is_file()
     if resuming:
         epochs = len(pd.read_csv(files.history)) if files.history.is_file() else 0
@@ -134,8 +146,8 @@ def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str) -> dict
     atomic.write_json(files.config, asdict(spec))
     torch_device = pick_device(device)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.encoder, spec.architecture, "none" if resuming else spec.pretrained,
-                        None if resuming else spec.weights_path)
+    # A checkpoint holds every weight: resuming needs neither the network nor the weights file.
+    model = build_model(spec.encoder, spec.architecture) if resuming else starting_model(spec, files.folder.parent)
     train_split = load_split(data.d1, "train", spec.image_size)
     val_split = load_split(data.d1, "val", spec.image_size)
     outcome = fit(model, train_split, val_split, spec.train, files.folder, torch_device,
@@ -188,7 +200,7 @@ def load_metrics(store: Path, specs: Iterable[RunSpec], group: Callable[[RunSpec
     frames = []
     for spec in specs:
         for dataset, path in spec.files(store).metrics_files(split):
-            frame = pd.read_csv(path, dtype={"id": str})
+            frame = read_table(path)
             frame.insert(0, "dataset", dataset)
             frame.insert(0, "run", spec.seed)
             frame.insert(0, "group", group(spec))

@@ -6,14 +6,12 @@ Every table value is a percentage with two decimals: the mean over images of a p
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 import pandas as pd
 
 from spineseg import atomic
 from spineseg.encoders import PAPER_ENCODERS
 from spineseg.errors import StageOrderError
+from spineseg.metrics import f1_as_scikit_learn_1_3
 from spineseg.names import (
     AUGMENTATION_GROUPS,
     BOUNDARY_METRICS,
@@ -25,7 +23,9 @@ from spineseg.names import (
     metric_name,
     rule_name,
 )
-from spineseg.stats import all_pairs, format_wilcoxon, mean_ci_table, one_vs_rest, wilcoxon_family
+from spineseg.stats import PATIENT_KEYS, all_pairs, format_wilcoxon, mean_ci_table, one_vs_rest, wilcoxon_family
+from spineseg.study.article import article_tables, caption, published
+from spineseg.study.artifacts import read_table
 from spineseg.study.session import Study
 from spineseg.study.training import load_stage_metrics
 
@@ -43,17 +43,20 @@ BOUNDARY_TABLES = {"table10": "d1", "table11": "d2"}
 ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING]
 
 
-def paper_tables() -> dict:
-    return json.loads(resources.files("spineseg").joinpath("resources/paper_tables.json").read_text())
-
-
 TABLE_CAPTIONS = {
-    **{name: spec["caption"] for name, spec in paper_tables()["tables"].items()},
+    **{name: caption(name) for name in article_tables()["tables"]},
     "table10": "Table 10. Every ensemble rule with boundary metrics (HD95, ASSD in pixels), dataset 1 test",
     "table11": "Table 11. Every ensemble rule with boundary metrics (HD95, ASSD in pixels), dataset 2",
     "table12": "Table 12. Leave-one-model-out ablation of soft voting (ΔDSC > 0: better without the model)",
     "table13": "Table 13. Bootstrap 95 % confidence intervals (over images) of the means in Tables 4–9",
     "wilcoxon_readable": "Wilcoxon signed-rank tests, Holm-adjusted per family, dataset and metric",
+}
+
+
+# Said under a table wherever it is shown.
+TABLE_NOTES = {
+    "table2": "This study ranks and selects the encoders by validation DSC only. The article's ten are exactly the "
+              "ten best of this table (test data) at or above 91.5 %: it may have selected on test.",
 }
 
 
@@ -80,11 +83,12 @@ def _try(stage: str, study: Study) -> pd.DataFrame | None:
 
 
 def _rows(stage: str) -> list[str]:
-    """The row order of a stage's tables (the article's), as group keys."""
+    """The row order of a stage's tables, as group keys: the article's (its Tables 1, 2 and 8)."""
     if stage == "stage1":
-        return list(AUGMENTATION_GROUPS.values())
+        return list(published("table1").index)
     if stage == "stage4":
-        return list(RULES)
+        by_name = {rule_name(key): key for key in RULES}
+        return [by_name[label] for label in published("table8").index]
     return list(PAPER_ENCODERS)
 
 
@@ -94,10 +98,14 @@ def stage_tables(study: Study, stage: str) -> dict[str, pd.DataFrame]:
     tables: dict[str, pd.DataFrame] = {}
     if frame is None:
         return tables
+    metrics = METRICS
+    if study.cfg.analysis.paper_style_f1:
+        frame = frame.assign(f1_sklearn13=f1_as_scikit_learn_1_3(frame))
+        metrics = (*METRICS, "f1_sklearn13")
     for name, dataset in STAGE_TABLES[stage].items():
         if not (frame["dataset"] == dataset).any():
             continue
-        table = metric_table(frame, dataset, _rows(stage))
+        table = metric_table(frame, dataset, _rows(stage), metrics)
         if stage == "stage4":
             table.index = [rule_name(g) for g in table.index]
         tables[name] = table
@@ -117,10 +125,13 @@ def _extra_tables(study: Study) -> dict[str, pd.DataFrame]:
             table = metric_table(stage4, dataset, ALL_RULES, metrics=(*METRICS, *BOUNDARY_METRICS))
             boundary = [metric_name(m) for m in BOUNDARY_METRICS]
             table[boundary] /= 100  # distances are in pixels, not fractions
+            # HD95 and ASSD are undefined where exactly one mask is empty: their means skip those images
+            undefined = stage4[stage4["dataset"] == dataset].groupby("group")["hd95"].apply(lambda x: int(x.isna().sum()))
+            table.insert(table.columns.get_loc(boundary[-1]) + 1, "images without HD95/ASSD", undefined.reindex(table.index))
             table.index = [rule_name(g) for g in table.index]
             tables[name] = table.round(2)
     if study.layout.leave_one_out.is_file():
-        loo = pd.read_csv(study.layout.leave_one_out)
+        loo = read_table(study.layout.leave_one_out)
         loo[["mean_dsc", "delta_dsc"]] *= 100
         tables["table12"] = loo.rename(columns={"dataset": "Dataset", "removed": "Model removed",
                                                 "mean_dsc": "DSC", "delta_dsc": "ΔDSC"}).round(2)
@@ -149,7 +160,7 @@ def confidence_intervals(study: Study, n_boot: int) -> pd.DataFrame:
             part = frame[frame["dataset"] == dataset]
             if part.empty:
                 continue
-            ci = mean_ci_table(part, by=["group"], metrics=list(METRICS), n_boot=n_boot)
+            ci = mean_ci_table(part, by=["group"], metrics=list(METRICS), n_boot=n_boot, cluster_on=PATIENT_KEYS)
             ci.insert(0, "table", name)
             parts.append(ci)
     if not parts:
@@ -158,7 +169,7 @@ def confidence_intervals(study: Study, n_boot: int) -> pd.DataFrame:
     out["group"] = out["group"].map(rule_name)
     out["metric"] = out["metric"].map(metric_name)
     out[["mean", "low", "high"]] = (out[["mean", "low", "high"]] * 100).round(2)
-    return out
+    return out.rename(columns={"n": "images", "n_clusters": "patients"})
 
 
 def wilcoxon_tests(study: Study) -> pd.DataFrame:
@@ -167,29 +178,23 @@ def wilcoxon_tests(study: Study) -> pd.DataFrame:
     stage1, stage3, stage4 = (_try(s, study) for s in ("stage1", "stage3", "stage4"))
     if stage4 is not None:
         named = stage4.assign(group=stage4["group"].map(rule_name))
-        families.append(wilcoxon_family(named, all_pairs([rule_name(m) for m in RULES]), family="ensemble rules"))
+        by_patient = {"pair_on": PATIENT_KEYS}  # per-patient means: images of one patient are not independent
+        families.append(wilcoxon_family(named, all_pairs([rule_name(m) for m in RULES]), family="ensemble rules",
+                                        **by_patient))
         extras = [rule_name(m) for m in (*EXTRA_RULES, TUNED, STACKING) if rule_name(m) in set(named["group"])]
         soft = rule_name("soft")
         if extras:
-            families.append(wilcoxon_family(named, one_vs_rest(soft, extras), family="new rules vs soft voting"))
+            families.append(wilcoxon_family(named, one_vs_rest(soft, extras), family="new rules vs soft voting", **by_patient))
         if stage3 is not None:
             both = pd.concat([named[named["group"] == soft], stage3], ignore_index=True)
             families.append(wilcoxon_family(both, one_vs_rest(soft, sorted(set(stage3["group"]))),
-                                            family="soft voting vs single models"))
+                                            family="soft voting vs single models", **by_patient))
     if stage1 is not None:
         per_run = (stage1[stage1["dataset"] == "d1"].groupby(["group", "run", "dataset"])[["dsc", "iou"]].mean()
                    .reset_index().assign(id=lambda f: f["run"].astype(str)))
         with_aug, without = AUGMENTATION_GROUPS[True], AUGMENTATION_GROUPS[False]
         families.append(wilcoxon_family(per_run, [(with_aug, without)], family="augmentation (paired by seed)"))
     return pd.concat(families, ignore_index=True) if families else pd.DataFrame()
-
-
-def side_by_side(name: str, table: pd.DataFrame) -> pd.DataFrame:
-    """This run's values next to the published ones (missing where not transcribed)."""
-    published = paper_tables()["tables"].get(name, {}).get("values", {})
-    paper = pd.DataFrame(published).T.reindex(index=table.index, columns=table.columns).astype(float)
-    both = pd.concat({"this run": table, "paper": paper}, axis=1).swaplevel(axis=1)
-    return both[pd.MultiIndex.from_product([table.columns, ["this run", "paper"]])]  # the paper's column order
 
 
 def write_table(study: Study, table: pd.DataFrame, name: str) -> None:

@@ -9,7 +9,9 @@ from dataclasses import fields
 import pandas as pd
 
 from spineseg import atomic
-from spineseg.errors import StageOrderError
+from spineseg.encoders import has_imagenet_weights
+from spineseg.errors import ConfigError, StageOrderError
+from spineseg.study.artifacts import read_table
 from spineseg.study.config import Training
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
@@ -19,13 +21,23 @@ from spineseg.train import TrainSettings
 _SETTINGS = {f.name for f in fields(TrainSettings)}
 
 
-def run_spec(data: StudyData, stage: str, encoder: str, seed: int, section: Training, *, augment: bool,
-             pretrained: str, architecture: str = "unet") -> RunSpec:
-    """One run of `section`'s settings; the hyperparameters are read by name, declared only in the config."""
+def run_spec(study: Study, data: StudyData, stage: str, encoder: str, seed: int, section: Training, *, augment: bool,
+             pretrained: str, architecture: str = "unet", weights_path: str = "", init: str | None = None) -> RunSpec:
+    """One run of `section`'s settings; the hyperparameters are read by name, declared only in the config.
+
+    The encoder-less U-Net has no ImageNet weights: it trains from scratch beside pretrained encoders,
+    as in the article. `weights_path` (relative to the project) replaces the ImageNet download.
+    """
     values = {name: getattr(section, name) for name in _SETTINGS if hasattr(section, name)}
     train = TrainSettings(**{**values, "augment": augment, "seed": seed})
-    return RunSpec(stage=stage, encoder=encoder, image_size=section.image_size, train=train,
-                   architecture=architecture, pretrained=pretrained, data=data.fingerprint)
+    if weights_path:
+        path = (study.project / weights_path).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{stage}.weights_path for {encoder}: {path} does not exist")
+        weights_path = str(path)
+    return RunSpec(stage=stage, encoder=encoder, image_size=section.image_size, train=train, architecture=architecture,
+                   pretrained=pretrained if has_imagenet_weights(encoder) else "none", weights_path=weights_path or None,
+                   init=init, data=data.fingerprint)
 
 
 def train_and_collect(study: Study, data: StudyData, stage: str, specs: list[RunSpec],
@@ -43,14 +55,14 @@ def load_stage_metrics(study: Study, stage: str, split: str = "test") -> pd.Data
     path = study.layout.stage_metrics(stage, split)
     if not path.is_file():
         raise StageOrderError(f"{path} is missing: run {stage} first")
-    return pd.read_csv(path, dtype={"id": str, "group": str})
+    return read_table(path)
 
 
 def load_stage_runs(study: Study, stage: str) -> pd.DataFrame:
     path = study.layout.runs_table(stage)
     if not path.is_file():
         raise StageOrderError(f"{path} is missing: run {stage} first")
-    return pd.read_csv(path)
+    return read_table(path)
 
 
 def training_summary(study: Study, stage: str, by: str) -> pd.DataFrame:

@@ -1,0 +1,77 @@
+"""Where this study differs from the article, and why: said in 05_analysis with this run's own figures.
+
+The README's section of the same name says the same in general; here the counts come from the run.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from spineseg.study.article import published
+from spineseg.study.artifacts import read_table
+from spineseg.study.session import Study
+
+
+def _rule_checks(study: Study) -> pd.DataFrame | None:
+    path = study.layout.rule_checks
+    return read_table(path) if path.is_file() else None
+
+
+def _empty_members(checks: pd.DataFrame | None) -> str:
+    if checks is None:
+        return "(stage 4 has not run)"
+    return "; ".join(f"{row.dataset}: {row.images_with_an_empty_member} of {row.images} images"
+                     for row in checks.itertuples())
+
+
+def _max_vs_union(checks: pd.DataFrame | None) -> str:
+    if checks is None or "images_where_max_differs_from_union" not in checks:
+        return ""
+    differing = int(checks["images_where_max_differs_from_union"].sum())
+    return f" In this run they differ on {differing} images."
+
+
+def deviations(study: Study) -> str:
+    """A Markdown list of every known difference from the article, with this run's figures."""
+    cfg = study.cfg
+    checks = _rule_checks(study)
+    table8 = published("table8")
+    max_dsc, union_dsc = table8.loc["Max", "DSC"], table8.loc["Union", "DSC"]
+    lines = [
+        "## Where this study differs from the article, and why",
+        "",
+        "- **F1 vs DSC.** For binary masks F1 = 2PR/(P+R) equals DSC on every image, and so in every table here. "
+        "The article's Tables 2–3 print F1 ≠ DSC for the failing backbones (ResNet50: DSC 12.95 %, F1 37.79 %). "
+        "The most consistent explanation: scikit-learn 1.3.0's `f1_score(..., zero_division=1)` returned 1 on "
+        "images with TP = 0 and both FP and FN > 0 (scikit-learn issues #26864, #26965). "
+        f"`analysis.paper_style_f1: true` adds that F1 as a column (this run: {'on' if cfg.analysis.paper_style_f1 else 'off'}).",
+        f"- **Max = union.** Eq. 9 (max_k P_k > T) and eq. 14 (any P_k > T) give the same mask, so Max and Union "
+        f"always agree here; the article prints different values (Table 8 DSC: max {max_dsc:.2f} %, union "
+        f"{union_dsc:.2f} %), so its union masks must have been made another way (e.g. binarised before resizing)."
+        + _max_vs_union(checks),
+        "- **Shape averaging with an empty member.** A member mask with no foreground has no distance map; it "
+        "counts as −(H + W) everywhere, voting background as strongly as possible. Images where a member's mask "
+        f"was empty at T = {cfg.stage4.threshold}: {_empty_members(checks)}.",
+        f"- **Stage-3 initialisation** (`stage3.init_from`, this run: `{cfg.stage3.init_from}`). The article says "
+        "the ten encoders were retrained at 512² but not whether from ImageNet or from their stage-2 weights; "
+        "`imagenet` (the default) is the literal reading, `stage2` continues the stage-2 run.",
+        "- **Model selection on validation only.** The article's ten selected encoders are exactly the ten best by "
+        "its Table 2 (*test*) DSC among those ≥ 91.5 % (cut between EfficientNetB4, 91.58 %, and the plain U-Net, "
+        "91.53 %): it may have selected on test. This study ranks by mean validation DSC and never looks at test "
+        "data for any choice (selection, tuned threshold, stacker).",
+        "- **Statistics by patient.** Where a dataset holds several images of one patient (AASCE: up to 7 in a "
+        "test split), Wilcoxon tests compare per-patient means and the bootstrap resamples patients; every table "
+        "of tests and intervals gives both counts. With one image per patient (the synthetic data) this equals "
+        "the per-image analysis.",
+        "- **What the `paper` profile changes against the article.** PyTorch encoders from segmentation-models-"
+        "pytorch / timm stand in for the article's (likely Keras) ones (SEResNet34 = timm `legacy_seresnet34`, "
+        "InceptionV3 = timm `inception_v3`); the encoder-less U-Net ('None') is a Ronneberger U-Net with "
+        "BatchNorm, trained from scratch beside the pretrained encoders; stage 1's VGG16 uses ImageNet weights "
+        "(the article does not say); early-stopping patience starts once validation DSC > 0, and the output bias "
+        "starts at logit(0.01) (both only matter for models that start predicting nothing); training on CUDA "
+        "uses fp16 autocast.",
+        "- **Numbers depend on the machine.** Thread count and hardware change floating-point sums, so the same "
+        "profile and seed give slightly different tables on another machine; compare with the spread over seeds, "
+        "not the last digit.",
+    ]
+    return "\n".join(lines)
