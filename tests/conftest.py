@@ -100,3 +100,24 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def column_samples(n: int, height: int = 96, width: int = 32, seed: int = 0, prefix: str = "col") -> list[Sample]:
+    """``n`` tall images of a column of bright boxes, one per level Th4..L1 with dark gaps, labelled with
+    level codes; the mask is Th8–Th11. The column starts at a random height, so position alone does not
+    name the levels."""
+    from spineseg.vertebrae import region_mask
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        image = rng.integers(0, 50, size=(height, width)).astype(np.uint8)
+        labels = np.zeros((height, width), dtype=np.uint8)
+        top = int(rng.integers(2, 10))
+        for code in range(4, 14):
+            box = slice(top, top + 6), slice(width // 2 - 6, width // 2 + 6)
+            labels[box] = code
+            image[box] = rng.integers(150, 230)
+            top += 8
+        samples.append(Sample(id=f"{prefix}{i:03d}", image=image, mask=region_mask(labels), labels=labels))
+    return samples

@@ -13,6 +13,7 @@ from PIL import Image
 from spineseg.data.aasce import CSV_TOLERANCE_PX, convert, patient_of, sample_id
 from spineseg.data.dataset import DatasetError, read_manifest
 from spineseg.study.figures import label_overlays
+from spineseg.vertebrae import CODES, IGNORE
 
 REAL_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "aasce" / "boostnet_labeldata"
 WIDTH, HEIGHT = 200, 400  # synthetic source size: x and y scale differently on the way to a square
@@ -87,16 +88,44 @@ def test_sample_id_is_a_safe_name() -> None:
 
 # --- geometry -----------------------------------------------------------------------------------------
 
-def test_mask_is_the_union_of_the_scaled_boxes_labelled_top_to_bottom(src: Path, tmp_path: Path) -> None:
+def test_every_level_is_drawn_with_its_code_and_the_mask_is_th8_to_th11(src: Path, tmp_path: Path) -> None:
     size = 100  # x scales by 0.5, y by 0.25: box k covers rows 8+5k .. 11+5k, columns 40 .. 59
     folder = convert(src, tmp_path / "out", size=size)["training"]
     row = read_manifest(folder).set_index("id").loc[sample_id(NAME)]
     labels, mask = load_png(folder, row["labels"]), load_png(folder, row["mask"])
     expected = np.zeros((size, size), dtype=np.uint8)
-    for label, k in enumerate(range(7, 11), start=1):
-        expected[8 + 5 * k: 12 + 5 * k, 40:60] = label
+    for k in range(17):  # Th1 = 1 … Th12 = 12, L1 = 13 … L5 = 17
+        expected[8 + 5 * k: 12 + 5 * k, 40:60] = k + 1
     np.testing.assert_array_equal(labels, expected)
-    np.testing.assert_array_equal(mask, np.where(expected > 0, 255, 0))
+    np.testing.assert_array_equal(mask, np.where((expected >= 8) & (expected <= 11), 255, 0))
+    assert "flags" not in read_manifest(folder).columns  # nothing to flag
+
+
+def test_tall_sizes_keep_the_aspect(src: Path, tmp_path: Path) -> None:
+    folder = convert(src, tmp_path / "out", size=(96, 48))["training"]  # the source is 400 x 200
+    labels = load_png(folder, read_manifest(folder)["labels"][0])
+    assert labels.shape == (96, 48)
+    rows, cols = np.nonzero(labels == CODES["Th8"])
+    # Th8's box: source rows 172..188 and columns 80..120, scaled by 0.24 both ways
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (41, 45, 19, 29)
+
+
+@pytest.mark.parametrize("level, index, moved_to", [("Th1", 0, 380), ("L5", 16, 10)])
+def test_an_end_level_out_of_order_is_flagged_and_kept_out_of_supervision(tmp_path: Path, level, index, moved_to) -> None:
+    points = stacked_landmarks().astype(float)
+    points[4 * index: 4 * index + 4, 1] += moved_to - points[4 * index: 4 * index + 4, 1].min()
+    src = write_split(tmp_path / "src", "training", [(NAME, points)])
+    folder = convert(src, tmp_path / "out", size=100)["training"]
+    manifest = read_manifest(folder)
+    assert manifest["flags"][0].startswith(f"{level} landmarks out of order")
+    labels, mask = load_png(folder, manifest["labels"][0]), load_png(folder, manifest["mask"][0])
+    assert not (labels == CODES[level]).any()
+    unknown = np.nonzero((labels == IGNORE).any(axis=1))[0]
+    if level == "Th1":  # above Th2's top edge (row 13) nothing is known
+        assert (unknown.min(), unknown.max()) == (0, 12)
+    else:  # below L4's bottom edge (row 92)
+        assert (unknown.min(), unknown.max()) == (88, 99)
+    assert ((mask > 0) == np.isin(labels, [8, 9, 10, 11])).all() and (mask > 0).sum() == 4 * 4 * 20
 
 
 def test_tilted_quadrilaterals_follow_their_corners(tmp_path: Path) -> None:
@@ -111,10 +140,10 @@ def test_tilted_quadrilaterals_follow_their_corners(tmp_path: Path) -> None:
     scaled = points * [size / WIDTH, size / HEIGHT]
     rows, cols = np.mgrid[:size, :size]
     centres = np.column_stack([cols.ravel() + 0.5, rows.ravel() + 0.5])
-    for label, k in enumerate(range(7, 11), start=1):
+    for k in range(7, 11):
         tl, tr, bl, br = scaled[4 * k: 4 * k + 4]
         inside = Outline([tl, tr, br, bl]).contains_points(centres).reshape(size, size)
-        assert np.array_equal(labels == label, inside), f"label {label}"
+        assert np.array_equal(labels == k + 1, inside), f"level code {k + 1}"
 
 
 def test_image_and_mask_are_resized_together(tmp_path: Path) -> None:
@@ -126,7 +155,7 @@ def test_image_and_mask_are_resized_together(tmp_path: Path) -> None:
     image, labels = load_png(folder, row["image"]), load_png(folder, row["labels"])
     assert image.shape == (100, 100)
     rows, cols = np.nonzero(image > 128)
-    th9_rows, th9_cols = np.nonzero(labels == 2)
+    th9_rows, th9_cols = np.nonzero(labels == CODES["Th9"])
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (th9_rows.min(), th9_rows.max(), th9_cols.min(), th9_cols.max())
 
 
@@ -250,12 +279,12 @@ def test_real_conversion_gives_plausible_masks(real_src: Path, tmp_path: Path) -
     for row in manifest.itertuples():
         image, labels = load_png(folder, row.image), load_png(folder, row.labels)
         assert image.shape == labels.shape == (size, size) and image.std() > 10
-        assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
-        rows, cols = np.nonzero(labels)
+        assert {8, 9, 10, 11} <= set(np.unique(labels)) <= set(range(18)) | {IGNORE}
+        rows, cols = np.nonzero(np.isin(labels, [8, 9, 10, 11]))
         assert 0.005 < rows.size / labels.size < 0.1, row.id  # 1–7 % over all 481 images
         assert 0.15 < cols.mean() / size < 0.85, row.id  # spine in the central columns
         assert 0.3 < rows.mean() / size < 0.6, row.id  # mid-thoracic: a little above the middle
-        centres = [np.nonzero(labels == label)[0].mean() for label in (1, 2, 3, 4)]
+        centres = [np.nonzero(labels == code)[0].mean() for code in range(1, 18) if (labels == code).any()]
         assert centres == sorted(centres), row.id
     label_overlays(folder, n=2)
 
@@ -284,3 +313,14 @@ def test_a_truncated_source_image_stops_the_conversion_before_anything_changes(s
         convert(src, out, size=32, force=True)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert read_manifest(first).shape[0] == 3
+
+
+def test_real_annotations_flag_the_levels_out_of_order_or_degenerate(real_src: Path) -> None:
+    from collections import Counter
+
+    from spineseg.data import aasce
+
+    records = aasce._read_split(real_src, "training", None)
+    untrusted = Counter(tuple(aasce.LEVELS[k] for k in r.untrusted) for r in records if r.untrusted)
+    # 24 images with L5 drawn at the top or a degenerate L5, one with Th1 below Th2, one degenerate L4
+    assert untrusted == {("L5",): 24, ("Th1",): 1, ("L4",): 1}

@@ -193,3 +193,17 @@ def test_f1_as_scikit_learn_1_3_scored_it_on_constructed_cases():
     frame = per_image(pred, target)
     np.testing.assert_allclose(f1_as_scikit_learn_1_3(frame), [1.0, 0.0, 0.0, 2 / 3, 1.0])
     np.testing.assert_allclose(frame["f1"], [0.0, 0.0, 0.0, 2 / 3, 1.0])
+
+
+def test_average_precision_matches_its_definition_on_constructed_maps():
+    from spineseg.metrics import average_precision
+
+    truth = np.array([[1, 0, 1, 0]], dtype=bool)
+    perfect = np.array([[0.9, 0.1, 0.8, 0.2]])
+    assert average_precision(perfect, truth)[0] == pytest.approx(1.0)
+    # ranks: 0.9 (hit), 0.8 (miss), 0.7 (hit), 0.1 (miss) -> precision at the hits 1 and 2/3
+    mixed = np.array([[0.9, 0.8, 0.7, 0.1]])
+    assert average_precision(mixed, np.array([[1, 1, 0, 0]], bool)[:, [0, 2, 1, 3]])[0] == pytest.approx((1 + 2 / 3) / 2)
+    # ties are one threshold: all four at 0.5 -> precision 2/4 at recall 1
+    assert average_precision(np.full((1, 4), 0.5), truth)[0] == pytest.approx(0.5)
+    assert np.isnan(average_precision(perfect, np.zeros_like(truth))[0])

@@ -444,3 +444,17 @@ def test_format_wilcoxon_names_the_better_side_when_significant():
     frame = metrics_frame({"A": list(base + 0.1), "B": list(base)})
     readable = format_wilcoxon(wilcoxon_family(frame, [("A", "B")], metrics=("dsc",), family="f"))
     assert readable.loc[0, "significant"] == "yes" and readable.loc[0, "better"] == "A"
+
+
+def test_auroc_on_constructed_scores():
+    from spineseg.stats import auroc
+
+    assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.5], [True, False, True, False]) == 0.5  # ties count half
+    assert np.isnan(auroc([0.1, 0.2], [True, True]))  # nothing to tell apart
+    rng = np.random.default_rng(0)
+    positives = rng.random(2000) < 0.3
+    scores = rng.normal(positives * 1.0, 1.0)
+    from scipy.stats import norm
+    assert auroc(scores, positives) == pytest.approx(norm.cdf(1 / np.sqrt(2)), abs=0.03)  # binormal, d' = 1

@@ -10,7 +10,8 @@ import pytest
 from scipy import ndimage
 
 from spineseg.data import synthetic
-from spineseg.data.synthetic import LEVELS, TARGET_LEVELS, generate, render, synthesize
+from spineseg.data.synthetic import LEVELS, generate, render, synthesize
+from spineseg.vertebrae import CODES, REGION, region_mask
 
 SIZE = 256  # the phantom's statistics at 256² match 512² closely and render 4x faster
 HANDFUL = range(4)
@@ -86,13 +87,14 @@ def test_default_counts_write_both_domains(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("domain", ["d1", "d2"])
-def test_labels_are_the_four_target_bodies_stacked_top_to_bottom(domain):
+def test_labels_code_every_body_by_its_level_and_the_mask_is_th8_to_th11(domain):
     for sample in generate(domain, 4, seed=11, size=128):
         assert sample.image.dtype == np.uint8 and sample.image.shape == (128, 128)
-        np.testing.assert_array_equal(sample.mask, sample.labels > 0)
-        assert set(np.unique(sample.labels).tolist()) == {0, 1, 2, 3, 4}
-        rows = [np.nonzero(sample.labels == k)[0].mean() for k in (1, 2, 3, 4)]
-        assert np.all(np.diff(rows) > 0)
+        np.testing.assert_array_equal(sample.mask, np.isin(sample.labels, [8, 9, 10, 11]))
+        present = set(np.unique(sample.labels).tolist()) - {0}
+        assert {CODES[name] for name in REGION} <= present and present <= {CODES[name] for name in LEVELS}
+        rows = [np.nonzero(sample.labels == CODES[name])[0].mean() for name in LEVELS if (sample.labels == CODES[name]).any()]
+        assert np.all(np.diff(rows) > 0)  # the codes run top to bottom
         assert 0.01 < sample.mask.mean() < 0.10
 
 
@@ -103,11 +105,12 @@ def test_targets_are_identified_by_position_in_a_longer_column():
         present = [k for k in range(1, len(LEVELS) + 1) if (phantom.column == k).any()]
         assert len(present) >= 14  # a whole column, not just the four targets
         bodies = phantom.column > 0
-        for k, level in enumerate(TARGET_LEVELS, start=1):
-            np.testing.assert_array_equal(phantom.labels == k, phantom.column == LEVELS.index(level) + 1)
+        for level in LEVELS:  # one code table: C6 = 23, C7 = 24, Th1..Th12 = 1..12, L1.. = 13..
+            np.testing.assert_array_equal(phantom.labels == CODES[level], phantom.column == LEVELS.index(level) + 1)
+        assert CODES["C7"] == 24 and CODES["Th8"] == 8 and CODES["L1"] == 13
         rows = {k: np.nonzero(phantom.column == k)[0].mean() for k in (th7, th12)}
-        assert rows[th7] < np.nonzero(phantom.labels == 1)[0].mean()
-        assert rows[th12] > np.nonzero(phantom.labels == 4)[0].mean()
+        assert rows[th7] < np.nonzero(phantom.labels == CODES["Th8"])[0].mean()
+        assert rows[th12] > np.nonzero(phantom.labels == CODES["Th11"])[0].mean()
         for neighbour in (th7, th12):  # the bodies just outside the mask look like vertebrae too
             assert _contrast_to_noise(phantom.image, phantom.column == neighbour, 3, bodies) > 0.3
 
@@ -123,7 +126,7 @@ def test_d2_has_lower_target_contrast_than_d1():
         scores = []
         for index in HANDFUL:
             phantom = render(domain, index, seed=0, size=SIZE)
-            mask = phantom.labels > 0
+            mask = region_mask(phantom.labels)
             scores.append(_contrast_to_noise(phantom.image, mask, 4, mask))
         return float(np.mean(scores))
 
@@ -136,7 +139,7 @@ def test_best_global_threshold_fails_so_the_task_needs_learning(domain):
     scores = []
     for index in HANDFUL:
         phantom = render(domain, index, seed=0, size=SIZE)
-        scores.append(_best_global_threshold_dice(phantom.image, phantom.labels > 0))
+        scores.append(_best_global_threshold_dice(phantom.image, region_mask(phantom.labels)))
     assert np.mean(scores) < 0.5
 
 

@@ -22,7 +22,7 @@ from spineseg.data import Split, load_split
 from spineseg.errors import SpinesegError
 from spineseg.metrics import dice
 from spineseg.models import build_model
-from spineseg.predict import predict_proba
+from spineseg.predict import Segmenter, predict_proba
 from spineseg.train import TrainSettings, fit
 
 ENCODER = "EfficientNetB0"  # small, learns the rectangles within an epoch; has stochastic depth
@@ -46,9 +46,9 @@ def splits(train_val_folder) -> tuple[Split, Split]:
     return load_split(train_val_folder, "train", SIZE), load_split(train_val_folder, "val", SIZE)
 
 
-def _model(seed: int = 0) -> torch.nn.Module:
+def _model(seed: int = 0) -> Segmenter:
     torch.manual_seed(seed)
-    return build_model(ENCODER)
+    return Segmenter(build_model(ENCODER))
 
 
 def _history(folder: Path) -> pd.DataFrame:
@@ -187,6 +187,7 @@ KILL_SCRIPT = textwrap.dedent(
     import spineseg.train as T
     from spineseg.data import load_split
     from spineseg.models import build_model
+    from spineseg.predict import Segmenter
 
     data, out, size, encoder = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     real, calls = T.predict_proba, []
@@ -202,7 +203,7 @@ KILL_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     settings = T.TrainSettings(batch_size={batch}, lr={lr}, max_epochs={max_epochs}, patience={patience},
                                augment={augment}, seed={seed})
-    T.fit(build_model(encoder), load_split(data, "train", size), load_split(data, "val", size), settings, out,
+    T.fit(Segmenter(build_model(encoder)), load_split(data, "train", size), load_split(data, "val", size), settings, out,
           torch.device("cpu"))
     """
 ).format(batch=SETTINGS.batch_size, lr=SETTINGS.lr, max_epochs=SETTINGS.max_epochs, patience=SETTINGS.patience,
@@ -308,3 +309,44 @@ def test_checkpoints_load_with_weights_only(reference):
     folder, outcome, _ = reference
     saved = torch.load(folder / "checkpoint.pt", weights_only=True)
     assert saved["state"]["best_epoch"] == outcome.best_epoch and len(saved["state"]["history"]) == saved["state"]["epoch"]
+
+
+def test_a_level_aware_model_with_coordinates_and_crops_learns_and_predicts_ordered_levels(tmp_path):
+    from conftest import column_samples
+    from spineseg.data import write_dataset
+    from spineseg.objectives import Levels
+    from spineseg.predict import predict
+
+    folder = write_dataset(tmp_path, "columns", column_samples(20), fractions=(0.8, 0.2, 0.0))
+    train, val = load_split(folder, "train", labels=True), load_split(folder, "val")
+    settings = replace(SETTINGS, max_epochs=4, target="levels", coordinates=True, crop_height=64, batch_size=4, lr=3e-3)
+
+    def model():
+        torch.manual_seed(0)
+        return Segmenter(build_model("MobileNetV2", in_channels=3, classes=18), Levels(), coordinates=True)
+
+    first = model()
+    outcome = fit(first, train, val, settings, tmp_path / "a", CPU)
+    history = _history(tmp_path / "a")
+    assert history["train_loss"].iloc[-1] < 0.8 * history["train_loss"].iloc[0]
+    prediction = predict(first, val.images, CPU, hflip=True)
+    assert prediction.region.shape == val.images.shape == prediction.levels.shape
+    assert ((prediction.region >= 0) & (prediction.region <= 1)).all()
+    assert set(np.unique(prediction.levels)) <= set(range(18))
+    fit(model(), train, val, settings, tmp_path / "b", CPU)  # the same seed takes the same path, crops included
+    np.testing.assert_array_equal(_values(_history(tmp_path / "a")), _values(_history(tmp_path / "b")))
+    assert outcome.epochs_run == 4
+
+
+def test_augmenting_a_level_map_never_pushes_a_level_out():
+    import albumentations as A
+
+    from conftest import column_samples
+    from spineseg.augment import augment_batch
+
+    sample = column_samples(1)[0]
+    push_out = A.Compose([A.Affine(translate_percent={"y": (0.45, 0.45), "x": (0, 0)}, p=1.0)], seed=0)
+    images, labels = augment_batch(push_out, sample.image[None] / 255.0, sample.labels[None], keep_levels=True)
+    np.testing.assert_array_equal(labels[0], sample.labels)  # every try lost levels: the sample stays as it was
+    _, moved = augment_batch(push_out, sample.image[None] / 255.0, sample.labels[None], keep_levels=False)
+    assert not np.array_equal(moved[0], sample.labels)

@@ -10,6 +10,8 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from spineseg.vertebrae import N_LEVELS
+
 ROTATION_DEG = 10.0
 SCALE = (0.8, 1.2)
 SHIFT_FRACTION = 0.1
@@ -49,12 +51,33 @@ def paper_augmentation(seed: int | None = None) -> A.Compose:
     )
 
 
-def augment_batch(transform: A.Compose, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Augment a batch [B, H, W] of float images and {0, 1} masks; intensities stay in [0, 1]."""
+KEEP_FRACTION = 0.5  # a level-aware target keeps at least this share of every level it shows
+KEEP_TRIES = 4
+
+
+def augment_batch(transform: A.Compose, images: np.ndarray, masks: np.ndarray,
+                  keep_levels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Augment a batch [B, H, W] of float images and their masks (or level maps); intensities stay in [0, 1].
+
+    With ``keep_levels`` an augmentation that pushes most of a level out of the image (the first or
+    last vertebra, typically) is drawn again, and after a few tries the sample stays as it is: a
+    level-aware model must never learn that the column starts one vertebra lower than it does.
+    """
     out_images = np.empty_like(images)
     out_masks = np.empty_like(masks)
     for i in range(len(images)):
-        result = transform(image=images[i], mask=masks[i])
+        for _ in range(KEEP_TRIES if keep_levels else 1):
+            result = transform(image=images[i], mask=masks[i])
+            if not keep_levels or _levels_kept(masks[i], result["mask"]):
+                break
+        else:
+            result = {"image": images[i], "mask": masks[i]}
         out_images[i] = result["image"]  # albumentations clips float images to [0, 1]
         out_masks[i] = result["mask"]
     return out_images, out_masks
+
+
+def _levels_kept(before: np.ndarray, after: np.ndarray) -> bool:
+    counts_before = np.bincount(before.ravel(), minlength=256)[1:N_LEVELS + 1]
+    counts_after = np.bincount(after.ravel(), minlength=256)[1:N_LEVELS + 1]
+    return bool((counts_after >= KEEP_FRACTION * counts_before).all())

@@ -12,7 +12,7 @@ import pandas as pd
 
 from spineseg.names import METRICS
 
-__all__ = ["METRICS", "confusion", "dice", "f1_as_scikit_learn_1_3", "per_image"]
+__all__ = ["METRICS", "average_precision", "confusion", "dice", "f1_as_scikit_learn_1_3", "per_image"]
 
 
 def _binary(masks: np.ndarray, name: str) -> np.ndarray:
@@ -79,3 +79,26 @@ def f1_as_scikit_learn_1_3(metrics: pd.DataFrame) -> pd.Series:
     """
     misplaced = (metrics["dsc"] == 0) & (metrics["precision"] == 0) & (metrics["recall"] == 0)
     return metrics["f1"].where(~misplaced, 1.0)
+
+
+def average_precision(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-image average precision of a probability map's pixels against the mask: the area under the
+    precision–recall curve as scikit-learn computes it (sum over distinct thresholds of the recall gained
+    times the precision there); NaN for an image with no true pixel."""
+    probs, target = np.asarray(probs, dtype=np.float64), _binary(np.asarray(target), "target")
+    if probs.shape != target.shape:
+        raise ValueError(f"probabilities {probs.shape} and target {target.shape} differ in shape")
+    if probs.ndim == 2:
+        probs, target = probs[None], target[None]
+    out = np.full(len(probs), np.nan)
+    for k, (scores, truth) in enumerate(zip(probs.reshape(len(probs), -1), target.reshape(len(target), -1))):
+        positives = truth.sum()
+        if positives == 0:
+            continue
+        order = np.argsort(-scores, kind="stable")
+        scores, truth = scores[order], truth[order]
+        last_of_tie = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+        hits = np.cumsum(truth)[last_of_tie]
+        precision, recall = hits / (last_of_tie + 1), hits / positives
+        out[k] = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return out

@@ -345,3 +345,15 @@ def format_wilcoxon(table: pd.DataFrame | dict) -> pd.DataFrame:
     if "note" in table.columns and table["note"].astype(bool).any():
         readable["note"] = table["note"]
     return readable
+
+
+def auroc(scores: Iterable[float], positives: Iterable[bool]) -> float:
+    """Area under the ROC curve of `scores` for flagging `positives` (ties count half): the
+    Mann–Whitney U of the positives' scores against the negatives', divided by n₊·n₋."""
+    scores = np.asarray(list(scores), dtype=float)
+    positives = np.asarray(list(positives), dtype=bool)
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,4 +1,6 @@
-"""Training one segmentation model: BCE, Adam, early stopping on validation DSC, resumable epochs.
+"""Training one segmentation model: Adam, early stopping on validation DSC, resumable epochs.
+
+The loss is the objective's (BCE for the article's binary target, cross-entropy + Dice for levels).
 
 Every epoch ends with one atomic checkpoint (model, optimiser, counters, history and the best
 weights), so a run killed at any point restarts from its last finished epoch. ``best.pt`` and
@@ -17,21 +19,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from spineseg import atomic
 from spineseg.augment import augment_batch, paper_augmentation
 from spineseg.data import Split
-from spineseg.device import autocast
+from spineseg.device import autocast, resolve_precision
 from spineseg.errors import SpinesegError
 from spineseg.metrics import dice
-from spineseg.predict import as_batch, predict_proba
+from spineseg.objectives import coordinate_planes
+from spineseg.predict import Segmenter, as_batch, predict_proba
 
 # What `fit` leaves in its folder.
 CHECKPOINT = "checkpoint.pt"  # the last finished epoch: weights, optimiser, counters, history
 BEST = "best.pt"  # the weights of the best validation epoch
 HISTORY = "history.csv"  # one row per epoch
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop, "adamax": torch.optim.Adamax}
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,11 @@ class TrainSettings:
     patience: int
     augment: bool
     seed: int
+    target: str = "binary"  # what the model learns: `spineseg.objectives.TARGETS`
+    coordinates: bool = False  # row and column planes as extra input channels
+    crop_height: int = 0  # train on random full-width crops this tall (0: whole images)
+    precision: str = "auto"  # `spineseg.device.autocast`
+    optimizer: str = "adam"  # `OPTIMIZERS`: the article's Adam, or RMSprop / Adamax (Dastgir et al.)
     eval_batch_size: int = 8
 
 
@@ -94,22 +104,26 @@ class _Progress:
 class Trainer:
     """A model with its optimiser and loss: one gradient step at a time."""
 
-    model: nn.Module
+    model: Segmenter
     device: torch.device
     lr: float
+    precision: str = "auto"
+    optimizer_name: str = "adam"
 
     def __post_init__(self) -> None:
         self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda")
-        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.optimizer = OPTIMIZERS[self.optimizer_name](self.model.parameters(), lr=self.lr)
+        fp16 = resolve_precision(self.precision, self.device) == "fp16"  # bf16 has fp32's range: no scaling
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
 
-    def step(self, images: np.ndarray, masks: np.ndarray) -> float:
-        """One optimiser step on a batch of [B, H, W] images and {0, 1} masks; returns the loss."""
-        x, y = as_batch(images, self.device), as_batch(masks, self.device)
+    def step(self, images: np.ndarray, targets: np.ndarray, planes: np.ndarray | None = None) -> float:
+        """One optimiser step on [B, H, W] images and targets (masks or level classes); returns the loss."""
+        x = as_batch(images, self.device)
+        y = torch.from_numpy(np.array(targets)).to(self.device)
+        planes = None if planes is None else torch.from_numpy(planes).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device):
-            loss = self.loss_fn(self.model(x), y)
+        with autocast(self.device, self.precision):
+            loss = self.model.objective.loss(self.model.logits(x, planes), y)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -125,26 +139,44 @@ class Trainer:
         self.scaler.load_state_dict(saved["scaler"])
 
 
+def _crop(images: np.ndarray, targets: np.ndarray, planes: np.ndarray, height: int, rng: np.random.Generator):
+    """Random full-width crops `height` rows tall; the planes keep each crop's place in its radiograph."""
+    tops = rng.integers(0, images.shape[1] - height + 1, size=len(images))
+    rows = tops[:, None] + np.arange(height)
+    take = np.arange(len(images))[:, None]
+    return images[take, rows], targets[take, rows], planes[take, :, rows].transpose(0, 2, 1, 3)
+
+
 def train_epoch(trainer: Trainer, train: Split, settings: TrainSettings, epoch: int, augmentation) -> float:
     """One pass over the training split in the (seed, epoch) order; returns the mean loss."""
-    order = np.random.default_rng([settings.seed, epoch]).permutation(len(train))
+    rng = np.random.default_rng([settings.seed, epoch])
+    order = rng.permutation(len(train))
+    starts = list(range(0, len(order), settings.batch_size))
+    if len(starts) > 1 and len(order) - starts[-1] == 1:
+        starts.pop()  # a lone last image joins the batch before it: BatchNorm cannot normalise one 1×1 map
     if augmentation is not None:
         augmentation.set_random_seed(settings.seed * 1_000_003 + epoch)
     torch.manual_seed(settings.seed * 1_000_003 + epoch)  # dropout / stochastic depth replay on resume too
     trainer.model.train()
+    objective = trainer.model.objective
+    targets = objective.targets(train)
     losses = []
-    for start in range(0, len(order), settings.batch_size):
-        index = np.sort(order[start:start + settings.batch_size])
-        images, masks = train.images[index], train.masks[index]
+    for start, end in zip(starts, [*starts[1:], len(order)]):
+        index = np.sort(order[start:end])
+        images, batch_targets = train.images[index], targets[index]
         if augmentation is not None:
-            images, masks = augment_batch(augmentation, images, masks)
-        losses.append(trainer.step(images, masks))
+            images, batch_targets = augment_batch(augmentation, images, batch_targets, keep_levels=objective.needs_labels)
+        planes = None
+        if settings.crop_height and settings.crop_height < images.shape[1]:
+            full = np.broadcast_to(coordinate_planes(*images.shape[1:]), (len(images), 2, *images.shape[1:]))
+            images, batch_targets, planes = _crop(images, batch_targets, full, settings.crop_height, rng)
+        losses.append(trainer.step(images, batch_targets, planes if trainer.model.coordinates else None))
     return float(np.mean(losses))
 
 
-def validation_dsc(model: nn.Module, val: Split, device: torch.device, batch_size: int) -> float:
+def validation_dsc(model: Segmenter, val: Split, device: torch.device, batch_size: int, precision: str = "auto") -> float:
     """Mean per-image DSC at T = 0.5: the early-stopping criterion."""
-    return float(dice(predict_proba(model, val.images, device, batch_size) > 0.5, val.masks).mean())
+    return float(dice(predict_proba(model, val.images, device, batch_size, precision) > 0.5, val.masks).mean())
 
 
 def _save(path: Path, obj) -> None:
@@ -189,7 +221,7 @@ def _checkpoint(folder: Path, trainer: Trainer, progress: _Progress, best_model:
     _write_derived(folder, saved)
 
 
-def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, folder: Path,
+def fit(model: Segmenter, train: Split, val: Split, settings: TrainSettings, folder: Path,
         device: torch.device, desc: str = "train") -> TrainOutcome:
     """Train until early stopping or max epochs; on return the model holds its best-validation weights.
 
@@ -197,7 +229,7 @@ def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, fol
     one process at a time may train in it.
     """
     folder = Path(folder)
-    trainer = Trainer(model, device, settings.lr)
+    trainer = Trainer(model, device, settings.lr, settings.precision, settings.optimizer)
     progress, best_model = _resume(folder, trainer)
     augmentation = paper_augmentation() if settings.augment else None
     bar = tqdm(total=settings.max_epochs, initial=progress.epoch, desc=desc, unit="epoch", leave=False,
@@ -205,7 +237,7 @@ def fit(model: nn.Module, train: Split, val: Split, settings: TrainSettings, fol
     while not progress.finished(settings):
         started = time.perf_counter()
         loss = train_epoch(trainer, train, settings, progress.epoch, augmentation)
-        val_dsc = validation_dsc(model, val, device, settings.eval_batch_size)
+        val_dsc = validation_dsc(model, val, device, settings.eval_batch_size, settings.precision)
         if progress.record(val_dsc, loss, time.perf_counter() - started):
             best_model = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
         _checkpoint(folder, trainer, progress, best_model)

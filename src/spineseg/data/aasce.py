@@ -1,9 +1,17 @@
 """Converter for the public AASCE/BoostNet radiographs (Wu et al., MICCAI 2017) into the project format.
 
-The source gives 68 landmarks per image, the four corners of T1…L5; the paper's target is the Th8–Th11
-region, so the mask is the union of those four vertebrae's quadrilaterals. Images are stretched to a
-square, as in the paper, and the landmarks are scaled with them before rasterising, so the mask is
-drawn at the target resolution instead of being resampled.
+The source gives 68 landmarks per image, the four corners of T1…L5. Every vertebra's quadrilateral is
+drawn into the label map with its level code (`spineseg.vertebrae`: Th1 = 1 … L5 = 17), and the mask is
+the article's target, Th8–Th11. Images are resized to the target size (tall, e.g. 512 × 192, keeps
+these tall radiographs close to their aspect; a square stretches them as the article's square inputs
+do), and the landmarks are scaled with them before rasterising, so masks are drawn at the target
+resolution instead of being resampled.
+
+Some annotations have the first or last vertebra out of order (Th1 below Th2, L5 drawn at the top of
+the image) or a degenerate quadrilateral outside Th8–Th11. Such a level is flagged in the manifest and
+kept out of the label map: the band between its trusted neighbours (or the image edge) is marked
+unknown (255), so it supervises nothing. The Th8–Th11 mask is unaffected; a problem inside Th8–Th11 is
+an error.
 
 Landmark coordinates are taken as points in continuous image coordinates, the image spanning [0, W] ×
 [0, H] (the distributors' own convention: ``landmarks.csv`` = ``p2`` / (W, H)); a target pixel belongs to
@@ -25,11 +33,11 @@ from PIL import Image, UnidentifiedImageError
 from skimage.draw import polygon
 from tqdm.auto import tqdm
 
-from spineseg.data.dataset import DatasetError, Sample, fresh_output, write_dataset
+from spineseg.data.dataset import DatasetError, Sample, Size, as_hw, fresh_output, write_dataset
+from spineseg.vertebrae import CODES, IGNORE, LEVELS, REGION
 
-VERTEBRAE = ("Th8", "Th9", "Th10", "Th11")
-FIRST_REGION_VERTEBRA = 7  # 0-based among T1…L5
-N_LANDMARKS = 68
+N_LANDMARKS = 68  # four corners of each of the 17 LEVELS, Th1 … L5
+_REGION_ROWS = tuple(LEVELS.index(name) for name in REGION)
 # Source order is TL, TR, BL, BR; walking the outline needs TL, TR, BR, BL.
 OUTLINE_ORDER = (0, 1, 3, 2)
 # landmarks.csv is p2 / (W, H) rounded to 5 significant digits (≤ 0.04 px off in the real data), so
@@ -67,8 +75,8 @@ class _Annotated:
     image_path: Path
     width: int
     height: int
-    region: np.ndarray  # float [4 vertebrae Th8..Th11, 4 corners TL TR BR BL, (x, y)] in source pixels
-
+    quads: np.ndarray  # float [17 levels, 4 corners TL TR BR BL, (x, y)] in source pixels
+    untrusted: tuple[int, ...]  # rows of `quads` kept out of the label map
 
 def _read_filenames(path: Path) -> list[str]:
     if not path.is_file():
@@ -121,18 +129,32 @@ def _signed_area(quad: np.ndarray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
 
 
-def _check_region(filename: str, region: np.ndarray) -> None:
-    """Catch corners out of order or vertebrae out of sequence, which would silently corrupt the mask."""
-    if not np.isfinite(region).all():
-        raise DatasetError(f"{filename}: Th8–Th11 landmarks contain non-finite values")
-    for name, quad in zip(VERTEBRAE, region):
-        area = _signed_area(quad)
-        if area <= 0:
-            raise DatasetError(f"{filename}: {name} quadrilateral has area {area:.1f} px² with corners in "
-                               f"TL, TR, BR, BL order; its corners are out of order or degenerate")
-    centres = region[:, :, 1].mean(axis=1)
-    if not np.all(np.diff(centres) > 0):
-        raise DatasetError(f"{filename}: Th8–Th11 centres are not ordered top to bottom (rows {np.round(centres, 1).tolist()})")
+def _untrusted_levels(filename: str, quads: np.ndarray) -> tuple[int, ...]:
+    """Levels whose landmarks cannot be drawn: degenerate corners, or Th1 / L5 out of order.
+
+    A problem inside Th8–Th11, or an order problem between inner levels, corrupts the target: an error.
+    """
+    if not np.isfinite(quads).all():
+        raise DatasetError(f"{filename}: landmarks contain non-finite values")
+    untrusted = {k for k, quad in enumerate(quads) if _signed_area(quad) <= 0}
+    centres = quads[:, :, 1].mean(axis=1)
+    trusted = [k for k in range(len(quads)) if k not in untrusted]
+    for upper, lower in zip(trusted, trusted[1:]):
+        if centres[lower] > centres[upper]:
+            continue
+        if upper == 0:
+            untrusted.add(0)
+        elif lower == len(quads) - 1:
+            untrusted.add(lower)
+        else:
+            raise DatasetError(f"{filename}: {LEVELS[upper]} and {LEVELS[lower]} centres are not ordered top to bottom "
+                               f"(rows {centres[upper]:.1f}, {centres[lower]:.1f})")
+    inside = [LEVELS[k] for k in sorted(untrusted) if k in _REGION_ROWS]
+    if inside:
+        area = _signed_area(quads[LEVELS.index(inside[0])])
+        raise DatasetError(f"{filename}: {inside[0]} quadrilateral has area {area:.1f} px² with corners in "
+                           f"TL, TR, BR, BL order; its corners are out of order or degenerate")
+    return tuple(sorted(untrusted))
 
 
 def _read_split(src: Path, split: str, limit: int | None) -> list[_Annotated]:
@@ -155,42 +177,56 @@ def _read_split(src: Path, split: str, limit: int | None) -> list[_Annotated]:
         if not disagreement <= CSV_TOLERANCE_PX:
             raise DatasetError(f"{filename}: {landmarks_csv.name} row {row + 1} and {mat_path.name} disagree by up to "
                                f"{disagreement:.1f} px (tolerance {CSV_TOLERANCE_PX:g} px)")
-        start = 4 * FIRST_REGION_VERTEBRA
-        region = points[start:start + 4 * len(VERTEBRAE)].reshape(len(VERTEBRAE), 4, 2)[:, OUTLINE_ORDER]
-        _check_region(filename, region)
+        quads = points.reshape(len(LEVELS), 4, 2)[:, OUTLINE_ORDER]
+        untrusted = _untrusted_levels(filename, quads)
         identifier = sample_id(filename)
         if identifier in owner_of_id:
             raise DatasetError(f"{filenames_csv}: {owner_of_id[identifier]!r} and {filename!r} both map to id {identifier!r}")
         owner_of_id[identifier] = filename
-        records.append(_Annotated(filename, image_path, width, height, region))
+        records.append(_Annotated(filename, image_path, width, height, quads, untrusted))
     return records
 
 
-def _rasterise(region: np.ndarray, size: int) -> np.ndarray:
-    """Instance map 1..4 = Th8..Th11; where annotations overlap, the lower vertebra wins."""
-    labels = np.zeros((size, size), dtype=np.uint8)
-    for label, quad in enumerate(region, start=1):
+def _rasterise(quads: np.ndarray, untrusted: tuple[int, ...], size: tuple[int, int]) -> np.ndarray:
+    """Level codes of every trusted vertebra; where annotations overlap, the lower vertebra wins.
+
+    An untrusted level leaves the band between its trusted neighbours (or the image edge) unknown.
+    """
+    labels = np.zeros(size, dtype=np.uint8)
+    trusted = [k for k in range(len(quads)) if k not in untrusted]
+    for k in trusted:
         # skimage tests integer (row, col) positions, i.e. pixel centres; ours sit at k + 0.5.
-        rows, cols = polygon(quad[:, 1] - 0.5, quad[:, 0] - 0.5, shape=labels.shape)
-        labels[rows, cols] = label
+        rows, cols = polygon(quads[k, :, 1] - 0.5, quads[k, :, 0] - 0.5, shape=size)
+        labels[rows, cols] = CODES[LEVELS[k]]
+    for k in untrusted:
+        above = [t for t in trusted if t < k]
+        below = [t for t in trusted if t > k]
+        top = int(np.floor(quads[above[-1], :, 1].max())) + 1 if above else 0
+        bottom = int(np.ceil(quads[below[0], :, 1].min())) if below else size[0]
+        band = labels[max(top, 0):max(bottom, 0)]
+        band[band == 0] = IGNORE
     return labels
 
 
-def _to_sample(record: _Annotated, split: str, size: int) -> Sample:
+def _to_sample(record: _Annotated, split: str, size: tuple[int, int]) -> Sample:
     try:
         with Image.open(record.image_path) as img:
-            image = np.asarray(img.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+            image = np.asarray(img.convert("L").resize(size[::-1], Image.Resampling.BILINEAR), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise DatasetError(f"unreadable image {record.image_path} ({exc})") from None
-    labels = _rasterise(record.region * np.array([size / record.width, size / record.height]), size)
-    empty = [name for label, name in enumerate(VERTEBRAE, start=1) if not (labels == label).any()]
+    scale = np.array([size[1] / record.width, size[0] / record.height])
+    labels = _rasterise(record.quads * scale, record.untrusted, size)
+    empty = [name for name in REGION if not (labels == CODES[name]).any()]
     if empty:
-        raise DatasetError(f"{record.filename}: {', '.join(empty)} cover no pixel at {size}×{size}")
-    return Sample(id=sample_id(record.filename), image=image, mask=labels > 0, labels=labels,
-                  patient=patient_of(record.filename), source=f"data/{split}/{record.filename}")
+        raise DatasetError(f"{record.filename}: {', '.join(empty)} cover no pixel at {size[0]}×{size[1]}")
+    flags = "; ".join(f"{LEVELS[k]} landmarks out of order or degenerate: kept out of the level labels"
+                      for k in record.untrusted)
+    return Sample(id=sample_id(record.filename), image=image, mask=np.isin(labels, [CODES[n] for n in REGION]),
+                  labels=labels, patient=patient_of(record.filename), source=f"data/{split}/{record.filename}",
+                  flags=flags)
 
 
-def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training", "test"), size: int = 512,
+def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training", "test"), size: Size = 512,
             seed: int = 0, names: Mapping[str, str] = DEFAULT_NAMES, limit: int | None = None,
             force: bool = False) -> dict[str, Path]:
     """Convert the AASCE splits found under ``src`` (the ``boostnet_labeldata`` folder) into ``out``.
@@ -208,8 +244,7 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
     unnamed = [s for s in splits if s not in names]
     if unnamed:
         raise DatasetError(f"no dataset name given for split(s) {unnamed}")
-    if int(size) < 16:
-        raise DatasetError(f"image size must be at least 16 pixels, got {size}")
+    size = as_hw(size)
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be a positive number of images, got {limit}")
     found = [s for s in splits if (src / "data" / s).is_dir()]
@@ -220,6 +255,6 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
     with fresh_output(out, force) as staging:
         for split, split_records in records.items():
             progress = tqdm(split_records, desc=f"AASCE {split}", unit="image")
-            samples = (_to_sample(record, split, int(size)) for record in progress)
+            samples = (_to_sample(record, split, size) for record in progress)
             write_dataset(staging, names[split], samples, test_only=TEST_ONLY[split], seed=seed)
     return {split: Path(out) / names[split] for split in records}

@@ -26,14 +26,14 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from spineseg.data.dataset import DatasetError, Sample, fresh_output, write_dataset
+from spineseg.vertebrae import BACKGROUND, CODES, region_mask
 
 LEVELS = ("C6", "C7", *(f"Th{k}" for k in range(1, 13)), "L1", "L2", "L3")
-TARGET_LEVELS = ("Th8", "Th9", "Th10", "Th11")
 PAPER_COUNTS = {"d1": 183, "d2": 58}
 MIN_SIZE = 32
 
 _TH1 = LEVELS.index("Th1")
-_FIRST_TARGET = LEVELS.index(TARGET_LEVELS[0])
+_LEVEL_CODES = np.array([BACKGROUND, *(CODES[name] for name in LEVELS)], dtype=np.uint8)  # column value → code
 _REFERENCE_SIZE = 512  # blur sigmas in DomainStyle are pixels at this image size
 _SOFT_TISSUE_DOWNSAMPLING = 2  # soft tissue is smooth: render it small, blur there, upsample
 _SOFT_TISSUE_BLUR = 0.005  # organ edge unsharpness, in units of the image side
@@ -71,9 +71,8 @@ class Phantom:
 
     @property
     def labels(self) -> np.ndarray:
-        """Instance map 1..4 = Th8..Th11 (top to bottom), 0 elsewhere."""
-        rank = self.column.astype(np.int16) - _FIRST_TARGET
-        return np.where((rank >= 1) & (rank <= len(TARGET_LEVELS)), rank, 0).astype(np.uint8)
+        """Every body's level code (`spineseg.vertebrae`: C6 = 23, C7 = 24, Th1 = 1 … L3 = 15), 0 elsewhere."""
+        return _LEVEL_CODES[self.column]
 
 
 @dataclass(frozen=True)
@@ -389,7 +388,7 @@ def generate(domain: str, count: int, seed: int = 0, size: int = 512) -> Iterato
         for index in range(int(count)):
             phantom = render(domain, index, seed, size)
             labels = phantom.labels
-            yield Sample(id=f"{domain}_{index:04d}", image=phantom.image, mask=labels > 0, labels=labels,
+            yield Sample(id=f"{domain}_{index:04d}", image=phantom.image, mask=region_mask(labels), labels=labels,
                          patient=f"{domain}-{index:03d}", source=f"synthetic-{domain}")
 
     return samples()
