@@ -385,3 +385,19 @@ def test_float16_maps_are_pooled_in_float32():
 def test_bad_inputs_get_one_clear_message(probs, threshold, message, method):
     with pytest.raises(ValueError, match=message):
         combine(probs, method, threshold)
+
+
+def test_disagreement_is_zero_when_members_agree_and_grows_with_their_spread():
+    from spineseg.ensemble import disagreement
+
+    agree = np.zeros((3, 8, 8))
+    agree[:, 2:6, 2:6] = 0.9
+    spread, score = disagreement(agree)
+    assert spread.shape == (8, 8) and score == 0.0
+    split = agree.copy()
+    split[0, 2:6, 2:6] = 0.1  # one member sees nothing there
+    _, score_split = disagreement(split)
+    assert score_split == pytest.approx(np.std([0.1, 0.9, 0.9]))
+    maps, scores = disagreement(np.stack([agree, split], axis=1))  # [M, N, H, W]
+    assert maps.shape == (2, 8, 8) and scores.tolist() == pytest.approx([0.0, score_split])
+    assert disagreement(np.zeros((2, 4, 4)))[1] == 0.0  # nobody sees anything: nothing to disagree on

@@ -13,7 +13,7 @@ import timm
 import torch
 
 from spineseg import models
-from spineseg.encoders import ARCHITECTURES, ENCODERS, canonical_encoder
+from spineseg.encoders import ARCHITECTURES, ENCODERS, EXTRA_ENCODERS, PAPER_ENCODERS, canonical_encoder
 from spineseg.errors import ModelError, WeightsUnavailable
 from spineseg.models import HUB_HOST, PlainUNet, build_model, load_encoder_weights, parameter_count
 
@@ -32,7 +32,8 @@ def _forward(model: torch.nn.Module, size: int = 64, batch: int = 2) -> torch.Te
 
 
 def test_registry_holds_the_paper_encoders():
-    assert len(ENCODERS) == 21
+    assert len(PAPER_ENCODERS) == 20  # the article's stage 2 grid
+    assert set(ENCODERS) == set(PAPER_ENCODERS) | set(EXTRA_ENCODERS)
     assert ENCODERS["None"] is None
     assert {"VGG16", "ResNet34", "SEResNet34", "InceptionV3", "MobileNetV2", "EfficientNetB6"} <= set(ENCODERS)
 
@@ -124,7 +125,7 @@ def test_plain_unet_is_size_generic_and_skips_connect():
 
 
 def test_none_encoder_refuses_other_architectures_and_imagenet():
-    with pytest.raises(ValueError, match="unet"):
+    with pytest.raises(ValueError, match="only as a U-Net"):
         build_model("None", architecture="fpn")
     with pytest.raises(ValueError, match="pretrained: none"):
         build_model("None", pretrained="imagenet")

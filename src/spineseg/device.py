@@ -7,6 +7,7 @@ import os
 import torch
 
 from spineseg.errors import ConfigError
+from spineseg.names import PRECISIONS
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -27,9 +28,24 @@ def configure_threads(threads: int = 0) -> int:
     return threads
 
 
-def autocast(device: torch.device):
-    """fp16 autocast on CUDA (the article's GPU setting); plain fp32 elsewhere."""
-    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """What ``auto`` means on this device: fp16 on CUDA (the article's GPU setting), fp32 on a CPU.
+
+    bf16 stays opt-in on CPUs: on the AVX-512-BF16 CPU this project was measured on (no AMX), a bf16
+    training step was slower than fp32 (`spineseg bench`, section 5), so ``auto`` does not choose it.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """Mixed precision for the forward pass; fp32 runs without autocast."""
+    resolved = resolve_precision(precision, device)
+    dtype = torch.bfloat16 if resolved == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=resolved != "fp32")
 
 
 def describe(device: torch.device) -> str:

@@ -28,9 +28,16 @@ ENCODERS = MappingProxyType({
     "InceptionResNetV2": "inceptionresnetv2",
     "MobileNetV2": "mobilenet_v2",
     **{f"EfficientNetB{i}": f"efficientnet-b{i}" for i in range(7)},
+    # beyond the article, for the neighbouring studies (stage 6): Dastgir et al.'s largest EfficientNet, and
+    # HRNet (timm's hrnet_w18 through smp's timm-universal encoder; ImageNet weights from timm)
+    "EfficientNetB7": "efficientnet-b7",
+    "HRNetW18": "tu-hrnet_w18",
 })
-# The article's twenty backbones, in its table order (VGG16 is stage 1's).
-PAPER_ENCODERS = tuple(name for name in ENCODERS if name != "VGG16")
+EXTRA_ENCODERS = ("VGG16", "EfficientNetB7", "HRNetW18")  # VGG16 is stage 1's
+# The article's twenty backbones, in its table order.
+PAPER_ENCODERS = tuple(name for name in ENCODERS if name not in EXTRA_ENCODERS)
+# Encoders that cannot give DeepLabV3+ its dilated (output stride 16) features in smp.
+NO_DILATION = ("HRNetW18",)
 
 # smp architecture names (keys of smp.create_model) this project offers, with their printed names.
 ARCHITECTURES = MappingProxyType({
@@ -39,7 +46,10 @@ ARCHITECTURES = MappingProxyType({
     "linknet": "LinkNet",
     "fpn": "FPN",
     "pspnet": "PSPNet",
+    "deeplabv3plus": "DeepLabV3+",
 })
+# Decoders that take an attention module (smp's `decoder_attention_type`): scSE, Roy et al. 2018.
+ATTENTION_DECODERS = ("unet", "unetplusplus")
 
 # Encoder weights: none (from scratch) or ImageNet. The encoder-less U-Net has only "none".
 PRETRAINED = ("none", "imagenet")
@@ -59,6 +69,18 @@ def canonical_architecture(name: str) -> str:
     if key not in ARCHITECTURES:
         raise ModelError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     return key
+
+
+def combination_problem(encoder: str, architecture: str, attention: bool = False) -> str | None:
+    """Why smp cannot build this model, or None when it can."""
+    encoder, architecture = canonical_encoder(encoder), canonical_architecture(architecture)
+    if ENCODERS[encoder] is None and architecture != "unet":
+        return "the encoder-less network exists only as a U-Net"
+    if architecture == "deeplabv3plus" and encoder in NO_DILATION:
+        return f"{encoder} cannot be dilated for DeepLabV3+ in smp"
+    if attention and architecture not in ATTENTION_DECODERS:
+        return f"smp's {ARCHITECTURES[architecture]} decoder takes no attention module"
+    return None
 
 
 def has_imagenet_weights(encoder: str) -> bool:

@@ -135,7 +135,7 @@ def _shape_average(masks: np.ndarray) -> np.ndarray:
         nearest_mask = ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
         nearest = np.where(inside, nearest_background[:, disputed_rows, disputed_cols],
                            nearest_mask[:, disputed_rows, disputed_cols])
-        distance = np.hypot(nearest[0] - disputed_rows, nearest[1] - disputed_cols)
+        distance = np.sqrt((nearest[0] - disputed_rows) ** 2 + (nearest[1] - disputed_cols) ** 2)  # exact integers, then one rounding
         votes[k] = np.where(inside, distance, -distance)
     # Sorting first makes the sum independent of the order of the models.
     decided = np.sort(votes, axis=0).sum(axis=0) > TIE_TOLERANCE
@@ -319,3 +319,18 @@ def _checked_probs_and_targets(probs, targets) -> tuple[np.ndarray, np.ndarray]:
     if targets.dtype != bool and not np.isin(targets, (0, 1)).all():
         raise ValueError("targets must be binary (bool or 0/1)")
     return probs, targets.astype(bool)
+
+
+def disagreement(probs, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """How much the members disagree: the per-pixel standard deviation of their probabilities, and per
+    image its mean over the pixels any member calls foreground (0 where none does).
+
+    `probs` is [M, H, W] or [M, N, H, W]; returns the map(s) and the score(s) with the image axis kept.
+    """
+    probs = _checked_probs(probs)
+    stack = probs[:, None] if probs.ndim == 3 else probs
+    spread = stack.std(axis=0)
+    union = (stack > _checked_threshold(threshold)).any(axis=0)
+    counted = union.sum(axis=(1, 2))
+    scores = np.where(counted > 0, (spread * union).sum(axis=(1, 2)) / np.maximum(counted, 1), 0.0)
+    return (spread[0], scores[0]) if probs.ndim == 3 else (spread, scores)

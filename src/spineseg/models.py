@@ -19,7 +19,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from spineseg.encoders import ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder
+from spineseg.encoders import ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder, combination_problem
 from spineseg.errors import ModelError, WeightsUnavailable
 
 HUB_HOST = "huggingface.co"
@@ -110,18 +110,21 @@ def _weights_message(encoder: str, reason: str) -> str:
     )
 
 
-def _smp_model(architecture: str, smp_name: str, pretrained: bool, in_channels: int, classes: int) -> nn.Module:
+def _smp_model(architecture: str, smp_name: str, pretrained: bool, in_channels: int, classes: int,
+               attention: bool = False) -> nn.Module:
     weights = None
     if pretrained:
         weights = True if smp_name.startswith("tu-") else "imagenet"
+    extra = {"decoder_attention_type": "scse"} if attention else {}
     return smp.create_model(architecture, encoder_name=smp_name, encoder_weights=weights, in_channels=in_channels,
-                            classes=classes)
+                            classes=classes, **extra)
 
 
-def _pretrained_model(architecture: str, encoder: str, smp_name: str, in_channels: int, classes: int) -> nn.Module:
+def _pretrained_model(architecture: str, encoder: str, smp_name: str, in_channels: int, classes: int,
+                      attention: bool) -> nn.Module:
     try:
         with _hub_cache_only():
-            return _smp_model(architecture, smp_name, True, in_channels, classes)
+            return _smp_model(architecture, smp_name, True, in_channels, classes, attention)
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
@@ -130,29 +133,32 @@ def _pretrained_model(architecture: str, encoder: str, smp_name: str, in_channel
     if not _hub_reachable(host=host):
         raise WeightsUnavailable(_weights_message(encoder, f"they are not in the local cache and {host} cannot be reached"))
     try:
-        return _smp_model(architecture, smp_name, True, in_channels, classes)
+        return _smp_model(architecture, smp_name, True, in_channels, classes, attention)
     except Exception as exc:
         raise WeightsUnavailable(_weights_message(encoder, f"the download failed ({type(exc).__name__}: {exc})")) from None
 
 
 def build_model(encoder: str, architecture: str = "unet", pretrained: str = "none",
-                weights_path: str | os.PathLike | None = None, in_channels: int = 1, classes: int = 1) -> nn.Module:
-    """A segmentation model for a paper encoder name: `in_channels` in, `classes` logit channels out."""
+                weights_path: str | os.PathLike | None = None, in_channels: int = 1, classes: int = 1,
+                attention: bool = False) -> nn.Module:
+    """A segmentation model for a paper encoder name: `in_channels` in, `classes` logit channels out;
+    `attention` puts scSE blocks in the decoder (U-Net, U-Net++)."""
     encoder = canonical_encoder(encoder)
     architecture = canonical_architecture(architecture)
     if pretrained not in PRETRAINED:
         raise ModelError(f"pretrained must be one of {PRETRAINED}, got {pretrained!r}")
+    problem = combination_problem(encoder, architecture, attention)
+    if problem:
+        raise ModelError(f"{encoder} with {architecture}{' and attention' if attention else ''}: {problem}")
     smp_name = ENCODERS[encoder]
     if smp_name is None:
-        if architecture != "unet":
-            raise ModelError("encoder 'None' (the plain U-Net) exists only for architecture 'unet'")
         if pretrained == "imagenet":
             raise ModelError("encoder 'None' has no ImageNet weights; use pretrained: none")
         model = PlainUNet(in_channels=in_channels, classes=classes)
     elif pretrained == "imagenet" and weights_path is None:
-        model = _pretrained_model(architecture, encoder, smp_name, in_channels, classes)
+        model = _pretrained_model(architecture, encoder, smp_name, in_channels, classes, attention)
     else:
-        model = _smp_model(architecture, smp_name, False, in_channels, classes)
+        model = _smp_model(architecture, smp_name, False, in_channels, classes, attention)
     if weights_path is not None:
         load_encoder_weights(model, weights_path)
     elif pretrained == "none":
@@ -162,16 +168,25 @@ def build_model(encoder: str, architecture: str = "unet", pretrained: str = "non
 
 
 FOREGROUND_PRIOR = 0.01  # the Th8–Th11 region covers about 1–7 % of a radiograph
+BACKGROUND_PRIOR = 0.8  # with several classes: most of a radiograph is no vertebra
 
 
 def _start_at_foreground_prior(model: nn.Module) -> None:
-    """Initialise the output bias to logit(prior) (Lin et al. 2017, focal loss), as a decoder is random anyway.
+    """Initialise the output bias at the classes' prior (Lin et al. 2017, focal loss), as a decoder is random anyway.
 
-    With a zero bias every pixel starts at p = 0.5, and the first epochs only learn that almost
-    everything is background; meanwhile validation DSC sits at 0 and early stopping can end the run.
+    With a zero bias every pixel starts at p = 0.5 (or 1/C), and the first epochs only learn that
+    almost everything is background; meanwhile validation DSC sits at 0 and early stopping can end the
+    run. One logit: logit(0.01). Several (background first): background 0.8, the rest share 0.2.
     """
     head = model.head if isinstance(model, PlainUNet) else model.segmentation_head[0]
-    nn.init.constant_(head.bias, float(torch.logit(torch.tensor(FOREGROUND_PRIOR))))
+    classes = head.bias.numel()
+    if classes == 1:
+        nn.init.constant_(head.bias, float(torch.logit(torch.tensor(FOREGROUND_PRIOR))))
+        return
+    prior = torch.full((classes,), (1 - BACKGROUND_PRIOR) / (classes - 1))
+    prior[0] = BACKGROUND_PRIOR
+    with torch.no_grad():
+        head.bias.copy_(prior.log())
 
 
 def _track_batch_statistics(model: nn.Module) -> None:

@@ -15,6 +15,7 @@ METRIC_NAMES = MappingProxyType({
     "iou": "IoU", "dsc": "DSC", "recall": "Recall", "specificity": "Specificity", "precision": "Precision",
     "f1": "F1", "pa": "PA", "hd95": "HD95", "assd": "ASSD",
     "f1_sklearn13": "F1 (scikit-learn 1.3)",
+    "ap": "mAP",
 })
 
 # The five rules of the article (eq. 8–17), then rules it does not test.
@@ -23,6 +24,7 @@ EXTRA_RULES = ("geometric", "majority", "weighted", "staple")
 # Stage-4 results that learn something on dataset-1 validation.
 TUNED = "tuned_soft"
 STACKING = "stacking"
+CALIBRATED = "calibrated_soft"
 RULE_NAMES = MappingProxyType({
     "max": "Max",
     "min": "Min",
@@ -35,10 +37,20 @@ RULE_NAMES = MappingProxyType({
     "staple": "STAPLE",
     TUNED: "Soft voting, tuned T",
     STACKING: "Stacking (logistic)",
+    CALIBRATED: "Calibrated soft voting",
 })
 
 # Stage 1's two arms, keyed by whether augmentation was on.
 AUGMENTATION_GROUPS = MappingProxyType({False: "Without augmentation", True: "With augmentation"})
+
+# What a model learns to output (`spineseg.objectives`): the article's mask, or every vertebra's level.
+TARGETS = ("binary", "levels")
+
+# Optimisers a training stage may use (`spineseg.train.OPTIMIZERS`).
+OPTIMIZER_NAMES = ("adam", "rmsprop", "adamax")
+
+# Arithmetic of training and inference (`spineseg.device.autocast`).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 DATASET_NAMES = MappingProxyType({"d1": "Dataset 1", "d2": "Dataset 2"})
 
