@@ -22,11 +22,11 @@ def test_paper_profile_has_the_papers_hyperparameters():
     cfg = load_profile(PARAMS / "paper.yaml")
     s1, s2, s3 = cfg.stage1, cfg.stage2, cfg.stage3
     assert (s1.encoder, s1.repeats, s1.image_size, s1.batch_size, s1.lr, s1.patience, s1.max_epochs) == (
-        "VGG16", 50, 256, 4, 1e-4, 10, 100)
+        "VGG16", 50, (256, 256), 4, 1e-4, 10, 100)
     assert len(s2.encoders) == 20 and "None" in s2.encoders and "EfficientNetB6" in s2.encoders
     assert (s2.repeats, s2.max_epochs, s2.patience, s2.top_k, s2.min_val_dsc, s2.pretrained) == (
         10, 300, 25, 10, 0.915, "imagenet")
-    assert (s3.image_size, s3.lr) == (512, 1e-5)
+    assert (s3.image_size, s3.lr) == ((512, 512), 1e-5)
     assert cfg.stage4.threshold == 0.5
     # the paper profile spells out nothing but the defaults
     assert cfg.model_dump(exclude={"description"}) == Profile().model_dump(exclude={"description"})
@@ -54,7 +54,7 @@ def test_overrides_apply_with_types(tmp_path):
     ({"stage1": {"lr": True}}, "stage1.lr = True: Input should be a valid number"),
     ({"stage2": {"encoders": ["ResNet35"]}}, "stage2.encoders.0 = 'ResNet35': unknown encoder 'ResNet35'"),
     ({"stage2": {"repeats": 0}}, "stage2.repeats = 0: Input should be greater than or equal to 1"),
-    ({"stage3": {"image_size": 100}}, "stage3.image_size = 100: must be a multiple of 32"),
+    ({"stage3": {"image_size": 100}}, "stage3.image_size = 100: each side must be a multiple of 32"),
     ({"stage4": {"threshold": 1.5}}, "stage4.threshold = 1.5"),
     ({"stage4": {"methods": ["mean"]}}, "stage4.methods.0 = 'mean': Input should be 'max', 'min'"),
     ({"data": {"source": "web"}}, "data.source = 'web'"),
@@ -111,3 +111,21 @@ def test_parse_stages():
         parse_stages("3-1")
     with pytest.raises(ConfigError, match="use numbers"):
         parse_stages("0-")
+
+
+def test_sizes_may_be_tall(tmp_path):
+    cfg = load_profile(_write(tmp_path, {"data": {"source": "aasce", "aasce_src": "x", "size": [512, 192]},
+                                         "stage2": {"image_size": [256, 96], "crop_height": 128}}))
+    assert cfg.data.size == (512, 192) and cfg.stage2.image_size == (256, 96) and cfg.stage3.image_size == (512, 512)
+    with pytest.raises(ConfigError, match=r"stage2.image_size = \[256, 100\]: each side must be a multiple of 32"):
+        load_profile(_write(tmp_path, {"stage2": {"image_size": [256, 100]}}))
+    with pytest.raises(ConfigError, match="crop_height 288 must be a multiple of 32 and at most the image height 256"):
+        load_profile(_write(tmp_path, {"stage2": {"image_size": [256, 96], "crop_height": 288}}))
+    with pytest.raises(ConfigError, match="the synthetic radiographs are square"):
+        load_profile(_write(tmp_path, {"data": {"size": [512, 192]}}))
+
+
+def test_targets_are_checked(tmp_path):
+    assert load_profile(_write(tmp_path, {"stage2": {"targets": ["binary", "levels"]}})).stage2.targets == ["binary", "levels"]
+    with pytest.raises(ConfigError, match="stage2.targets.0 = 'instances'"):
+        load_profile(_write(tmp_path, {"stage2": {"targets": ["instances"]}}))

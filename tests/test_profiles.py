@@ -63,7 +63,7 @@ def test_weights_path_per_encoder_through_a_profile(tmp_path):
     assert specs["MobileNetV2"].weights_path == str(tmp_path / "mobilenet_encoder.pt")
     assert specs["ResNet34"].weights_path is None
     model = starting_model(specs["MobileNetV2"], study.layout.store)
-    assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in reference.items())
+    assert all(torch.equal(model.net.encoder.state_dict()[k], v) for k, v in reference.items())
     (tmp_path / "mobilenet_encoder.pt").unlink()
     with pytest.raises(ConfigError, match=r"stage2.weights_path for MobileNetV2: .*mobilenet_encoder.pt does not exist"):
         stage2_specs(study, prepare_data(study))

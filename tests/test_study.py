@@ -50,7 +50,8 @@ def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
                  "metrics_d1_test.csv", "metrics_d2_test.csv", "probs_d1_test.npz", "probs_d2_test.npz"):
         assert (folder / name).is_file(), name
     assert not (folder / "checkpoint.pt").exists()
-    ids, probs = load_probs(tmp_path / "store", spec, "d2", "test")
+    cached = load_probs(tmp_path / "store", spec, "d2", "test")
+    ids, probs = cached.ids, cached.probs
     assert len(ids) == 5 and probs.shape == (5, 64, 64) and probs.dtype == np.float32
     assert probs.min() >= 0 and probs.max() <= 1
     assert summary["epochs_run"] == 2 and json.loads((folder / "config.json").read_text())["encoder"] == "MobileNetV2"
@@ -84,10 +85,10 @@ from spineseg.train import TrainSettings
 d1, store, log = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 import spineseg.study.store as S
 real = S._train
-def counted(spec, files, data, device):
+def counted(spec, files, data, device, hflip):
     with open(log, "a") as fh:
         fh.write(files.folder.name + "\\n")
-    return real(spec, files, data, device)
+    return real(spec, files, data, device, hflip)
 S._train = counted
 specs = [RunSpec(stage="t", encoder="MobileNetV2", image_size=32, data="x",
                  train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=2, patience=2, augment=False, seed=seed))

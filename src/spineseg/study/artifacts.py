@@ -1,14 +1,16 @@
 """Every file the study writes, named in one place.
 
     runs/<profile>/
+        provenance.json       what produced the results: code, packages, machine, overrides, time
         data/                 stage 0: the datasets (made or converted), source.json, checked_<dataset>.json
         train/<run>/          one folder per training run (`RunFiles`)
         stage1/ … stage3/     runs.csv, metrics_test.csv, metrics_val.csv
         stage2/               + ranking.csv, selection.json
         stage4/               metrics_test.csv, threshold_tuning.csv, learned.json, leave_one_out.csv,
-                              rule_checks.csv, timing.csv
+                              rule_checks.csv, identification.csv, timing.csv
         tables/               tableN.csv/.md/.tex, wilcoxon.csv, wilcoxon_readable.*
         notebooks/            the rendered notebooks, their HTML copies and <name>.timing.json
+        report/               the rendered notebooks as HTML without code (`spineseg report`)
     runs/bench/               report.md, report.json
     figures/<profile>/        <name>.png (300 dpi) and <name>.pdf
 """
@@ -47,6 +49,11 @@ class RunFiles:
     @property
     def summary(self) -> Path:
         return self.folder / "summary.json"
+
+    @property
+    def evaluation(self) -> Path:
+        """How the cached predictions were made (test-time flipping or not): another choice re-evaluates."""
+        return self.folder / "evaluation.json"
 
     @property
     def done(self) -> Path:
@@ -93,6 +100,11 @@ class Layout:
     @property
     def run_dir(self) -> Path:
         return self.project / "runs" / self.profile
+
+    @property
+    def provenance(self) -> Path:
+        """Code, packages, machine, profile and overrides of the last `spineseg run`."""
+        return self.run_dir / "provenance.json"
 
     @property
     def data_dir(self) -> Path:
@@ -154,6 +166,11 @@ class Layout:
         return self.stage_dir("stage4") / "leave_one_out.csv"
 
     @property
+    def identification(self) -> Path:
+        """Per image, for every stage-3 model and stage-4 rule: identified, level shift, per-level DSC."""
+        return self.stage_dir("stage4") / "identification.csv"
+
+    @property
     def rule_checks(self) -> Path:
         """Per dataset: images where shape averaging met an empty member mask, and whether max = union."""
         return self.stage_dir("stage4") / "rule_checks.csv"
@@ -167,6 +184,10 @@ class Layout:
 
     def notebook(self, name: str) -> Path:
         return self.notebooks_dir / f"{name}.ipynb"
+
+    def report(self, name: str) -> Path:
+        """The results of one notebook as HTML without code, for readers (`spineseg report`)."""
+        return self.run_dir / "report" / f"{name}.html"
 
     def notebook_timing(self, name: str) -> Path:
         return self.notebooks_dir / f"{name}.timing.json"

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from spineseg.encoders import PAPER_ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder
 from spineseg.errors import ConfigError
-from spineseg.names import EXTRA_RULES, RULES
+from spineseg.names import EXTRA_RULES, OPTIMIZER_NAMES, PRECISIONS, RULES, TARGETS
 
 
 def _yaml_float(value: Any) -> Any:
@@ -44,16 +44,35 @@ def _device(name: str) -> str:
     raise ValueError("must be auto, cpu, cuda or cuda:<index>")
 
 
-def _multiple_of_32(size: int) -> int:
-    if size % 32:
-        raise ValueError(f"must be a multiple of 32 (five U-Net downsamplings), got {size}")
+def _pair(value: Any) -> Any:
+    """A size: one side (a square) or [height, width] (tall radiographs stay tall)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return tuple(value)
+    raise ValueError(f"must be a number or [height, width], got {value!r}")
+
+
+def _at_least(minimum: int):
+    def check(size: tuple[int, int]) -> tuple[int, int]:
+        if min(size) < minimum:
+            raise ValueError(f"each side must be at least {minimum} pixels, got {list(size)}")
+        return size
+    return check
+
+
+def _multiple_of_32(size: tuple[int, int]) -> tuple[int, int]:
+    if any(side % 32 for side in size):
+        raise ValueError(f"each side must be a multiple of 32 (five U-Net downsamplings), got {list(size)}")
     return size
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, le=1)]
 LearningRate = Annotated[float, BeforeValidator(_yaml_float), Field(gt=0, lt=1)]
-TrainingSize = Annotated[int, Field(ge=32), AfterValidator(_multiple_of_32)]
+StoredSize = Annotated[tuple[int, int], BeforeValidator(_pair), AfterValidator(_at_least(16))]
+TrainingSize = Annotated[tuple[int, int], BeforeValidator(_pair), AfterValidator(_at_least(32)), AfterValidator(_multiple_of_32)]
+Target = Literal[TARGETS]  # type: ignore[valid-type]
 EncoderName = Annotated[str, AfterValidator(canonical_encoder)]
 ArchitectureName = Annotated[str, AfterValidator(canonical_architecture)]
 Pretrained = Literal[PRETRAINED]  # type: ignore[valid-type]
@@ -70,7 +89,7 @@ class Section(BaseModel):
 class DataSection(Section):
     source: Literal["synthetic", "aasce", "folder"] = "synthetic"
     seed: Annotated[int, Field(ge=0)] = 0
-    size: Annotated[int, Field(ge=16)] = 512  # stored image size (synthetic, aasce)
+    size: StoredSize = 512  # stored image size, one side or [height, width] (synthetic, aasce)
     d1_count: PositiveInt = 183
     d2_count: PositiveInt = 58
     aasce_src: str = ""  # the boostnet_labeldata folder, relative to the project
@@ -83,6 +102,8 @@ class DataSection(Section):
             raise ValueError("source: folder needs d1, the folder of dataset 1 (d2 is optional)")
         if self.source == "aasce" and not self.aasce_src:
             raise ValueError("source: aasce needs aasce_src, the boostnet_labeldata folder")
+        if self.source == "synthetic" and self.size[0] != self.size[1]:
+            raise ValueError(f"the synthetic radiographs are square: size must be one number, got {list(self.size)}")
         return self
 
 
@@ -90,11 +111,21 @@ class Training(Section):
     """What every training stage sets: the run grid and the optimisation."""
 
     repeats: PositiveInt
-    image_size: TrainingSize
+    image_size: TrainingSize  # one side or [height, width]
     batch_size: PositiveInt = 4
     lr: LearningRate
     max_epochs: PositiveInt
     patience: PositiveInt
+    coordinates: bool = False  # row and column planes as two more input channels
+    crop_height: Annotated[int, Field(ge=0)] = 0  # train on random full-width crops this tall (0: whole images)
+    tta_hflip: bool = False  # predict each image and its mirror image, and average
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Training:
+        if self.crop_height and (self.crop_height % 32 or self.crop_height > self.image_size[0]):
+            raise ValueError(f"crop_height {self.crop_height} must be a multiple of 32 and at most the image height "
+                             f"{self.image_size[0]}")
+        return self
 
 
 class Stage1(Training):
@@ -115,6 +146,8 @@ class Stage2(Training):
 
     encoders: Annotated[list[EncoderName], AfterValidator(_unique)] = Field(default_factory=lambda: list(PAPER_ENCODERS),
                                                                            min_length=1)
+    # what each encoder learns: the article's binary mask, and/or every vertebra's level (`spineseg.objectives`)
+    targets: Annotated[list[Target], AfterValidator(_unique)] = Field(default_factory=lambda: ["binary"], min_length=1)
     architecture: ArchitectureName = "unet"
     repeats: PositiveInt = 10
     image_size: TrainingSize = 256
@@ -143,7 +176,7 @@ class Stage4(Section):
     threshold: Fraction = 0.5
     methods: Annotated[list[Rule], AfterValidator(_unique)] = Field(default_factory=lambda: list(RULES), min_length=1)
     extra_methods: Annotated[list[ExtraRule], AfterValidator(_unique)] = Field(default_factory=lambda: list(EXTRA_RULES))
-    timing_size: PositiveInt = 512
+    timing_size: StoredSize = 512
     timing_repeats: PositiveInt = 10
     timing_warmup: Annotated[int, Field(ge=0)] = 2
 
@@ -155,11 +188,66 @@ class Analysis(Section):
     paper_style_f1: bool = False
 
 
+PruningFraction = Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, lt=1)]
+
+
+class Architectures(Section):
+    """Stage 6, the neighbouring studies: decoders × encoders, then optimisers, attention and pruning of the
+    best pair. Training settings not given here are stage 2's."""
+
+    enabled: bool = True
+    decoders: Annotated[list[ArchitectureName], AfterValidator(_unique)] = Field(
+        default_factory=lambda: ["unet", "unetplusplus", "linknet", "fpn", "pspnet", "deeplabv3plus"], min_length=1)
+    encoders: Annotated[list[EncoderName], AfterValidator(_unique)] = Field(
+        default_factory=lambda: ["ResNet34", "MobileNetV2", "ResNet50", "EfficientNetB7", "HRNetW18"], min_length=1)
+    optimizers: Annotated[list[Literal[OPTIMIZER_NAMES]], AfterValidator(_unique)] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(OPTIMIZER_NAMES), min_length=1)
+    attention: bool = True  # also train the best pair with scSE attention in its decoder
+    pruning: Annotated[list[PruningFraction], AfterValidator(_unique)] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    finetune_epochs: PositiveInt = 10
+    finetune_lr_factor: Annotated[float, BeforeValidator(_yaml_float), Field(gt=0, le=1)] = 0.1
+    timing_size: StoredSize = 512
+    repeats: PositiveInt | None = None
+    image_size: TrainingSize | None = None
+    batch_size: PositiveInt | None = None
+    lr: LearningRate | None = None
+    max_epochs: PositiveInt | None = None
+    patience: PositiveInt | None = None
+
+
+class Slurm(Section):
+    """A SLURM cluster's jobs (dask-jobqueue): one Dask worker per job."""
+
+    queue: str = ""  # the partition
+    account: str = ""
+    walltime: str = "04:00:00"
+    cores: PositiveInt = 4
+    memory: str = "16GB"
+    gpus: Annotated[int, Field(ge=0)] = 1  # GPUs each job's worker offers (`--gres` goes in job_extra_directives)
+    job_extra_directives: list[str] = Field(default_factory=list)  # e.g. ["--gres=gpu:1"]
+    jobs: PositiveInt = 1
+
+
+class ExecutorSection(Section):
+    """Where the run grid of stages 1–3 runs: here (local), or on Dask (`spineseg.study.executors`)."""
+
+    kind: Literal["local", "dask"] = "local"
+    address: str = ""  # a running Dask scheduler, e.g. tcp://10.0.0.5:8786; empty: start a cluster
+    cluster: Literal["local", "slurm"] = "local"  # the cluster to start when there is no address
+    workers: Annotated[int, Field(ge=0)] = 0  # local cluster: processes (0: one per GPU, else 1)
+    threads_per_worker: PositiveInt = 1  # torch threads inside each task
+    gpus_per_task: Annotated[int, Field(ge=0)] = 1  # on workers that offer GPUs
+    retries: Annotated[int, Field(ge=0)] = 2  # a task lost with its worker runs again, resuming its checkpoint
+    slurm: Slurm = Field(default_factory=Slurm)
+
+
 class Profile(Section):
     """A whole study: the article's settings unless a profile says otherwise."""
 
     description: str = ""
     device: Annotated[str, AfterValidator(_device)] = "auto"
+    # arithmetic: auto = fp16 autocast on CUDA (as the article), fp32 on a CPU; bf16 on request
+    precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]
     threads: Annotated[int, Field(ge=0)] = 0  # torch intra-op threads; 0 = every core
     data: DataSection = Field(default_factory=DataSection)
     stage1: Stage1 = Field(default_factory=Stage1)
@@ -167,6 +255,15 @@ class Profile(Section):
     stage3: Stage3 = Field(default_factory=Stage3)
     stage4: Stage4 = Field(default_factory=Stage4)
     analysis: Analysis = Field(default_factory=Analysis)
+    executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    architectures: Architectures = Field(default_factory=Architectures)
+
+    @model_validator(mode="after")
+    def _stage3_can_continue_stage2(self) -> Profile:
+        if self.stage3.init_from == "stage2" and self.stage3.coordinates != self.stage2.coordinates:
+            raise ValueError("stage3.init_from: stage2 continues the stage-2 networks, so stage3.coordinates must "
+                             f"equal stage2.coordinates ({self.stage2.coordinates})")
+        return self
 
 
 

@@ -61,12 +61,12 @@ def prepare_data(study: Study) -> StudyData:
         d2 = (study.project / cfg.d2).resolve() if cfg.d2 else None
         return checked(study, d1, d2)
     stamp = study.layout.data_source
-    wanted = cfg.model_dump(include={"source", "seed", "size", "d1_count", "d2_count", "aasce_src"})
+    wanted = cfg.model_dump(mode="json", include={"source", "seed", "size", "d1_count", "d2_count", "aasce_src"})
     if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
         if cfg.source == "synthetic":
             from spineseg.data.synthetic import synthesize
 
-            synthesize(out, seed=cfg.seed, size=cfg.size, counts={"d1": cfg.d1_count, "d2": cfg.d2_count}, force=True)
+            synthesize(out, seed=cfg.seed, size=cfg.size[0], counts={"d1": cfg.d1_count, "d2": cfg.d2_count}, force=True)
         else:
             from spineseg.data.aasce import convert
 

@@ -13,47 +13,52 @@ from spineseg.study.artifacts import read_table
 from spineseg.study.config import Stage2
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.store import RunSpec
+from spineseg.study.store import RunSpec, candidate_name
 from spineseg.study.training import run_spec, train_and_collect
 
 
 def stage2_specs(study: Study, data: StudyData) -> list[RunSpec]:
     s = study.cfg.stage2
     return [run_spec(study, data, "stage2", encoder, seed, s, augment=s.augment, pretrained=s.pretrained,
-                     architecture=s.architecture, weights_path=s.weights_path.get(encoder, ""))
-            for encoder in s.encoders for seed in range(s.repeats)]
+                     architecture=s.architecture, weights_path=s.weights_path.get(encoder, ""), target=target)
+            for encoder in s.encoders for target in s.targets for seed in range(s.repeats)]
 
 
 def run_stage2(study: Study, data: StudyData) -> pd.DataFrame:
     """Train the grid, then write the validation ranking and the selection."""
-    frame = train_and_collect(study, data, "stage2", stage2_specs(study, data), lambda spec: spec.encoder)
+    frame = train_and_collect(study, data, "stage2", stage2_specs(study, data), lambda spec: spec.candidate)
     section = study.cfg.stage2
     ranking = select_encoders(read_table(study.layout.runs_table("stage2")), section)
     atomic.write_csv(study.layout.ranking, ranking)
-    chosen = ranking.loc[ranking["selected"], "encoder"].tolist()
-    if not chosen:
+    chosen = ranking.loc[ranking["selected"], ["encoder", "target"]]
+    if chosen.empty:
         best = ranking["mean_val_dsc"].max()
-        raise StageOrderError(f"no encoder reached stage2.min_val_dsc = {section.min_val_dsc} "
+        raise StageOrderError(f"no candidate reached stage2.min_val_dsc = {section.min_val_dsc} "
                               f"(best mean validation DSC {best:.4f}); lower it or train longer")
-    atomic.write_json(study.layout.selection, {"encoders": chosen})
+    atomic.write_json(study.layout.selection, {"candidates": chosen.to_dict(orient="records")})
     return frame
 
 
 def select_encoders(runs: pd.DataFrame, section: Stage2) -> pd.DataFrame:
-    """Rank encoders by mean validation DSC over repeats; keep the top k at or above the threshold.
+    """Rank candidates (encoder and target) by mean validation DSC over repeats; keep the top k at or
+    above the threshold.
 
     Uses validation data only: test metrics never influence which models enter the ensemble.
     """
-    ranking = (runs.groupby("encoder", sort=False)["best_val_dsc"].agg(mean_val_dsc="mean", std_val_dsc="std", runs="count")
+    runs = runs.assign(target=runs.get("target", "binary"))
+    ranking = (runs.groupby(["encoder", "target"], sort=False)["best_val_dsc"]
+               .agg(mean_val_dsc="mean", std_val_dsc="std", runs="count")
                .reset_index().sort_values("mean_val_dsc", ascending=False, kind="stable", ignore_index=True))
+    ranking.insert(0, "candidate", [candidate_name(e, t) for e, t in zip(ranking["encoder"], ranking["target"])])
     ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
     eligible = ranking["mean_val_dsc"] >= section.min_val_dsc
     ranking["selected"] = eligible & (eligible.cumsum() <= section.top_k)
     return ranking
 
 
-def selected_encoders(study: Study) -> list[str]:
+def selected_candidates(study: Study) -> list[tuple[str, str]]:
+    """(encoder, target) of every candidate stage 2 selected, best first."""
     path = study.layout.selection
     if not path.is_file():
         raise StageOrderError(f"{path} is missing: run stage 2 (02_backbone_selection) first")
-    return json.loads(path.read_text())["encoders"]
+    return [(c["encoder"], c["target"]) for c in json.loads(path.read_text())["candidates"]]

@@ -11,7 +11,7 @@ import pandas as pd
 
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage2_selection import selected_encoders, stage2_specs
+from spineseg.study.stage2_selection import selected_candidates, stage2_specs
 from spineseg.study.store import RunSpec
 from spineseg.study.training import run_spec, train_and_collect
 
@@ -19,11 +19,11 @@ from spineseg.study.training import run_spec, train_and_collect
 def stage3_specs(study: Study, data: StudyData) -> list[RunSpec]:
     s2, s3 = study.cfg.stage2, study.cfg.stage3
     specs = []
-    for encoder in selected_encoders(study):
+    for encoder, target in selected_candidates(study):
         for seed in range(s3.repeats):
-            common = {"augment": s2.augment, "architecture": s2.architecture}
+            common = {"augment": s2.augment, "architecture": s2.architecture, "target": target}
             if s3.init_from == "stage2":
-                start = _stage2_run(study, data, encoder, seed)
+                start = _stage2_run(study, data, encoder, target, seed)
                 specs.append(run_spec(study, data, "stage3", encoder, seed, s3, pretrained="none", init=start, **common))
             else:
                 specs.append(run_spec(study, data, "stage3", encoder, seed, s3, pretrained=s2.pretrained,
@@ -31,14 +31,14 @@ def stage3_specs(study: Study, data: StudyData) -> list[RunSpec]:
     return specs
 
 
-def _stage2_run(study: Study, data: StudyData, encoder: str, seed: int) -> str:
-    """The folder of the stage-2 run a stage-3 run continues: same encoder and seed, else its first seed."""
-    runs = {spec.seed: spec for spec in stage2_specs(study, data) if spec.encoder == encoder}
+def _stage2_run(study: Study, data: StudyData, encoder: str, target: str, seed: int) -> str:
+    """The folder of the stage-2 run a stage-3 run continues: same candidate and seed, else its first seed."""
+    runs = {spec.seed: spec for spec in stage2_specs(study, data) if (spec.encoder, spec.target) == (encoder, target)}
     return runs.get(seed, runs[min(runs)]).folder_name()
 
 
 def run_stage3(study: Study, data: StudyData) -> pd.DataFrame:
-    return train_and_collect(study, data, "stage3", stage3_specs(study, data), lambda spec: spec.encoder)
+    return train_and_collect(study, data, "stage3", stage3_specs(study, data), lambda spec: spec.candidate)
 
 
 def ensemble_members(study: Study, data: StudyData) -> list[RunSpec]:

@@ -15,13 +15,15 @@ import torch
 
 from spineseg import atomic
 from spineseg.boundary import boundary_metrics
+from spineseg.calibration import fit_temperature, scale
 from spineseg.data import load_split, splits_present
 from spineseg.device import describe, pick_device
 from spineseg.ensemble import THRESHOLD_GRID, combine, fit_stacker, leave_one_out, tune_threshold
 from spineseg.errors import StageOrderError
+from spineseg.identification import identification_table, level_accuracy, panoptic_quality
 from spineseg.metrics import dice, per_image
 from spineseg.models import parameter_count
-from spineseg.names import EXTRA_RULES, RULES, STACKING, TUNED
+from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, STACKING, TUNED
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage3_final import ensemble_members
@@ -32,7 +34,7 @@ from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
 
 @dataclass(frozen=True)
 class EnsembleInputs:
-    """The stage-3 models' cached probabilities for one dataset split, stacked [M, N, H, W]."""
+    """The stage-3 models' cached probabilities for one dataset split, stacked [M, N, H, W] on its evaluation grid."""
 
     names: list[str]
     ids: list[str]
@@ -40,6 +42,8 @@ class EnsembleInputs:
     probs: np.ndarray
     masks: np.ndarray
     images: np.ndarray
+    labels: np.ndarray | None  # the level label maps, where the dataset has them
+    levels: list[np.ndarray | None]  # each member's ordered level maps (level-aware members)
     val_dsc: np.ndarray  # each model's best validation DSC (weights for weighted voting)
 
 
@@ -48,16 +52,15 @@ def ensemble_inputs(study: Study, data: StudyData, dataset: str, split: str) -> 
     specs = ensemble_members(study, data)
     runs = load_stage_runs(study, "stage3").set_index("folder")
     folder = data.folder(dataset)
-    loaded = load_split(folder, split, specs[0].image_size)
-    probs = []
-    for spec in specs:
-        ids, p = load_probs(study.layout.store, spec, dataset, split)
-        if list(ids) != list(loaded.ids):
+    cached = [load_probs(study.layout.store, spec, dataset, split) for spec in specs]
+    loaded = load_split(folder, split, cached[0].probs.shape[1:], labels=True)
+    for spec, member in zip(specs, cached):
+        if member.ids != list(loaded.ids) or member.probs.shape[1:] != loaded.size:
             raise StageOrderError(f"cached probabilities of {spec.folder_name()} do not match {folder} ({split}); rerun stage 3")
-        probs.append(p)
     val_dsc = np.array([runs.loc[spec.folder_name(), "best_val_dsc"] for spec in specs], dtype=float)
-    return EnsembleInputs([s.encoder for s in specs], list(loaded.ids), list(loaded.patients), np.stack(probs),
-                          loaded.masks, loaded.images, val_dsc)
+    return EnsembleInputs([s.candidate for s in specs], list(loaded.ids), list(loaded.patients),
+                          np.stack([m.probs for m in cached]), loaded.masks, loaded.images, loaded.labels,
+                          [m.levels for m in cached], val_dsc)
 
 
 def available_eval_sets(data: StudyData) -> list[tuple[str, str]]:
@@ -95,18 +98,24 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     validation = ensemble_inputs(study, data, "d1", "val")
     tuned_threshold, tuning = tune_threshold(validation.probs, validation.masks.astype(bool), method="soft")
     stacker = fit_stacker(validation.probs, validation.masks.astype(bool))
+    temperatures = [fit_temperature(p, validation.masks) for p in validation.probs]
     atomic.write_csv(layout.threshold_tuning, tuning)
     atomic.write_json(layout.learned, {"tuned_threshold": tuned_threshold, "stacker": stacker.to_dict(),
-                                       "models": validation.names, "trained_on": "d1 validation"})
-    frames, ablations, checks = [], [], []
+                                       "temperatures": dict(zip(validation.names, temperatures)),
+                                       "models": validation.names, "trained_on": "d1 validation",
+                                       **best_on_validation(validation, rules, threshold)})
+    frames, ablations, checks, identified = [], [], [], []
     for dataset, split in available_eval_sets(data):
         inputs = ensemble_inputs(study, data, dataset, split)
         masks = ensemble_masks(inputs, rules, threshold)
+        masks[TUNED] = combine(inputs.probs, "soft", tuned_threshold)
+        masks[STACKING] = stacker.predict_proba(inputs.probs) > 0.5
+        masks[CALIBRATED] = combine(calibrated(inputs.probs, temperatures), "soft", threshold)
         checks.append(rule_checks(inputs, masks, threshold, dataset))
         for rule, mask in masks.items():
             frames.append(_scored(mask, inputs, rule, dataset))
-        frames.append(_scored(combine(inputs.probs, "soft", tuned_threshold), inputs, TUNED, dataset))
-        frames.append(_scored(stacker.predict_proba(inputs.probs) > 0.5, inputs, STACKING, dataset))
+        if inputs.labels is not None:
+            identified.append(identification(inputs, masks, dataset))
         if len(inputs.names) >= 2:
             table = leave_one_out(inputs.probs, inputs.masks.astype(bool), inputs.names, "soft", threshold)
             table.insert(0, "dataset", dataset)
@@ -114,9 +123,47 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     metrics = pd.concat(frames, ignore_index=True)
     atomic.write_csv(layout.stage_metrics("stage4"), metrics)
     atomic.write_csv(layout.rule_checks, pd.DataFrame(checks))
+    if identified:
+        atomic.write_csv(layout.identification, pd.concat(identified, ignore_index=True))
     if ablations:
         atomic.write_csv(layout.leave_one_out, pd.concat(ablations, ignore_index=True))
     return metrics
+
+
+def calibrated(probs: np.ndarray, temperatures: list[float]) -> np.ndarray:
+    """Each member's probabilities under its validation-fitted temperature."""
+    return np.stack([scale(p, t) for p, t in zip(probs, temperatures)]).astype(np.float32)
+
+
+def best_on_validation(validation: EnsembleInputs, rules, threshold: float) -> dict:
+    """The single model and the rule with the best mean dataset-1 validation DSC: the pair the analysis
+    compares on test, chosen without looking at it."""
+    model_dsc = [float(dice(p > threshold, validation.masks).mean()) for p in validation.probs]
+    rule_dsc = {rule: float(dice(mask, validation.masks).mean())
+                for rule, mask in ensemble_masks(validation, rules, threshold).items()}
+    return {"best_model": validation.names[int(np.argmax(model_dsc))], "best_rule": max(rule_dsc, key=rule_dsc.get),
+            "validation_dsc": {"models": dict(zip(validation.names, model_dsc)), "rules": rule_dsc}}
+
+
+def identification(inputs: EnsembleInputs, masks: dict[str, np.ndarray], dataset: str) -> pd.DataFrame:
+    """Per image, for every member model and every rule: did the mask land on Th8–Th11 (`spineseg.identification`)?"""
+    frames = []
+    groups = [(name, "model", probs > 0.5, levels) for name, probs, levels in zip(inputs.names, inputs.probs, inputs.levels)]
+    groups += [(rule, "rule", mask, None) for rule, mask in masks.items()]
+    for group, kind, predicted, levels in groups:
+        frame = identification_table(predicted, inputs.labels)
+        frame.insert(0, "dsc", dice(predicted, inputs.masks))
+        if levels is not None:
+            frame["level_accuracy"] = [level_accuracy(p, t) for p, t in zip(levels, inputs.labels)]
+            quality = pd.DataFrame([panoptic_quality(p, t) for p, t in zip(levels, inputs.labels)])
+            frame[quality.columns] = quality
+        frame.insert(0, "patient", inputs.patients)
+        frame.insert(0, "id", inputs.ids)
+        frame.insert(0, "dataset", dataset)
+        frame.insert(0, "kind", kind)
+        frame.insert(0, "group", group)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def rule_checks(inputs: EnsembleInputs, masks: dict[str, np.ndarray], threshold: float, dataset: str) -> dict:
@@ -134,7 +181,8 @@ def threshold_curves(inputs: EnsembleInputs, rules=("soft", "max", "min", "union
     rows = []
     for rule in rules:
         for t in grid:
-            mean_dsc = dice(combine(inputs.probs, rule, float(t)), inputs.masks).mean()
+            weights = inputs.val_dsc if rule == "weighted" else None
+            mean_dsc = dice(combine(inputs.probs, rule, float(t), weights=weights), inputs.masks).mean()
             rows.append({"method": rule, "threshold": float(t), "mean_dsc": float(mean_dsc)})
     return pd.DataFrame(rows)
 
@@ -146,7 +194,7 @@ def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
     specs = ensemble_members(study, data)
     models = [load_trained(study.layout.store, spec, device) for spec in specs]
     size = cfg.timing_size
-    image = torch.from_numpy(np.random.default_rng(0).random((1, 1, size, size), dtype=np.float32)).to(device)
+    image = torch.from_numpy(np.random.default_rng(0).random((1, 1, *size), dtype=np.float32)).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rows = []
@@ -160,6 +208,6 @@ def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table["peak_memory_mb"] = peak_memory_mb(device)
     table["device"] = describe(device)
-    table["image_size"] = size
+    table["image_size"] = f"{size[0]}x{size[1]}"
     atomic.write_csv(study.layout.timing, table)
     return table

@@ -3,7 +3,7 @@
 A run's folder holds its config, history, best weights, per-image metrics and float16 probability
 maps for every evaluated split, a summary and, written last, ``DONE`` (see `artifacts.RunFiles`).
 A rerun skips finished runs; an interrupted one resumes from its last epoch checkpoint. A stage's
-grid is a list of independent specs mapped by an executor, so a distributed engine can map it too.
+grid is a list of independent specs mapped by an executor (`spineseg.study.executors`: here, or Dask).
 
 A lease (an OS file lock beside the run folder, released by the OS when its holder dies) lets only
 one process train a run: two studies or workers sharing a store never train the same run twice.
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -27,12 +26,15 @@ from tqdm import tqdm
 
 from spineseg import atomic
 from spineseg.data import load_split, splits_present
+from spineseg.data.dataset import as_hw, stored_size
 from spineseg.device import pick_device
-from spineseg.errors import StageOrderError
-from spineseg.metrics import per_image
+from spineseg.errors import DatasetError, StageOrderError
+from spineseg.metrics import average_precision, per_image
 from spineseg.models import build_model
-from spineseg.predict import load_weights, predict_proba
+from spineseg.objectives import objective as make_objective
+from spineseg.predict import Segmenter, load_weights, predict, resample
 from spineseg.study.artifacts import RunFiles, read_table
+from spineseg.study.executors import Executor, SequentialExecutor
 from spineseg.study.stage0_data import StudyData
 from spineseg.train import TrainOutcome, TrainSettings, fit
 
@@ -43,13 +45,17 @@ class RunSpec:
 
     stage: str
     encoder: str
-    image_size: int
+    image_size: tuple[int, int]  # (height, width) the model trains and predicts at
     train: TrainSettings
     architecture: str = "unet"
     pretrained: str = "none"
     weights_path: str | None = None  # an encoder state dict to start from
+    attention: bool = False  # scSE in the decoder
     init: str | None = None  # the folder of a finished run whose best weights this one starts from
     data: str = ""  # StudyData.fingerprint
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", as_hw(self.image_size))  # a side means a square
 
     @property
     def seed(self) -> int:
@@ -62,40 +68,66 @@ class RunSpec:
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
+    @property
+    def target(self) -> str:
+        return self.train.target
+
+    @property
+    def candidate(self) -> str:
+        """How tables name this model: the encoder, marked when it is level-aware."""
+        return candidate_name(self.encoder, self.target)
+
     def folder_name(self) -> str:
-        return f"{self.stage}-{self.encoder}-{self.image_size}px-s{self.seed}-{self.key()}"
+        target = "" if self.target == "binary" else f"-{self.target}"
+        height, width = self.image_size
+        return f"{self.stage}-{self.encoder}{target}-{height}x{width}px-s{self.seed}-{self.key()}"
 
     def files(self, store: Path) -> RunFiles:
         return RunFiles(Path(store) / self.folder_name())
 
 
-class Executor(Protocol):
-    def map(self, fn: Callable, items: Sequence) -> list: ...
+def candidate_name(encoder: str, target: str) -> str:
+    return encoder if target == "binary" else f"{encoder} ({target})"
 
 
-class SequentialExecutor:
-    """Runs tasks one after another in this process, with an overall progress bar."""
-
-    def __init__(self, desc: str = "runs"):
-        self.desc = desc
-
-    def map(self, fn: Callable, items: Sequence) -> list:
-        return [fn(item) for item in tqdm(items, desc=self.desc, unit="run")]
+def segmenter(spec: RunSpec, pretrained: str = "none", weights_path: str | None = None) -> Segmenter:
+    """The network of a run, with its objective and its input channels."""
+    objective = make_objective(spec.target)
+    net = build_model(spec.encoder, spec.architecture, pretrained, weights_path,
+                      in_channels=3 if spec.train.coordinates else 1, classes=objective.classes, attention=spec.attention)
+    return Segmenter(net, objective, spec.train.coordinates)
 
 
-def _evaluate(model, files: RunFiles, data: StudyData, image_size: int, device: torch.device) -> None:
-    """Probability maps (float16) and per-image metrics of every split the run is evaluated on."""
+def evaluation_grid(folder: Path, split: str, fallback: tuple[int, int]) -> tuple[int, int]:
+    """Where runs are scored: the dataset's stored size, so that models of any input size compare;
+    the run's own size only for datasets whose images differ in size."""
+    try:
+        return stored_size(folder, split)
+    except DatasetError:
+        return fallback
+
+
+def _evaluate(model: Segmenter, spec: RunSpec, files: RunFiles, data: StudyData, device: torch.device, hflip: bool) -> None:
+    """Probability maps (float16, on the evaluation grid), level maps, and per-image metrics of every split."""
     for name, dataset_folder, split in data.eval_splits():
         if split not in splits_present(dataset_folder):
             continue
-        loaded = load_split(dataset_folder, split, image_size)
-        probs = predict_proba(model, loaded.images, device)
+        grid = evaluation_grid(dataset_folder, split, spec.image_size)
+        images = load_split(dataset_folder, split, spec.image_size).images
+        prediction = predict(model, images, device, hflip=hflip, precision=spec.train.precision)
+        truth = load_split(dataset_folder, split, grid)
+        probs = resample(prediction.region, grid)
+        arrays = {"ids": np.array(truth.ids), "probs": probs.astype(np.float16)}
+        if prediction.levels is not None:
+            arrays["levels"] = resample(prediction.levels, grid, nearest=True)
         with atomic.atomic_path(files.probs(name, split)) as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, ids=np.array(loaded.ids), probs=probs.astype(np.float16))
-        metrics = per_image(probs > 0.5, loaded.masks)
-        metrics.insert(0, "patient", loaded.patients)
-        metrics.insert(0, "id", loaded.ids)
+            np.savez_compressed(fh, **arrays)
+        metrics = per_image(probs > 0.5, truth.masks)
+        metrics["ap"] = average_precision(probs, truth.masks)
+        metrics.insert(0, "patient", truth.patients)
+        metrics.insert(0, "id", truth.ids)
         atomic.write_csv(files.metrics(name, split), metrics)
+    atomic.write_json(files.evaluation, {"hflip": hflip})
 
 
 def summary_columns() -> list[str]:
@@ -104,14 +136,20 @@ def summary_columns() -> list[str]:
     return [*spec, *(f.name for f in fields(TrainSettings)), *(f.name for f in fields(TrainOutcome)), "key", "folder", "device"]
 
 
-def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", wait: bool = True) -> dict | None:
+def _evaluated_as(files: RunFiles, hflip: bool) -> bool:
+    return files.evaluation.is_file() and json.loads(files.evaluation.read_text()) == {"hflip": hflip}
+
+
+def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", wait: bool = True,
+            hflip: bool = False) -> dict | None:
     """Train and evaluate one run unless it is already finished; return its summary.
 
-    Another process training the same run holds its lease: then wait for it to finish, or with
-    ``wait=False`` return None at once so the caller can do other runs first.
+    A finished run asked for another evaluation (test-time flipping on or off) is evaluated again from
+    its best weights, without training. Another process training the same run holds its lease: then
+    wait for it to finish, or with ``wait=False`` return None at once so the caller can do other runs.
     """
     files = spec.files(store)
-    if files.done.is_file():
+    if files.done.is_file() and _evaluated_as(files, hflip):
         return json.loads(files.summary.read_text())
     files.lease.parent.mkdir(parents=True, exist_ok=True)
     lease = FileLock(files.lease)
@@ -120,16 +158,19 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", w
     except Timeout:
         return None
     try:
-        if files.done.is_file():  # finished by the previous holder
+        if files.done.is_file():  # finished, perhaps by the previous holder
+            if not _evaluated_as(files, hflip):
+                torch_device = pick_device(device)
+                _evaluate(load_trained(store, spec, torch_device), spec, files, data, torch_device, hflip)
             return json.loads(files.summary.read_text())
-        return _train(spec, files, data, device)
+        return _train(spec, files, data, device, hflip)
     finally:
         lease.release()
 
 
-def starting_model(spec: RunSpec, store: Path):
+def starting_model(spec: RunSpec, store: Path) -> Segmenter:
     """A run's model before its first epoch: ImageNet, a local encoder file, or another run's weights."""
-    model = build_model(spec.encoder, spec.architecture, spec.pretrained, spec.weights_path)
+    model = segmenter(spec, spec.pretrained, spec.weights_path)
     if spec.init:
         start = RunFiles(Path(store) / spec.init)
         if not start.done.is_file():
@@ -138,7 +179,7 @@ def starting_model(spec: RunSpec, store: Path):
     return model
 
 
-def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str) -> dict:
+def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str, hflip: bool) -> dict:
     resuming = files.checkpoint.is_file()
     if resuming:
         epochs = len(pd.read_csv(files.history)) if files.history.is_file() else 0
@@ -147,51 +188,66 @@ def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str) -> dict
     torch_device = pick_device(device)
     torch.manual_seed(spec.seed)
     # A checkpoint holds every weight: resuming needs neither the network nor the weights file.
-    model = build_model(spec.encoder, spec.architecture) if resuming else starting_model(spec, files.folder.parent)
-    train_split = load_split(data.d1, "train", spec.image_size)
+    model = segmenter(spec) if resuming else starting_model(spec, files.folder.parent)
+    needs_labels = model.objective.needs_labels
+    train_split = load_split(data.d1, "train", spec.image_size, labels=needs_labels)
     val_split = load_split(data.d1, "val", spec.image_size)
     outcome = fit(model, train_split, val_split, spec.train, files.folder, torch_device,
-                  desc=f"{spec.encoder} s{spec.seed}")
-    _evaluate(model, files, data, spec.image_size, torch_device)
+                  desc=f"{spec.candidate} s{spec.seed}")
+    _evaluate(model, spec, files, data, torch_device, hflip)
     flat_spec = {key: value for key, value in asdict(spec).items() if key != "train"} | asdict(spec.train)
     summary = {**flat_spec, **asdict(outcome), "key": spec.key(), "folder": files.folder.name,
                "device": str(torch_device)}
+    summary = json.loads(json.dumps(summary))  # as it reads back from summary.json (a size is a list there)
     atomic.write_json(files.summary, summary)
     atomic.write_text(files.done, "")
     files.checkpoint.unlink(missing_ok=True)  # best.pt keeps the weights that matter
     return summary
 
 
+def run_label(spec: RunSpec) -> str:
+    return f"{spec.stage} {spec.candidate} seed {spec.seed} ({spec.folder_name()})"
+
+
 def run_all(specs: Iterable[RunSpec], data: StudyData, store: Path, device: str = "auto",
-            executor: Executor | None = None, log=tqdm.write) -> list[dict]:
+            executor: Executor | None = None, log=tqdm.write, hflip: bool = False) -> list[dict]:
     """Every run's summary, in the order of `specs`; finished runs are skipped, leased ones done last."""
     specs = list(specs)
     done = sum(spec.files(store).done.is_file() for spec in specs)
     if done:
         log(f"{done} of {len(specs)} runs already finished: skipped")
     executor = executor or SequentialExecutor(desc=f"{len(specs)} runs")
-    summaries = executor.map(partial(execute, data=data, store=store, device=device, wait=False), specs)
+    task = partial(execute, data=data, store=store, device=device, wait=False, hflip=hflip)
+    summaries = executor.map(task, specs, label=run_label)
     busy = [index for index, summary in enumerate(summaries) if summary is None]
     if busy:
         log(f"{len(busy)} runs are being trained by another process: waiting for them")
-        for index, summary in zip(busy, executor.map(partial(execute, data=data, store=store, device=device),
-                                                     [specs[i] for i in busy])):
+        waiting = partial(execute, data=data, store=store, device=device, hflip=hflip)
+        for index, summary in zip(busy, executor.map(waiting, [specs[i] for i in busy], label=run_label)):
             summaries[index] = summary
     return summaries
 
 
-def load_trained(store: Path, spec: RunSpec, device: torch.device):
+def load_trained(store: Path, spec: RunSpec, device: torch.device) -> Segmenter:
     """A finished run's model with its best weights, ready for inference."""
-    return load_weights(build_model(spec.encoder, spec.architecture, "none"), spec.files(store).best, device)
+    return load_weights(segmenter(spec), spec.files(store).best, device)
 
 
-def load_probs(store: Path, spec: RunSpec, dataset: str, split: str) -> tuple[list[str], np.ndarray]:
-    """Cached probability maps of a finished run, as float32 [N, H, W] with their image ids."""
+@dataclass(frozen=True)
+class CachedPrediction:
+    ids: list[str]
+    probs: np.ndarray  # float32 [N, H, W] on the evaluation grid
+    levels: np.ndarray | None  # uint8 [N, H, W] for level-aware runs
+
+
+def load_probs(store: Path, spec: RunSpec, dataset: str, split: str) -> CachedPrediction:
+    """Cached predictions of a finished run on one dataset split."""
     path = spec.files(store).probs(dataset, split)
     if not path.is_file():
-        raise StageOrderError(f"no cached probabilities at {path}; run the stage that trains {spec.encoder} first")
+        raise StageOrderError(f"no cached probabilities at {path}; run the stage that trains {spec.candidate} first")
     with np.load(path) as npz:
-        return [str(i) for i in npz["ids"]], npz["probs"].astype(np.float32)
+        levels = npz["levels"] if "levels" in npz.files else None
+        return CachedPrediction([str(i) for i in npz["ids"]], npz["probs"].astype(np.float32), levels)
 
 
 def load_metrics(store: Path, specs: Iterable[RunSpec], group: Callable[[RunSpec], str],

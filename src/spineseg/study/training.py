@@ -13,6 +13,7 @@ from spineseg.encoders import has_imagenet_weights
 from spineseg.errors import ConfigError, StageOrderError
 from spineseg.study.artifacts import read_table
 from spineseg.study.config import Training
+from spineseg.study.executors import make_executor
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.store import RunSpec, load_metrics, run_all, summary_columns
@@ -22,14 +23,16 @@ _SETTINGS = {f.name for f in fields(TrainSettings)}
 
 
 def run_spec(study: Study, data: StudyData, stage: str, encoder: str, seed: int, section: Training, *, augment: bool,
-             pretrained: str, architecture: str = "unet", weights_path: str = "", init: str | None = None) -> RunSpec:
+             pretrained: str, architecture: str = "unet", weights_path: str = "", init: str | None = None,
+             target: str = "binary", optimizer: str = "adam", attention: bool = False) -> RunSpec:
     """One run of `section`'s settings; the hyperparameters are read by name, declared only in the config.
 
     The encoder-less U-Net has no ImageNet weights: it trains from scratch beside pretrained encoders,
     as in the article. `weights_path` (relative to the project) replaces the ImageNet download.
     """
     values = {name: getattr(section, name) for name in _SETTINGS if hasattr(section, name)}
-    train = TrainSettings(**{**values, "augment": augment, "seed": seed})
+    train = TrainSettings(**{**values, "augment": augment, "seed": seed, "target": target,
+                             "precision": study.cfg.precision, "optimizer": optimizer})
     if weights_path:
         path = (study.project / weights_path).resolve()
         if not path.is_file():
@@ -37,13 +40,16 @@ def run_spec(study: Study, data: StudyData, stage: str, encoder: str, seed: int,
         weights_path = str(path)
     return RunSpec(stage=stage, encoder=encoder, image_size=section.image_size, train=train, architecture=architecture,
                    pretrained=pretrained if has_imagenet_weights(encoder) else "none", weights_path=weights_path or None,
-                   init=init, data=data.fingerprint)
+                   init=init, attention=attention, data=data.fingerprint)
 
 
 def train_and_collect(study: Study, data: StudyData, stage: str, specs: list[RunSpec],
-                      group: Callable[[RunSpec], str]) -> pd.DataFrame:
+                      group: Callable[[RunSpec], str], hflip: bool | None = None) -> pd.DataFrame:
     """Run the grid (skipping finished runs) and write the stage's runs and per-image metrics."""
-    summaries = pd.DataFrame(run_all(specs, data, study.layout.store, study.cfg.device), columns=summary_columns())
+    hflip = getattr(study.cfg, stage).tta_hflip if hflip is None else hflip
+    executor = make_executor(study.cfg.executor, f"{stage}: {len(specs)} runs")
+    summaries = pd.DataFrame(run_all(specs, data, study.layout.store, study.cfg.device, executor, hflip=hflip),
+                             columns=summary_columns())
     atomic.write_csv(study.layout.runs_table(stage), summaries)
     for split in ("test", "val"):
         frame = load_metrics(study.layout.store, specs, group, split=split)
