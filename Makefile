@@ -5,7 +5,7 @@ PROFILE ?= quick
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spineseg-installed
 
-.PHONY: install study smoke test lint bench lab clean-runs
+.PHONY: install study smoke test lint report bench lab clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: install  ## unit tests and the smoke study end to end
 lint: install  ## ruff, and the import contract (the library never imports spineseg.study)
 	$(BIN)/ruff check src tests
 	$(BIN)/lint-imports --no-cache
+
+report: install  ## the rendered notebooks of PROFILE as HTML without code: runs/PROFILE/report/
+	$(BIN)/spineseg report --profile $(PROFILE)
 
 bench: install
 	$(BIN)/spineseg bench --profile $(PROFILE)

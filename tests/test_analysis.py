@@ -73,7 +73,8 @@ def test_write_table_formats(tmp_path):
     study = Study(Profile(), Layout(tmp_path, "p"))
     tables.write_table(study, table, "table8")
     folder = study.layout.tables_dir
-    caption = tables.TABLE_CAPTIONS["table8"]
+    caption = tables.caption(study, "table8")
+    assert caption.startswith(tables.TABLE_CAPTIONS["table8"]) and "this run: ensembles of 0 model(s) (article: 10)" in caption
     assert "88.12" in (folder / "table8.md").read_text() and caption in (folder / "table8.md").read_text()
     assert f"\\caption{{{caption}}}" in (folder / "table8.tex").read_text()
     assert pd.read_csv(folder / "table8.csv", index_col=0).loc["Soft voting", "DSC"] == pytest.approx(88.123)

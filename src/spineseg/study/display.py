@@ -11,17 +11,40 @@ from IPython.display import Markdown, display
 from spineseg.study.article import side_by_side
 from spineseg.study.artifacts import read_table
 from spineseg.study.session import Study
-from spineseg.study.stage2_selection import selected_encoders
-from spineseg.study.tables import TABLE_CAPTIONS, TABLE_NOTES
+from spineseg.study.stage2_selection import selected_candidates
+from spineseg.study.store import candidate_name
+from spineseg.study.tables import TABLE_NOTES, caption
+
+WHOLE = {"display.max_rows": None, "display.max_columns": None, "display.width": None,
+         "display.float_format": "{:.2f}".format}
 
 
-def show_tables(tables: Mapping[str, pd.DataFrame]) -> None:
-    """Each table under its caption; the article's tables beside its published values."""
-    for name, table in tables.items():
-        display(Markdown(f"**{TABLE_CAPTIONS.get(name, name)}**"))
-        display(side_by_side(name, table))
-        if name in TABLE_NOTES:
-            display(Markdown(f"_{TABLE_NOTES[name]}_"))
+def show_tables(study: Study, tables: Mapping[str, pd.DataFrame], captions: Mapping[str, str] | None = None) -> None:
+    """Each table whole under its caption; the article's tables beside its published values; the
+    Wilcoxon tests by family (DSC first, significant rows marked); Table 13 one table at a time."""
+    with pd.option_context(*[item for pair in WHOLE.items() for item in pair]):
+        for name, table in tables.items():
+            display(Markdown(f"**{(captions or {}).get(name) or caption(study, name)}**"))
+            if name == "wilcoxon_readable":
+                _show_wilcoxon(table)
+            elif name == "table13":
+                for part, rows in table.groupby("table", sort=False):
+                    display(Markdown(f"_{part.replace('table', 'Table ')}_"))
+                    display(rows.drop(columns="table").reset_index(drop=True))
+            else:
+                display(side_by_side(name, table))
+            if name in TABLE_NOTES:
+                display(Markdown(f"_{TABLE_NOTES[name]}_"))
+
+
+def _show_wilcoxon(table: pd.DataFrame) -> None:
+    metric_order = {"dsc": 0, "iou": 1}
+    for family, rows in table.groupby("family", sort=False):
+        rows = rows.sort_values(["metric", "dataset"], key=lambda c: c.map(metric_order) if c.name == "metric" else c,
+                                kind="stable").drop(columns="family").reset_index(drop=True)
+        marked = rows.style.apply(lambda row: ["font-weight: bold" if row["significant"] == "yes" else ""] * len(row), axis=1)
+        display(Markdown(f"_{family}_ (bold: significant after Holm correction)"))
+        display(marked.hide(axis="index"))
 
 
 def show_figures(figures: Mapping[str, plt.Figure]) -> None:
@@ -36,4 +59,16 @@ def show_selection(study: Study) -> None:
     section = study.cfg.stage2
     display(Markdown(f"**Validation ranking** (threshold {section.min_val_dsc}, top {section.top_k})"))
     display(read_table(study.layout.ranking).round(4))
-    display(Markdown("**Selected:** " + ", ".join(selected_encoders(study))))
+    display(Markdown("**Selected:** " + ", ".join(candidate_name(*c) for c in selected_candidates(study))))
+
+
+def show_stage6(study: Study, data) -> None:
+    """Run stage 6 (unless the profile turns it off) and show its tables and figures."""
+    from spineseg.study.stage6_architectures import run_stage6, stage6_captions, stage6_figures, stage6_tables
+
+    if not study.cfg.architectures.enabled:
+        display(Markdown(f"_Stage 6 is off in the profile `{study.name}` (`architectures.enabled: false`)._"))
+        return
+    run_stage6(study, data)
+    show_tables(study, stage6_tables(study), stage6_captions(study))
+    show_figures(stage6_figures(study))

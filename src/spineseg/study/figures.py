@@ -18,15 +18,15 @@ from skimage.measure import find_contours
 
 from spineseg import atomic
 from spineseg.data import DatasetError, Sample, load_split, read_manifest
-from spineseg.data.aasce import VERTEBRAE
-from spineseg.encoders import PAPER_ENCODERS
 from spineseg.ensemble import THRESHOLD_GRID, combine
 from spineseg.metrics import per_image
-from spineseg.names import RULES, rule_name
+from spineseg.names import EXTRA_RULES, RULES, rule_name
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage4_ensembles import EnsembleInputs, available_eval_sets, ensemble_inputs, threshold_curves
+from spineseg.study.tables import CANDIDATE_ORDER, identification_summary, load_identification
 from spineseg.study.training import load_stage_metrics
+from spineseg.vertebrae import BACKGROUND, CODES, IGNORE, N_LEVELS, NAMES, REGION, region_mask
 
 FALSE_POSITIVE = (0.9, 0.1, 0.1)
 FALSE_NEGATIVE = (0.1, 0.4, 1.0)
@@ -61,7 +61,20 @@ def dataset_examples(data: StudyData, size: int = 512) -> plt.Figure:
     return fig
 
 
-def _error_overlay(ax, image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
+def crop_box(masks, margin: float = 0.6, minimum: int = 8) -> tuple[slice, slice]:
+    """A window around everything in `masks` (the spine region), grown by `margin` of its size."""
+    union = np.any(np.stack([np.asarray(m, dtype=bool) for m in masks]), axis=0)
+    height, width = union.shape
+    if not union.any():
+        return slice(0, height), slice(0, width)
+    rows, cols = np.nonzero(union)
+    pad_r = int(margin * (rows.max() - rows.min() + 1)) + minimum
+    pad_c = int(margin * (cols.max() - cols.min() + 1)) + minimum
+    return (slice(max(rows.min() - pad_r, 0), min(rows.max() + pad_r + 1, height)),
+            slice(max(cols.min() - pad_c, 0), min(cols.max() + pad_c + 1, width)))
+
+
+def error_overlay(ax, image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
     rgb = np.repeat(image[..., None], 3, axis=2)
     rgb[pred & ~truth] = FALSE_POSITIVE
     rgb[~pred & truth] = FALSE_NEGATIVE
@@ -72,9 +85,8 @@ def _error_overlay(ax, image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -
 
 
 def ensemble_overlays(inputs: EnsembleInputs, threshold: float = 0.5, methods=RULES) -> plt.Figure:
-    """Every rule's mask on the best, median and worst test image (ranked by soft-voting DSC).
-
-    Ground-truth contour in green; false positives red, false negatives blue.
+    """Every rule's mask on the best, median and worst test image (ranked by soft-voting DSC), cropped
+    around the spine. Ground-truth contour in green; false positives red, false negatives blue.
     """
     masks = {m: combine(inputs.probs, m, threshold) for m in methods}
     truth = inputs.masks.astype(bool)
@@ -82,8 +94,9 @@ def ensemble_overlays(inputs: EnsembleInputs, threshold: float = 0.5, methods=RU
     picks = {"best": order[-1], "median": order[len(order) // 2], "worst": order[0]}
     fig, axes = plt.subplots(len(picks), len(methods), figsize=(2.2 * len(methods), 2.3 * len(picks)), squeeze=False)
     for row, (label, index) in zip(axes, picks.items()):
+        box = crop_box([truth[index], *(masks[m][index] for m in methods)])
         for ax, method in zip(row, methods):
-            _error_overlay(ax, inputs.images[index], masks[method][index], truth[index])
+            error_overlay(ax, inputs.images[index][box], masks[method][index][box], truth[index][box])
             dsc = per_image(masks[method][index], truth[index])["dsc"].iloc[0]
             ax.set_title(f"{rule_name(method)}\nDSC {100 * dsc:.1f}%", fontsize=8)
         row[0].set_ylabel(f"{label}\n{inputs.ids[index]}", fontsize=8)
@@ -107,12 +120,30 @@ def dsc_boxplot(frame: pd.DataFrame, order: list[str], title: str) -> plt.Figure
     return fig
 
 
+RULE_COLOURS = dict(zip((*RULES, *EXTRA_RULES), plt.get_cmap("tab10").colors))
+DATASET_STYLES = {"d1": "-", "d2": "--"}
+
+
+def rule_labels(curves: pd.DataFrame) -> dict[str, str]:
+    """Printed rule names, with max and union merged where their curves coincide (eq. 9 and 14 agree)."""
+    labels = {rule: rule_name(rule) for rule in curves["method"].unique()}
+    if {"max", "union"} <= set(labels):
+        by_rule = curves.set_index(["method", "dataset", "threshold"])["mean_dsc"]
+        if np.allclose(by_rule.loc["max"].sort_index(), by_rule.loc["union"].sort_index()):
+            labels["union"] = f"{rule_name('max')} = {rule_name('union')}"
+            del labels["max"]
+    return labels
+
+
 def threshold_plot(curves: pd.DataFrame, threshold: float) -> plt.Figure:
-    """Mean DSC against the threshold T for each rule, with the paper's T marked."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for (dataset, method), part in curves.groupby(["dataset", "method"]):
-        ax.plot(part["threshold"], 100 * part["mean_dsc"], marker="o", ms=3,
-                label=f"{rule_name(method)} ({dataset})", linestyle="-" if dataset == "d1" else "--")
+    """Mean DSC against the threshold T: one colour per rule, one line style per dataset, the profile's T marked."""
+    fig, ax = plt.subplots(figsize=(5.4, 3.6))
+    labels = rule_labels(curves)
+    for (dataset, method), part in curves.groupby(["dataset", "method"], sort=False):
+        if method not in labels:
+            continue  # drawn under its identical twin
+        ax.plot(part["threshold"], 100 * part["mean_dsc"], marker="o", ms=3, color=RULE_COLOURS.get(method),
+                linestyle=DATASET_STYLES.get(dataset, ":"), label=f"{labels[method]} ({dataset})")
     ax.axvline(threshold, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("Threshold T")
     ax.set_ylabel("Mean DSC (%)")
@@ -132,7 +163,7 @@ def threshold_explorer(inputs: EnsembleInputs, methods=RULES):
         masks = {m: combine(inputs.probs[:, index], m, threshold) for m in methods}
         fig, axes = plt.subplots(1, len(methods), figsize=(2.4 * len(methods), 2.6))
         for ax, (method, mask) in zip(axes, masks.items()):
-            _error_overlay(ax, inputs.images[index], mask, truth[index])
+            error_overlay(ax, inputs.images[index], mask, truth[index])
             ax.set_title(rule_name(method), fontsize=8)
         plt.show()
         table = pd.concat([per_image(mask, truth[index]) for mask in masks.values()], ignore_index=True)
@@ -164,17 +195,28 @@ def _samples_from_folder(folder: Path, n: int) -> Iterator[Sample]:
                      labels=_read_png(folder / row.labels))
 
 
+OTHER_LEVEL_COLOUR = "#bbbbbb"
+
+
 def _draw_outlines(ax, labels: np.ndarray, linewidth: float) -> None:
-    for label, colour in enumerate(REGION_COLOURS, start=1):
-        padded = np.pad(labels == label, 1).astype(float)  # closes contours that touch the border
+    """Th8–Th11 in their colours, every other labelled vertebra thin and grey, unknown bands hatched grey."""
+    for code in np.unique(labels):
+        if code in (BACKGROUND, IGNORE):
+            continue
+        region = NAMES[code] in REGION
+        colour = REGION_COLOURS[REGION.index(NAMES[code])] if region else OTHER_LEVEL_COLOUR
+        padded = np.pad(labels == code, 1).astype(float)  # closes contours that touch the border
         for contour in find_contours(padded, 0.5):
-            ax.plot(contour[:, 1] - 1, contour[:, 0] - 1, color=colour, linewidth=linewidth)
+            ax.plot(contour[:, 1] - 1, contour[:, 0] - 1, color=colour, linewidth=linewidth if region else 0.4 * linewidth)
+    if (labels == IGNORE).any():
+        ax.contourf(labels == IGNORE, levels=[0.5, 1.5], colors="none", hatches=["////"])
 
 
 def label_overlays(samples_or_dataset_folder: Sequence[Sample] | str | Path, n: int = 4) -> Figure:
-    """Converted images with the Th8–Th11 masks outlined, so a reader can check the masks by eye.
+    """Images with their labelled vertebrae outlined, so a reader can check the labels by eye.
 
-    Top row: the whole (stretched) image; bottom row: a zoom on the region with each vertebra named.
+    Top row: the whole image; bottom row: a zoom on Th8–Th11 with each of the four named. Grey: the
+    other labelled levels; hatched: bands whose level is unknown.
     """
     if isinstance(samples_or_dataset_folder, (str, Path)):
         samples = list(_samples_from_folder(Path(samples_or_dataset_folder), n))
@@ -185,14 +227,15 @@ def label_overlays(samples_or_dataset_folder: Sequence[Sample] | str | Path, n: 
         raise DatasetError("label_overlays: no samples to draw")
     missing = [s.id for s in samples if s.labels is None]
     if missing:
-        raise DatasetError(f"label_overlays: samples {missing} have no instance labels to draw")
+        raise DatasetError(f"label_overlays: samples {missing} have no level labels to draw")
 
-    fig = Figure(figsize=(2.3 * len(samples), 5.2), layout="constrained")
+    height, width = samples[0].image.shape
+    fig = Figure(figsize=(2.3 * len(samples), 2.6 + 2.6 * height / max(width, 1) / 2), layout="constrained")
     axes = fig.subplots(2, len(samples), squeeze=False)
     for (whole, zoom), sample in zip(axes.T, samples):
-        rows, cols = np.nonzero(sample.labels)
+        rows, cols = np.nonzero(region_mask(sample.labels))
         if rows.size == 0:
-            raise DatasetError(f"label_overlays: sample {sample.id!r} has an empty mask")
+            raise DatasetError(f"label_overlays: sample {sample.id!r} has no Th8–Th11")
         centre_row, centre_col = (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
         half = 0.8 * max(rows.max() - rows.min(), cols.max() - cols.min()) + 4
         for ax in (whole, zoom):
@@ -205,13 +248,14 @@ def label_overlays(samples_or_dataset_folder: Sequence[Sample] | str | Path, n: 
         whole.set_title(sample.id, fontsize=5)
         zoom.set_xlim(centre_col - half, centre_col + half)
         zoom.set_ylim(centre_row + half, centre_row - half)
-        for label, (name, colour) in enumerate(zip(VERTEBRAE, REGION_COLOURS), start=1):
-            vertebra_rows, vertebra_cols = np.nonzero(sample.labels == label)
+        for name, colour in zip(REGION, REGION_COLOURS):
+            vertebra_rows, vertebra_cols = np.nonzero(sample.labels == CODES[name])
             if vertebra_rows.size:
                 zoom.text(vertebra_cols.max() + 4, vertebra_rows.mean(), name, color=colour, fontsize=7,
                           va="center", fontweight="bold", path_effects=[withStroke(linewidth=1.5, foreground="black")])
-    fig.legend(handles=[Line2D([], [], color=c, label=v) for v, c in zip(VERTEBRAE, REGION_COLOURS)],
-               loc="outside lower center", ncol=len(VERTEBRAE), fontsize=7, frameon=False)
+    fig.legend(handles=[Line2D([], [], color=c, label=v) for v, c in zip(REGION, REGION_COLOURS)]
+               + [Line2D([], [], color=OTHER_LEVEL_COLOUR, label="other levels")],
+               loc="outside lower center", ncol=len(REGION) + 1, fontsize=7, frameon=False)
     return fig
 
 
@@ -236,10 +280,62 @@ def write_figures(study: Study, data: StudyData) -> dict[str, Figure]:
     stage4 = load_stage_metrics(study, "stage4")
     figures["dsc_by_ensemble"] = dsc_boxplot(stage4.assign(group=stage4["group"].map(rule_name)),
                                              [rule_name(m) for m in RULES], "Ensembles")
-    figures["dsc_by_encoder"] = dsc_boxplot(load_stage_metrics(study, "stage3"), list(PAPER_ENCODERS), "Stage-3 models")
+    figures["dsc_by_encoder"] = dsc_boxplot(load_stage_metrics(study, "stage3"), CANDIDATE_ORDER, "Stage-3 models")
     figures["dsc_vs_threshold"] = threshold_plot(pd.concat(curves, ignore_index=True), threshold)
+    figures |= identification_figures(study, data)
     for name, figure in figures.items():
         save(figure, study, name)
+    return figures
+
+
+def level_shifts(summary: pd.DataFrame, title: str) -> plt.Figure:
+    """Where each model's and rule's Th8–Th11 landed: share of images per level shift (0 = the right four)."""
+    columns = [c for c in summary.columns if c.startswith("Shift ")] + ["No region"]
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(summary) + 1.2))
+    summary[columns].plot.barh(stacked=True, ax=ax, width=0.8,
+                               color=["#b2182b", "#ef8a62", "#1a9850", "#67a9cf", "#2166ac", "#bbbbbb"])
+    ax.invert_yaxis()
+    ax.set_xlabel("images (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=len(columns), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def level_confusion(levels: np.ndarray, labels: np.ndarray, title: str) -> plt.Figure:
+    """Predicted vs true level of every labelled vertebra (its pixels' most frequent predicted level)."""
+    codes = range(1, N_LEVELS + 1)
+    counts = np.zeros((N_LEVELS, N_LEVELS + 1))
+    for predicted, truth in zip(levels, labels):
+        for code in codes:
+            on = truth == code
+            if on.any():
+                counts[code - 1, np.bincount(predicted[on], minlength=N_LEVELS + 1)[:N_LEVELS + 1].argmax()] += 1
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    ax.imshow(counts, cmap="Blues")
+    names = [NAMES[c] for c in codes]
+    ax.set_xticks(range(N_LEVELS + 1), ["none", *names], rotation=90, fontsize=6)
+    ax.set_yticks(range(N_LEVELS), names, fontsize=6)
+    ax.set_xlabel("predicted level")
+    ax.set_ylabel("true level")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def identification_figures(study: Study, data: StudyData) -> dict[str, Figure]:
+    """Level shifts of every model and rule per test set; predicted vs true levels of level-aware members."""
+    frame = load_identification(study)
+    if frame is None:
+        return {}
+    figures = {}
+    for dataset, part in frame.groupby("dataset"):
+        figures[f"level_shifts_{dataset}"] = level_shifts(identification_summary(part), f"Where Th8–Th11 landed — {dataset}")
+        inputs = ensemble_inputs(study, data, dataset, "test")
+        for name, levels in zip(inputs.names, inputs.levels):
+            if levels is not None:
+                slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+                figures[f"levels_{slug}_{dataset}"] = level_confusion(levels, inputs.labels, f"{name}, {dataset}")
     return figures
 
 

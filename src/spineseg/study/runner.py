@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from spineseg import atomic
-from spineseg.errors import ConfigError, NotebookFailed
+from spineseg.errors import ConfigError, NotebookFailed, StageOrderError
+from spineseg.study import provenance
 from spineseg.study.artifacts import Layout
 from spineseg.study.config import load_profile
 from spineseg.study.session import Study, profile_path
@@ -27,6 +28,7 @@ NOTEBOOKS = (
     "03_final_training",
     "04_ensembles",
     "05_analysis",
+    "06_architectures",
 )
 
 
@@ -74,12 +76,29 @@ def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, proje
     return {"profile": profile, "overrides": dict(overrides or {}), "project_dir": str(project), "interactive": False}
 
 
-def _export_html(notebook: Path) -> None:
+def export_html(notebook: Path, target: Path, code: bool = True) -> Path:
+    """An HTML copy of a rendered notebook that reads offline (no script from a CDN); without the code
+    cells for readers who only want the results."""
+    from importlib import resources
+
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    atomic.write_text(notebook.with_suffix(".html"), body)
+    templates = str(resources.files("spineseg").joinpath("resources/offline_html"))
+    exporter = HTMLExporter(extra_template_paths=[templates], template_file="spineseg_offline.html.j2",
+                            exclude_input=not code, exclude_input_prompt=not code, exclude_output_prompt=not code)
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    atomic.write_text(target, body)
+    return target
+
+
+def write_report(project: Path, profile: str) -> list[Path]:
+    """``runs/<profile>/report/``: the rendered notebooks as HTML without their code cells."""
+    layout = Layout(Path(project).resolve(), profile)
+    rendered = [layout.notebook(name) for name in NOTEBOOKS if layout.notebook(name).is_file()]
+    if not rendered:
+        raise StageOrderError(f"no rendered notebooks under {layout.notebooks_dir}: run `spineseg run --profile {profile}` first")
+    return [export_html(path, layout.report(path.stem), code=False) for path in rendered]
 
 
 def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
@@ -98,7 +117,9 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
     project = Path(project).resolve()
     layout = Layout(project, profile)
     # Fail before anything runs: the profile, then every file of every split.
-    prepare_data(Study(load_profile(profile_path(project, profile), overrides), layout))
+    cfg = load_profile(profile_path(project, profile), overrides)
+    prepare_data(Study(cfg, layout))
+    provenance.record(layout.provenance, provenance.collect(project, profile, overrides, cfg.device, cfg.threads))
     # The kernel must be this interpreter, whatever `python` means on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     rendered = []
@@ -123,7 +144,7 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
                                  f"training runs are kept: rerun the same command to resume.") from None
         finally:
             if target.is_file():
-                _export_html(target)
+                export_html(target, target.with_suffix(".html"))
         seconds = time.perf_counter() - started
         atomic.write_json(layout.notebook_timing(name), {"notebook": name, "seconds": seconds})
         log(f"[{profile}] {name} done in {seconds:.0f} s → {target}")

@@ -56,9 +56,14 @@ def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | 
     """The first cell of every notebook: open the study, locate its data, and say what runs."""
     from IPython.display import Markdown, display
 
+    from spineseg.study import provenance
     from spineseg.study.stage0_data import prepare_data
 
     study = open_study(profile, overrides, project_dir or None)
     data = prepare_data(study)
+    facts = provenance.collect(study.project, study.name, overrides, study.cfg.device, study.cfg.threads)
+    if not study.layout.provenance.is_file():  # executed outside `spineseg run`
+        provenance.record(study.layout.provenance, facts)
     display(Markdown(f"**Profile `{study.name}`** — {study.cfg.description}  \nArtifacts: `{study.layout.run_dir}`"))
+    display(Markdown(provenance.markdown(facts)))
     return study, data

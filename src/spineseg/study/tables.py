@@ -6,28 +6,35 @@ Every table value is a percentage with two decimals: the mean over images of a p
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from spineseg import atomic
 from spineseg.encoders import PAPER_ENCODERS
 from spineseg.errors import StageOrderError
+from spineseg.identification import SHIFT_CLASSES, shift_class
 from spineseg.metrics import f1_as_scikit_learn_1_3
 from spineseg.names import (
     AUGMENTATION_GROUPS,
     BOUNDARY_METRICS,
+    CALIBRATED,
     EXTRA_RULES,
     METRICS,
     RULES,
     STACKING,
+    TARGETS,
     TUNED,
     metric_name,
     rule_name,
 )
-from spineseg.stats import PATIENT_KEYS, all_pairs, format_wilcoxon, mean_ci_table, one_vs_rest, wilcoxon_family
+from spineseg.stats import PATIENT_KEYS, all_pairs, format_p, format_wilcoxon, mean_ci_table, one_vs_rest, wilcoxon_family
 from spineseg.study.article import article_tables, caption, published
 from spineseg.study.artifacts import read_table
 from spineseg.study.session import Study
+from spineseg.study.store import candidate_name
 from spineseg.study.training import load_stage_metrics
+from spineseg.vertebrae import REGION
 
 METRIC_COLUMNS = [metric_name(m) for m in METRICS]
 STAT_ROWS = {"min": "Min", "max": "Max", "mean": "Mean"}
@@ -40,7 +47,9 @@ STAGE_TABLES = {
 }
 SUMMARY_TABLES = {"table4": "table6", "table5": "table7"}  # min / max / mean over the models
 BOUNDARY_TABLES = {"table10": "d1", "table11": "d2"}
-ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING]
+ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING, CALIBRATED]
+# Encoder tables: the article's encoders in its order, each followed by its level-aware variant.
+CANDIDATE_ORDER = [candidate_name(encoder, target) for encoder in (*PAPER_ENCODERS, "VGG16") for target in TARGETS]
 
 
 TABLE_CAPTIONS = {
@@ -50,7 +59,37 @@ TABLE_CAPTIONS = {
     "table12": "Table 12. Leave-one-model-out ablation of soft voting (ΔDSC > 0: better without the model)",
     "table13": "Table 13. Bootstrap 95 % confidence intervals (over images) of the means in Tables 4–9",
     "wilcoxon_readable": "Wilcoxon signed-rank tests, Holm-adjusted per family, dataset and metric",
+    "identification_d1": "Identification of Th8–Th11, dataset 1 test: share of images on the right four vertebrae, level "
+                         "shift of the predicted region (% of images), DSC per level and by identification (%)",
+    "identification_d2": "Identification of Th8–Th11, dataset 2: share of images on the right four vertebrae, level "
+                         "shift of the predicted region (% of images), DSC per level and by identification (%)",
+    "cases_d1": "Every dataset-1 test image, worst soft-voting DSC first: each rule's DSC (%), the members' disagreement",
+    "cases_d2": "Every dataset-2 image, worst soft-voting DSC first: each rule's DSC (%), the members' disagreement",
+    "uncertainty": "Does the members' disagreement flag failed images (soft-voting DSC < 80 %)? AUROC and Spearman ρ with DSC",
+    "calibration_d1": "Expected calibration error (%) per model, soft voting and calibrated soft voting, dataset 1 test",
+    "calibration_d2": "Expected calibration error (%) per model, soft voting and calibrated soft voting, dataset 2",
+    "best_vs_single": "The best ensemble against the best single model (both chosen on dataset-1 validation), "
+                      "Wilcoxon signed-rank test by patient",
 }
+
+
+def caption(study: Study, name: str) -> str:
+    """A table's caption, saying what this run did where it differs from the article's setting."""
+    base = TABLE_CAPTIONS.get(name, name)
+    cfg = study.cfg
+    size = lambda section: "×".join(str(side) for side in section.image_size)
+    if name == "table1":
+        return f"{base} — this run: {cfg.stage1.repeats} training(s) per arm at {size(cfg.stage1)} (article: 50 at 256×256)"
+    if name in ("table2", "table3"):
+        candidates = len(cfg.stage2.encoders) * len(cfg.stage2.targets)
+        return (f"{base} — this run: {candidates} candidate(s), {cfg.stage2.repeats} training(s) each at {size(cfg.stage2)} "
+                f"(article: 20 encoders × 10 at 256×256)")
+    selected = json.loads(study.layout.selection.read_text())["candidates"] if study.layout.selection.is_file() else []
+    if name in ("table4", "table5", "table6", "table7"):
+        return f"{base} — this run: the {len(selected)} selected model(s) at {size(cfg.stage3)} (article: 10 at 512×512)"
+    if name in ("table8", "table9"):
+        return f"{base} — this run: ensembles of {len(selected)} model(s) (article: 10)"
+    return base
 
 
 # Said under a table wherever it is shown.
@@ -89,7 +128,7 @@ def _rows(stage: str) -> list[str]:
     if stage == "stage4":
         by_name = {rule_name(key): key for key in RULES}
         return [by_name[label] for label in published("table8").index]
-    return list(PAPER_ENCODERS)
+    return CANDIDATE_ORDER
 
 
 def stage_tables(study: Study, stage: str) -> dict[str, pd.DataFrame]:
@@ -138,6 +177,66 @@ def _extra_tables(study: Study) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def load_identification(study: Study) -> pd.DataFrame | None:
+    path = study.layout.identification
+    return read_table(path) if path.is_file() else None
+
+
+def identification_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per model and rule: identification rate, shift histogram, per-level DSC, DSC by identification."""
+    rows = []
+    for (group, kind), part in frame.groupby(["group", "kind"], sort=False):
+        shifts = part["shift"].map(shift_class)
+        identified = part["identified"].astype(bool)
+        row = {"": rule_name(group) if kind == "rule" else group, "Kind": kind, "Images": len(part),
+               "Identified": 100 * identified.mean()}
+        row |= {f"Shift {k:+d}": 100 * (shifts == k).mean() for k in SHIFT_CLASSES}
+        row["No region"] = 100 * shifts.isna().mean()  # nothing predicted on any labelled vertebra
+        row |= {f"DSC {name}": 100 * part[f"dsc_{name}"].mean() for name in REGION}
+        row["DSC identified"] = 100 * part.loc[identified, "dsc"].mean() if identified.any() else float("nan")
+        row["DSC not identified"] = 100 * part.loc[~identified, "dsc"].mean() if (~identified).any() else float("nan")
+        if "level_accuracy" in part and part["level_accuracy"].notna().any():
+            row["Level accuracy"] = 100 * part["level_accuracy"].mean()
+            row["PQ"] = 100 * part["pq"].mean()
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("").round(2)
+
+
+def _identification_tables(study: Study) -> dict[str, pd.DataFrame]:
+    frame = load_identification(study)
+    if frame is None:
+        return {}
+    return {f"identification_{dataset}": identification_summary(part) for dataset, part in frame.groupby("dataset")}
+
+
+def best_vs_single(study: Study) -> pd.DataFrame:
+    """Mean DSC and identification of the validation-chosen best rule and best single model on every test
+    set, their difference, and the Wilcoxon test by patient."""
+    if not study.layout.learned.is_file():
+        return pd.DataFrame()
+    learned = json.loads(study.layout.learned.read_text())
+    rule, model = rule_name(learned["best_rule"]), learned["best_model"]
+    stage3, stage4 = _try("stage3", study), _try("stage4", study)
+    if stage3 is None or stage4 is None:
+        return pd.DataFrame()
+    both = pd.concat([stage4.assign(group=stage4["group"].map(rule_name)), stage3], ignore_index=True)
+    tests = wilcoxon_family(both, [(rule, model)], metrics=("dsc",), family="best vs single", pair_on=PATIENT_KEYS)
+    identified = load_identification(study)
+    rows = []
+    for test in tests.itertuples():
+        row = {"Dataset": test.dataset, "Best rule": rule, "Best model": model,
+               "DSC rule": 100 * both.loc[(both["group"] == rule) & (both["dataset"] == test.dataset), "dsc"].mean(),
+               "DSC model": 100 * both.loc[(both["group"] == model) & (both["dataset"] == test.dataset), "dsc"].mean()}
+        row["Δ DSC (pp)"] = row["DSC rule"] - row["DSC model"]
+        if identified is not None:
+            part = identified[identified["dataset"] == test.dataset]
+            for label, kind, group in (("Identified rule", "rule", learned["best_rule"]), ("Identified model", "model", model)):
+                row[label] = 100 * part.loc[(part["kind"] == kind) & (part["group"] == group), "identified"].astype(bool).mean()
+        row |= {"patients": test.n, "images": test.n_images, "p (Wilcoxon, by patient)": format_p(test.p)}
+        rows.append(row)
+    return pd.DataFrame(rows).round(2)
+
+
 def build_tables(study: Study) -> dict[str, pd.DataFrame]:
     """Tables 1–9 (those whose stage has run and whose dataset exists) and Tables 10–12, in number order."""
     tables: dict[str, pd.DataFrame] = {}
@@ -145,6 +244,26 @@ def build_tables(study: Study) -> dict[str, pd.DataFrame]:
         tables.update(stage_tables(study, stage))
     tables.update(_extra_tables(study))
     return dict(sorted(tables.items(), key=lambda item: int(item[0].removeprefix("table"))))
+
+
+def write_all(study: Study) -> dict[str, pd.DataFrame]:
+    """Build and write every table, the CIs, the Wilcoxon tests and the identification tables; return them."""
+    tables = build_tables(study)
+    ci = confidence_intervals(study, study.cfg.analysis.n_boot)
+    if not ci.empty:
+        tables["table13"] = ci
+    tables |= _identification_tables(study)
+    headline = best_vs_single(study)
+    if not headline.empty:
+        tables["best_vs_single"] = headline
+    for name, table in tables.items():
+        write_table(study, table, name)
+    tests = wilcoxon_tests(study)
+    if not tests.empty:
+        atomic.write_csv(study.layout.table("wilcoxon", "csv"), tests)
+        tables["wilcoxon_readable"] = format_wilcoxon(tests)
+        write_table(study, tables["wilcoxon_readable"], "wilcoxon_readable")
+    return tables
 
 
 def confidence_intervals(study: Study, n_boot: int) -> pd.DataFrame:
@@ -181,7 +300,7 @@ def wilcoxon_tests(study: Study) -> pd.DataFrame:
         by_patient = {"pair_on": PATIENT_KEYS}  # per-patient means: images of one patient are not independent
         families.append(wilcoxon_family(named, all_pairs([rule_name(m) for m in RULES]), family="ensemble rules",
                                         **by_patient))
-        extras = [rule_name(m) for m in (*EXTRA_RULES, TUNED, STACKING) if rule_name(m) in set(named["group"])]
+        extras = [rule_name(m) for m in (*EXTRA_RULES, TUNED, STACKING, CALIBRATED) if rule_name(m) in set(named["group"])]
         soft = rule_name("soft")
         if extras:
             families.append(wilcoxon_family(named, one_vs_rest(soft, extras), family="new rules vs soft voting", **by_patient))
@@ -197,29 +316,12 @@ def wilcoxon_tests(study: Study) -> pd.DataFrame:
     return pd.concat(families, ignore_index=True) if families else pd.DataFrame()
 
 
-def write_table(study: Study, table: pd.DataFrame, name: str) -> None:
-    """CSV, Markdown and LaTeX copies of one table, captioned."""
-    caption = TABLE_CAPTIONS.get(name, "")
+def write_table(study: Study, table: pd.DataFrame, name: str, title: str | None = None) -> None:
+    """CSV, Markdown and LaTeX copies of one table, captioned (by default with `caption`)."""
+    title = title or caption(study, name)
     index = not isinstance(table.index, pd.RangeIndex)
     layout = study.layout
     atomic.write_text(layout.table(name, "csv"), table.to_csv(index=index))
-    atomic.write_text(layout.table(name, "md"), (f"**{caption}**\n\n" if caption else "")
-                      + table.to_markdown(index=index, floatfmt=".2f") + "\n")
-    atomic.write_text(layout.table(name, "tex"), table.to_latex(index=index, float_format="%.2f",
-                                                                caption=caption or None, label=f"tab:{name}"))
-
-
-def write_all(study: Study) -> dict[str, pd.DataFrame]:
-    """Build and write every table, the CIs and the Wilcoxon tests; return them for display."""
-    tables = build_tables(study)
-    ci = confidence_intervals(study, study.cfg.analysis.n_boot)
-    if not ci.empty:
-        tables["table13"] = ci
-    for name, table in tables.items():
-        write_table(study, table, name)
-    tests = wilcoxon_tests(study)
-    if not tests.empty:
-        atomic.write_csv(study.layout.table("wilcoxon", "csv"), tests)
-        tables["wilcoxon_readable"] = format_wilcoxon(tests)
-        write_table(study, tables["wilcoxon_readable"], "wilcoxon_readable")
-    return tables
+    atomic.write_text(layout.table(name, "md"), f"**{title}**\n\n" + table.to_markdown(index=index, floatfmt=".2f") + "\n")
+    atomic.write_text(layout.table(name, "tex"), table.to_latex(index=index, float_format="%.2f", caption=title,
+                                                                label=f"tab:{name}"))
