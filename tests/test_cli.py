@@ -41,3 +41,15 @@ def test_data_synth_refuses_a_non_empty_folder_without_force(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     assert main(["data", "synth", "--out", str(tmp_path), "--size", "32"]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "notes.txt").exists()
+
+
+def test_sizes_on_the_command_line():
+    import argparse
+
+    import pytest
+
+    from spineseg.cli import _size
+
+    assert _size("512") == 512 and _size("512x192") == (512, 192)
+    with pytest.raises(argparse.ArgumentTypeError, match="HEIGHTxWIDTH"):
+        _size("tall")

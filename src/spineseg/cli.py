@@ -1,4 +1,4 @@
-"""Command line: ``spineseg data synth|aasce``, ``spineseg run``, ``spineseg bench``."""
+"""Command line: ``spineseg data synth|aasce``, ``spineseg run``, ``spineseg predict``, ``spineseg bench``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ import sys
 from pathlib import Path
 
 from spineseg.errors import SpinesegError
+
+
+def _size(text: str):
+    """``512`` or ``512x192`` (height × width)."""
+    try:
+        parts = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: use a number of pixels, or HEIGHTxWIDTH like 512x192") from None
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"size {text!r}: use a number of pixels, or HEIGHTxWIDTH like 512x192")
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def _synth(args) -> None:
@@ -33,6 +44,26 @@ def _run(args) -> None:
     run_study(find_project(), args.profile, parse_stages(args.stages), overrides)
 
 
+def _predict(args) -> None:
+    from spineseg.study.apply import predict_radiographs
+    from spineseg.study.session import find_project, open_study
+
+    study = open_study(args.profile, project_dir=find_project())
+    report = predict_radiographs(study, args.input, args.out, rule=args.rule, threshold=args.threshold, tta=args.tta,
+                                 probabilities=args.probabilities, batch_size=args.batch_size)
+    if report.failed:
+        for source, reason in report.failed.items():
+            print(f"spineseg: could not read {source}: {reason}", file=sys.stderr)
+
+
+def _report(args) -> None:
+    from spineseg.study.runner import write_report
+    from spineseg.study.session import find_project
+
+    for path in write_report(find_project(), args.profile):
+        print(path)
+
+
 def _bench(args) -> None:
     from spineseg.study.bench import run_bench
     from spineseg.study.session import find_project
@@ -55,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     aasce.add_argument("--src", required=True, type=Path, help="the boostnet_labeldata folder")
     aasce.add_argument("--out", required=True, type=Path)
     aasce.add_argument("--splits", default="training,test")
-    aasce.add_argument("--size", type=int, default=512)
+    aasce.add_argument("--size", type=_size, default=(512, 192),
+                       help="HEIGHTxWIDTH (default 512x192, close to the radiographs' aspect) or one side for squares")
     aasce.add_argument("--seed", type=int, default=0)
     aasce.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     aasce.set_defaults(func=_aasce)
@@ -66,11 +98,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile value, e.g. stage2.repeats=3")
     run.set_defaults(func=_run)
 
+    predict = commands.add_parser("predict", help="segment Th8–Th11 on new radiographs with a study's ensemble")
+    predict.add_argument("--profile", default="quick", help="the study whose stage-3 models to use (run it first)")
+    predict.add_argument("--input", required=True, type=Path, help="a PNG, JPEG or DICOM file, or a folder of them")
+    predict.add_argument("--out", required=True, type=Path)
+    predict.add_argument("--rule", default="soft", help="ensemble rule (default soft voting)")
+    predict.add_argument("--threshold", type=float, help="T (default: the profile's stage4.threshold)")
+    predict.add_argument("--tta", action="store_true", help="also predict each mirror image, and average")
+    predict.add_argument("--probabilities", action="store_true", help="also write 16-bit probability maps")
+    predict.add_argument("--batch-size", type=int, default=4)
+    predict.set_defaults(func=_predict)
+
+    report = commands.add_parser("report", help="the rendered study as HTML without code, for readers")
+    report.add_argument("--profile", default="quick")
+    report.set_defaults(func=_report)
+
     bench = commands.add_parser("bench", help="inference, aggregation and training benchmarks")
     bench.add_argument("--profile", default="quick", help="whose stage-3 models and run timings to measure")
     bench.add_argument("--quick", action="store_true", help="fewer repeats (a fast check)")
     bench.set_defaults(func=_bench)
     return parser
+
+
+def _quiet_shutdown() -> None:
+    """After Ctrl-C, background tasks of the notebook client may still fail as the kernel goes away;
+    their reports ("Task exception was never retrieved", "Kernel died") would bury the one line that matters."""
+    import logging
+    import threading
+
+    logging.getLogger("asyncio").disabled = True
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spineseg: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _quiet_shutdown()
         print("\nspineseg: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0

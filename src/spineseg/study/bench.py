@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from spineseg.device import configure_threads, describe, pick_device
 from spineseg.ensemble import combine
 from spineseg.models import build_model
 from spineseg.names import EXTRA_RULES, RULES
+from spineseg.predict import Segmenter
 from spineseg.study.artifacts import Layout, bench_dir
 from spineseg.study.runner import NOTEBOOKS
 from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
@@ -31,6 +34,7 @@ from spineseg.train import Trainer
 DEFAULT_TEN = ["ResNet34", "ResNet50", "SEResNet34", "SEResNet50", "ResNeXt50", "DenseNet121", "MobileNetV2",
                "EfficientNetB0", "EfficientNetB2", "EfficientNetB4"]
 TRAINING_ENCODERS = ("ResNet34", "MobileNetV2")
+PRECISION_ENCODER = "MobileNetV2"  # one of the `quick` profile's stage-2 encoders
 
 
 def _ensemble_encoders(project: Path, profile: str) -> tuple[list[str], str]:
@@ -56,7 +60,7 @@ def _phantom_probs(n_models: int, n_images: int, size: int, seed: int = 0) -> np
 
 
 def inference_bench(encoders: list[str], device: torch.device, size: int, repeats: int, batches=(1, 2, 4)) -> dict:
-    models = [build_model(name).to(device).eval() for name in encoders]
+    models = [Segmenter(build_model(name)).to(device).eval() for name in encoders]
     rows = []
     for name, model in zip(encoders, models):
         per_batch = {}
@@ -92,7 +96,7 @@ def training_bench(device: torch.device, size: int, steps: int, batch_size: int 
     augmentation = paper_augmentation(seed=0)
     rows = []
     for name in TRAINING_ENCODERS:
-        trainer = Trainer(build_model(name).train(), device, lr=1e-4)
+        trainer = Trainer(Segmenter(build_model(name)).train(), device, lr=1e-4)
         draws = itertools.count()
 
         def next_batch():
@@ -106,6 +110,113 @@ def training_bench(device: torch.device, size: int, steps: int, batch_size: int 
                      "ms_step_pipeline": 1000 * fed, "ms_step_in_memory": 1000 * in_memory,
                      "ms_data_only": 1000 * data_only, "ratio": fed / in_memory, "target_ratio": 1.10})
     return rows
+
+
+def precision_bench(device: torch.device, size: int, steps: int, epochs: int, batch_size: int = 4) -> dict:
+    """bf16 against fp32: the time of `fit`'s step, and the validation DSC of one encoder trained both ways."""
+    samples = list(generate("d1", 48, seed=0, size=size))
+    images = np.stack([s.image for s in samples]).astype(np.float32) / 255
+    masks = np.stack([s.mask for s in samples]).astype(np.uint8)
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        trainer = Trainer(Segmenter(build_model(PRECISION_ENCODER)).train(), device, lr=3e-4, precision=precision)
+        step = mean_seconds(lambda: trainer.step(images[:batch_size], masks[:batch_size]), steps)
+        rows[precision] = {"ms_step": 1000 * step, "val_dsc": _trained_dsc(images, masks, precision, epochs, device)}
+    return {"encoder": PRECISION_ENCODER, "image_size": size, "per_precision": rows,
+            "ratio_bf16_to_fp32": rows["bf16"]["ms_step"] / rows["fp32"]["ms_step"], "target_ratio": 0.65,
+            "val_dsc_gap_points": 100 * (rows["bf16"]["val_dsc"] - rows["fp32"]["val_dsc"])}
+
+
+def _trained_dsc(images: np.ndarray, masks: np.ndarray, precision: str, epochs: int, device: torch.device) -> float:
+    import tempfile
+
+    from spineseg.data import Split
+    from spineseg.train import TrainSettings, fit
+
+    train = Split("d1", "train", tuple(map(str, range(40))), images[:40], masks[:40])
+    val = Split("d1", "val", tuple(map(str, range(8))), images[40:], masks[40:])
+    torch.manual_seed(0)
+    model = Segmenter(build_model(PRECISION_ENCODER))
+    settings = TrainSettings(batch_size=4, lr=3e-4, max_epochs=epochs, patience=epochs, augment=True, seed=0,
+                             precision=precision)
+    with tempfile.TemporaryDirectory() as folder:
+        return fit(model, train, val, settings, Path(folder), device).best_val_dsc
+
+
+def torch_aggregation_bench(size: int, n_models: int, repeats: int, device: torch.device, forward_ms: float) -> dict:
+    """The article's five rules on the device holding the probabilities, against M forward passes."""
+    from spineseg.ensemble_torch import combine as combine_on_device
+
+    probs = torch.from_numpy(_phantom_probs(n_models, 1, size)).to(device)
+    per_rule = {rule: 1000 * mean_seconds(lambda: combine_on_device(probs, rule), repeats) for rule in RULES}
+    total = sum(per_rule.values())
+    return {"device": describe(device), "per_rule_ms": per_rule, "all_rules_ms": total,
+            "forwards_ms": forward_ms, "fraction_of_forwards": total / forward_ms, "target_fraction": 0.10}
+
+
+def predict_bench(encoders: list[str], device: torch.device, size: int, n_images: int) -> dict:
+    """`spineseg predict` on a folder of PNGs (reading, every member, soft voting, writing) against the
+    members' forward passes alone on the same images."""
+    import tempfile
+
+    from PIL import Image
+
+    from spineseg.study.apply import Member, predict_files
+
+    models = [Segmenter(build_model(name)).to(device).eval() for name in encoders]
+    members = [Member(name, model, (size, size)) for name, model in zip(encoders, models)]
+    samples = list(generate("d1", n_images, seed=1, size=size))
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder) / "in"
+        inputs.mkdir()
+        for sample in samples:
+            Image.fromarray(sample.image).save(inputs / f"{sample.id}.png")
+        batch = torch.from_numpy(np.stack([s.image for s in samples]).astype(np.float32)[:, None] / 255).to(device)
+        forwards = [ensemble_step([m], batch[k:k + 4], rules=()) for m in models for k in range(0, n_images, 4)]
+        forward_s = mean_seconds(lambda: [f() for f in forwards], 1)
+        started = time.perf_counter()
+        predict_files(members, inputs, Path(folder) / "out", device, log=lambda message: None)
+        pipeline_s = time.perf_counter() - started
+    return {"images": n_images, "models": len(models), "image_size": size, "forwards_s": forward_s,
+            "predict_s": pipeline_s, "throughput_ratio": forward_s / pipeline_s, "target_ratio": 0.90}
+
+
+def dask_bench(project: Path) -> dict:
+    """The smoke profile's stage-2 grid on 1 and on 2 Dask workers (1 thread each), and the cost of a task."""
+    import shutil
+    import tempfile
+
+    from distributed import Client, LocalCluster
+
+    from spineseg.study.config import ExecutorSection
+    from spineseg.study.executors import DaskExecutor
+    from spineseg.study.session import open_study
+    from spineseg.study.stage0_data import prepare_data
+    from spineseg.study.stage2_selection import stage2_specs
+    from spineseg.study.store import run_all
+
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder)
+        shutil.copytree(project / "params", copy / "params")
+        (copy / "pyproject.toml").write_text("")
+        study = open_study("smoke", {"threads": 1}, copy)
+        data = prepare_data(study)
+        specs = stage2_specs(study, data)
+        seconds = {}
+        for workers in (1, 2):
+            executor = DaskExecutor(ExecutorSection(kind="dask", workers=workers, threads_per_worker=1))
+            started = time.perf_counter()
+            run_all(specs, data, copy / f"store{workers}", device="cpu", executor=executor, log=lambda message: None)
+            seconds[workers] = time.perf_counter() - started
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        client.gather(client.map(int, range(20)))  # warm-up
+        started = time.perf_counter()
+        client.gather(client.map(int, range(200), pure=False))
+        overhead = (time.perf_counter() - started) / 200
+    return {"runs": len(specs), "seconds_1_worker": seconds[1], "seconds_2_workers": seconds[2],
+            "ratio": seconds[2] / seconds[1], "target_ratio": 0.60, "ms_per_task_overhead": 1000 * overhead}
 
 
 def study_wall_times(project: Path) -> list[dict]:
@@ -140,6 +251,17 @@ def _markdown(report: dict) -> str:
         f"## 2. Aggregation alone (M = {report['n_models']}, {report['size']}²)", "", table(report["aggregation"]), "",
         "## 3. Training step: real data pipeline vs tensors in memory", "", table(report["training"]), "",
         "## 4. Study wall time per stage (s), from the runs' timing records", "", table(report["studies"]), "",
+        f"## 5. bf16 against fp32 ({report['precision']['encoder']}, {report['precision']['image_size']}²)", "",
+        table([{"precision": k, **v} for k, v in report["precision"]["per_precision"].items()]), "",
+        f"bf16 step / fp32 step: **{report['precision']['ratio_bf16_to_fp32']:.2f}** (target ≤ 0.65 where the hardware "
+        f"delivers); validation DSC gap {report['precision']['val_dsc_gap_points']:+.2f} points. `precision: auto` "
+        f"uses bf16 on a CPU only where it is faster and within 1 point.", "",
+        f"## 6. The five rules on the device ({report['torch_aggregation']['device']}), M = {report['n_models']}", "",
+        table([report["torch_aggregation"]["per_rule_ms"]]), "",
+        f"All five: {report['torch_aggregation']['all_rules_ms']:.1f} ms against {report['torch_aggregation']['forwards_ms']:.1f} ms "
+        f"of forwards: **{report['torch_aggregation']['fraction_of_forwards']:.3f}** (target ≤ 0.10 on a GPU).", "",
+        "## 7. `spineseg predict` throughput", "", table([report["predict"]]), "",
+        "## 8. The smoke stage-2 grid on Dask (1 thread per worker)", "", table([report["dask"]]), "",
     ]
     return "\n".join(lines)
 
@@ -154,7 +276,7 @@ def run_bench(project: Path, profile: str = "quick", quick: bool = False, size: 
     print(f"[bench] 1/4 inference of {len(encoders)} models at {size}² on {device} ...", flush=True)
     inference = inference_bench(encoders, device, size, repeats)
     inference["encoders_from"] = source
-    print("[bench] 2/4 aggregation, 3/4 training steps, 4/4 study timings ...", flush=True)
+    print("[bench] 2/8 aggregation, 3/8 training steps, 4/8 study timings ...", flush=True)
     report = {
         "device": describe(device) + ("" if device.type == "cuda" else f", {platform.processor() or platform.machine()}"),
         "torch": torch.__version__, "threads": threads, "platform": platform.platform(), "size": size,
@@ -163,6 +285,14 @@ def run_bench(project: Path, profile: str = "quick", quick: bool = False, size: 
         "training": training_bench(device, 128 if device.type == "cpu" else 256, steps=3 if quick else 8),
         "studies": study_wall_times(project),
     }
+    print("[bench] 5/8 bf16 against fp32 ...", flush=True)
+    report["precision"] = precision_bench(device, 96 if quick else 128, steps=3 if quick else 8, epochs=2 if quick else 8)
+    print("[bench] 6/8 the rules on the device, 7/8 predict throughput ...", flush=True)
+    forward_ms = inference["sum_of_single_forwards_ms"]
+    report["torch_aggregation"] = torch_aggregation_bench(size, len(encoders), repeats, device, forward_ms)
+    report["predict"] = predict_bench(encoders, device, size, n_images=4 if quick else 12)
+    print("[bench] 8/8 the smoke grid on Dask ...", flush=True)
+    report["dask"] = dask_bench(project)
     out = bench_dir(project)
     atomic.write_json(out / "report.json", report)
     text = _markdown(report)

@@ -1,0 +1,190 @@
+"""Using a study's ensemble on new radiographs: ``spineseg predict`` and `predict_radiographs`.
+
+The stage-3 models the study selected are loaded once (nothing is retrained). Each image is read
+(PNG, JPEG or DICOM), every member predicts at its own input size, the probabilities are resampled to
+the image's own size and combined by the chosen rule. For each image the output folder gets a mask
+(0/255 PNG at the image's size), an overlay, optionally the probability map, and a row of
+``predictions.csv``. Reading the next batch and writing the last one overlap the forward passes.
+Every file is written atomically; a rerun skips images whose outputs exist; an unreadable file is
+reported and skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from spineseg import atomic
+from spineseg.data.radiographs import find_radiographs, read_radiograph
+from spineseg.device import pick_device
+from spineseg.ensemble import combine, disagreement
+from spineseg.errors import ConfigError, SpinesegError, StageOrderError
+from spineseg.names import EXTRA_RULES, RULES
+from spineseg.predict import predict, resample
+from spineseg.study.session import Study
+from spineseg.study.stage0_data import prepare_data
+from spineseg.study.stage3_final import ensemble_members
+from spineseg.study.store import load_trained
+
+MASKS, OVERLAYS, PROBABILITIES, TABLE = "masks", "overlays", "probabilities", "predictions.csv"
+COLUMNS = ["id", "source", "height", "width", "rule", "threshold", "area_px", "top", "left", "bottom", "right",
+           "disagreement"]
+OVERLAY_COLOUR = np.array([255, 64, 32])
+
+
+@dataclass
+class PredictionReport:
+    """What a `predict_radiographs` call did."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # source file → reason
+
+    def summary(self) -> str:
+        return f"{len(self.written)} written, {len(self.skipped)} skipped (already done), {len(self.failed)} failed"
+
+
+def image_id(path: Path, root: Path) -> str:
+    """A file-name-safe id from the path below the input folder (sub/dir/x.png → sub__dir__x)."""
+    relative = path.relative_to(root) if root.is_dir() else Path(path.name)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(relative.with_suffix("").parts)).strip("_.")
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    grey = np.repeat((255 * image).astype(np.uint8)[..., None], 3, axis=2)
+    grey[mask] = (0.45 * grey[mask] + 0.55 * OVERLAY_COLOUR).astype(np.uint8)
+    return grey
+
+
+def predict_radiographs(study: Study, source: str | Path, out: str | Path, rule: str = "soft",
+                        threshold: float | None = None, tta: bool = False, probabilities: bool = False,
+                        batch_size: int = 4, log=print) -> PredictionReport:
+    """Segment Th8–Th11 on every radiograph at `source` (a file or a folder) with the study's ensemble."""
+    threshold = study.cfg.stage4.threshold if threshold is None else float(threshold)
+    return predict_files(_members(study), source, out, pick_device(study.cfg.device), check_rule(rule), threshold, tta,
+                         probabilities, batch_size, study.cfg.precision, log)
+
+
+def predict_files(members: list[Member], source: str | Path, out: str | Path, device, rule: str = "soft",
+                  threshold: float = 0.5, tta: bool = False, probabilities: bool = False, batch_size: int = 4,
+                  precision: str = "auto", log=print) -> PredictionReport:
+    """The pipeline behind `predict_radiographs`, for any members (the benchmark times it with untrained ones)."""
+    source, out = Path(source), Path(out)
+    files = find_radiographs(source)
+    done = pd.read_csv(out / TABLE, dtype={"id": str}) if (out / TABLE).is_file() else pd.DataFrame(columns=COLUMNS)
+    rows = {row["id"]: row for row in done.to_dict(orient="records")}
+    report = PredictionReport()
+    todo = []
+    for path in files:
+        key = image_id(path, source)
+        finished = all((out / folder / f"{key}.png").is_file() for folder in _folders(probabilities)) and key in rows
+        (report.skipped.append(key) if finished else todo.append((key, path)))
+    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(todo), desc="predicting", unit="image") as bar:
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        reading: Future | None = pool.submit(_read_batch, batches[0]) if batches else None
+        writing: list[Future] = []
+        for index in range(len(batches)):
+            images, failures = reading.result()
+            reading = pool.submit(_read_batch, batches[index + 1]) if index + 1 < len(batches) else None
+            report.failed |= failures
+            per_member = [_member_probabilities(member, [image for _, _, image in images], device, tta, precision)
+                          for member in members]
+            for k, (key, path, image) in enumerate(images):
+                probs = np.stack([member_probs[k] for member_probs in per_member])
+                mask = combine(probs, rule, threshold)
+                rows[key] = _row(key, path, image, mask, rule, threshold, float(disagreement(probs, threshold)[1]))
+                writing.append(pool.submit(_write, out, key, image, mask, probs.mean(axis=0) if probabilities else None))
+                report.written.append(key)
+                bar.update(1)
+            for failed in failures:
+                bar.update(1)
+                log(f"skipped {failed}: {failures[failed]}")
+        for job in writing:
+            job.result()
+    atomic.write_csv(out / TABLE, pd.DataFrame(list(rows.values()), columns=COLUMNS).sort_values("id"))
+    log(f"{report.summary()} → {out}")
+    return report
+
+
+def _folders(probabilities: bool) -> tuple[str, ...]:
+    return (MASKS, OVERLAYS, PROBABILITIES) if probabilities else (MASKS, OVERLAYS)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of the ensemble, with the input size it was trained at."""
+
+    name: str
+    model: object
+    image_size: tuple[int, int]
+
+
+def _members(study: Study) -> list[Member]:
+    try:
+        specs = ensemble_members(study, prepare_data(study))
+    except StageOrderError as exc:
+        raise StageOrderError(f"the study `{study.name}` has no trained ensemble yet ({exc}); "
+                              f"run `spineseg run --profile {study.name}` first") from None
+    device = pick_device(study.cfg.device)
+    missing = [spec.folder_name() for spec in specs if not spec.files(study.layout.store).done.is_file()]
+    if missing:
+        raise StageOrderError(f"stage 3 of `{study.name}` has not finished ({', '.join(missing)}); "
+                              f"run `spineseg run --profile {study.name} --stages 3` first")
+    return [Member(spec.candidate, load_trained(study.layout.store, spec, device), spec.image_size) for spec in specs]
+
+
+def _member_probabilities(member: Member, images: list[np.ndarray], device, tta: bool, precision: str) -> list[np.ndarray]:
+    """One member's Th8–Th11 probabilities for a batch of images of any sizes, each back at its own size."""
+    if not images:
+        return []
+    small = np.concatenate([resample(image[None].astype(np.float32), member.image_size) for image in images])
+    region = predict(member.model, small, device, batch_size=len(images), hflip=tta, precision=precision).region
+    return [np.clip(resample(r[None], image.shape), 0.0, 1.0)[0] for r, image in zip(region, images)]
+
+
+def _read_batch(batch: Iterable[tuple[str, Path]]) -> tuple[list[tuple[str, Path, np.ndarray]], dict[str, str]]:
+    images, failures = [], {}
+    for key, path in batch:
+        try:
+            images.append((key, path, read_radiograph(path)))
+        except SpinesegError as exc:
+            failures[str(path)] = str(exc)
+    return images, failures
+
+
+def _row(key: str, path: Path, image: np.ndarray, mask: np.ndarray, rule: str, threshold: float, spread: float) -> dict:
+    rows, cols = np.nonzero(mask)
+    box = (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) if rows.size else (np.nan,) * 4
+    return {"id": key, "source": str(path), "height": image.shape[0], "width": image.shape[1], "rule": rule,
+            "threshold": threshold, "area_px": int(mask.sum()), **dict(zip(("top", "left", "bottom", "right"), box)),
+            "disagreement": round(spread, 6)}
+
+
+def _write(out: Path, key: str, image: np.ndarray, mask: np.ndarray, probability: np.ndarray | None) -> None:
+    atomic.write_bytes(out / MASKS / f"{key}.png", _png(np.where(mask, 255, 0).astype(np.uint8)))
+    atomic.write_bytes(out / OVERLAYS / f"{key}.png", _png(_overlay(image, mask)))
+    if probability is not None:  # 16-bit: the mean of the members' probabilities, 65535 = 1
+        atomic.write_bytes(out / PROBABILITIES / f"{key}.png", _png(np.round(probability * 65535).astype(np.uint16)))
+
+
+def check_rule(rule: str) -> str:
+    """The rules `predict` can apply: all but validation-weighted voting (it needs the study's weights)."""
+    usable = [r for r in (*RULES, *EXTRA_RULES) if r != "weighted"]
+    if rule not in usable:
+        raise ConfigError(f"--rule {rule!r}: use one of {', '.join(usable)}")
+    return rule
