@@ -9,12 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spineseg.encoders import PAPER_ENCODERS
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
 from spineseg.study.artifacts import read_table
 from spineseg.study.runner import NOTEBOOKS, run_study
-from spineseg.study.tables import METRIC_COLUMNS
+from spineseg.study.tables import CANDIDATE_ORDER, METRIC_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -62,8 +61,9 @@ def test_tables_1_to_9_have_the_papers_rows_and_columns(project):
         assert list(table.columns) == METRIC_COLUMNS, number
         if number in expected_rows:
             assert list(table.index) == expected_rows[number], number
-        else:  # encoder tables: paper names, in the paper's order
-            assert list(table.index) == [e for e in PAPER_ENCODERS if e in set(table.index)], number
+        else:  # encoder tables: paper names, in the paper's order, each level-aware candidate after its binary twin
+            assert list(table.index) == [e for e in CANDIDATE_ORDER if e in set(table.index)], number
+            assert {"MobileNetV2", "ResNet34"} <= set(table.index), number
         values = table.to_numpy(dtype=float)
         assert np.all((values >= 0) & (values <= 100)), number
 
@@ -84,7 +84,8 @@ def test_wilcoxon_table_has_the_expected_pairs(project):
             got = rules[(rules["dataset"] == dataset) & (rules["metric"] == metric)]
             assert {frozenset(p) for p in zip(got["a"], got["b"])} == {frozenset(p) for p in combinations(names, 2)}
     singles = tests[tests["family"] == "soft voting vs single models"]
-    assert set(singles["a"]) == {"Soft voting"} and set(singles["b"]) == {"MobileNetV2", "ResNet34"}
+    assert set(singles["a"]) == {"Soft voting"}
+    assert set(singles["b"]) == {"MobileNetV2", "ResNet34", "MobileNetV2 (levels)", "ResNet34 (levels)"}
     augmentation = tests[tests["family"] == "augmentation (paired by seed)"]
     assert set(zip(augmentation["a"], augmentation["b"])) == {("With augmentation", "Without augmentation")}
     assert (augmentation["n"] == 2).all()  # two seeds, paired
@@ -181,3 +182,117 @@ def test_the_analysis_shows_the_article_and_the_differences(project):
     html = (project / "runs/smoke/notebooks/05_analysis.html").read_text()
     for text in ("this run", "article", "Δ pp", "94.21", "Where this study differs from the article"):
         assert text in html, text
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, monochrome1: bool, slope: float, intercept: float) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "test"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(project, tmp_path):
+    from PIL import Image
+
+    from spineseg.data.radiographs import read_radiograph
+    from spineseg.study.apply import predict_radiographs
+    from spineseg.study.session import open_study
+
+    inputs = tmp_path / "in"
+    (inputs / "ward").mkdir(parents=True)
+    source = np.asarray(Image.open(next((project / "runs/smoke/data/d2/images").glob("*.png"))))
+    Image.fromarray(source).save(inputs / "a.png")
+    Image.fromarray(source).save(inputs / "ward" / "b.jpg", quality=95)
+    _write_dicom(inputs / "c.dcm", 4095 - source.astype(np.uint16) * 16, monochrome1=True, slope=1.0, intercept=0.0)
+    (inputs / "broken.png").write_bytes(b"not an image")
+    # MONOCHROME1 is inverted back: the DICOM reads as the same picture as the PNG
+    assert np.corrcoef(read_radiograph(inputs / "c.dcm").ravel(), source.ravel())[0, 1] > 0.99
+
+    study = open_study("smoke", project_dir=project)
+    out = tmp_path / "out"
+    said = []
+    report = predict_radiographs(study, inputs, out, rule="soft", tta=True, probabilities=True, log=said.append)
+    assert sorted(report.written) == ["a", "c", "ward__b"] and list(report.failed) == [str(inputs / "broken.png")]
+    table = pd.read_csv(out / "predictions.csv", dtype={"id": str})
+    assert table["id"].tolist() == ["a", "c", "ward__b"] and (table["height"] == source.shape[0]).all()
+    for key in ("a", "c", "ward__b"):
+        mask = np.asarray(Image.open(out / "masks" / f"{key}.png"))
+        assert mask.shape == source.shape and set(np.unique(mask)) <= {0, 255}
+        assert (out / "overlays" / f"{key}.png").is_file() and (out / "probabilities" / f"{key}.png").is_file()
+    assert table.loc[0, "area_px"] == int((np.asarray(Image.open(out / "masks/a.png")) > 0).sum())
+    assert "3 written, 0 skipped (already done), 1 failed" in said[-1]
+    again = predict_radiographs(study, inputs, out, probabilities=True, log=said.append)
+    assert sorted(again.skipped) == ["a", "c", "ward__b"] and not again.written
+    assert pd.read_csv(out / "predictions.csv", dtype={"id": str})["id"].tolist() == ["a", "c", "ward__b"]
+
+
+def test_predict_before_the_study_has_run_says_what_to_do(tmp_path):
+    from spineseg.errors import StageOrderError
+    from spineseg.study.apply import predict_radiographs
+    from spineseg.study.session import open_study
+
+    fresh = _copy_project(tmp_path)
+    (tmp_path / "x.png").write_bytes(b"")
+    with pytest.raises(StageOrderError, match="spineseg run --profile smoke"):
+        predict_radiographs(open_study("smoke", project_dir=fresh), tmp_path / "x.png", tmp_path / "out")
+
+
+def test_the_threshold_explorer_works_offline_in_the_rendered_analysis(project):
+    import re
+
+    html = (project / "runs/smoke/notebooks/05_analysis.html").read_text()
+    assert not re.findall(r"<script[^>]*src=[\"']https?://", html)  # no script from a CDN: it reads offline
+    assert "Plotly.newPlot" in html and '"sliders"' in html
+    labels = set(re.findall(r'"label":"(0\.\d\d)"', html))
+    assert {"0.05", "0.50", "0.95"} <= labels and len(labels) == 19  # one step per threshold of the grid
+    assert (project / "figures/smoke/threshold_explorer.html").stat().st_size > 1_000_000  # plotly.js inside
+
+
+def test_failures_uncertainty_calibration_and_provenance_are_reported(project):
+    tables, figures = project / "runs/smoke/tables", project / "figures/smoke"
+    for name in ("cases_d1", "cases_d2", "uncertainty", "calibration_d1", "identification_d1", "best_vs_single"):
+        assert (tables / f"{name}.csv").is_file(), name
+    cases = pd.read_csv(tables / "cases_d1.csv")
+    assert list(cases["Soft voting"]) == sorted(cases["Soft voting"])  # worst first
+    assert set(pd.read_csv(tables / "uncertainty.csv").columns) >= {"auroc", "spearman", "failed"}
+    for name in ("worst_cases_d1", "uncertainty_d1", "reliability_d1", "level_shifts_d1", "threshold_explorer"):
+        assert list(figures.glob(f"{name}.*")), name
+    facts = json.loads((project / "runs/smoke/provenance.json").read_text())
+    assert {"git_commit", "packages", "device", "threads", "overrides", "time"} <= set(facts)
+    for name in NOTEBOOKS:
+        assert "Provenance" in (project / "runs/smoke/notebooks" / f"{name}.html").read_text(), name
+
+
+def test_the_report_is_the_results_without_code(project):
+    from spineseg.study.runner import write_report
+
+    pages = write_report(project, "smoke")
+    assert [p.stem for p in pages] == list(NOTEBOOKS)
+    page = pages[NOTEBOOKS.index("05_analysis")].read_text()
+    assert "show_tables(study" not in page and "Table 8" in page
+
+
+def test_stage_6_compares_decoders_optimisers_attention_and_pruning(project):
+    tables = project / "runs/smoke/tables"
+    for number in (14, 15, 16, 17):
+        table = pd.read_csv(tables / f"table{number}.csv", index_col=0)
+        assert "mAP" in table.columns and "DSC" in table.columns, number
+    pruned = pd.read_csv(tables / "table17.csv", index_col=0)
+    assert list(pruned.index) == ["p = 0.00", "p = 0.50"]
+    assert pruned.loc["p = 0.50", "Parameters (M)"] < 0.5 * pruned.loc["p = 0.00", "Parameters (M)"]
+    assert pruned.loc["p = 0.50", "Size (MB)"] < 0.5 * pruned.loc["p = 0.00", "Size (MB)"]
+    assert set(pd.read_csv(tables / "table14.csv", index_col=0).index) == {"U-Net + MobileNetV2", "LinkNet + MobileNetV2"}
+    tests = pd.read_csv(tables / "table14_17_wilcoxon.csv")
+    assert set(tests["family"]) == {"table14", "table15", "table16", "table17"}
+    assert (project / "figures/smoke/pruning_dsc_vs_size.png").is_file()
