@@ -93,9 +93,18 @@ def test_a_failing_run_is_named_after_the_others_finish(tmp_path):
     with pytest.raises(RunFailed, match=r"1 run\(s\) failed, the others finished — run b: WeightsUnavailable: no ImageNet"):
         SequentialExecutor().map(task, ["a", "b", "c"], label=lambda item: f"run {item}")
     assert calls == ["a", "b", "c"]
+    attempts = tmp_path / "attempts.txt"
+
+    def counted(item):
+        with open(attempts, "a") as file:
+            file.write(item)
+        return task(item)
+
+    # retries are for workers that die: a run that raises is reported at once, not trained three times
     with pytest.raises(RunFailed, match="run b: WeightsUnavailable"):
-        DaskExecutor(ExecutorSection(kind="dask", workers=1, retries=0)).map(task, ["a", "b", "c"],
+        DaskExecutor(ExecutorSection(kind="dask", workers=1, retries=2)).map(counted, ["a", "b", "c"],
                                                                               label=lambda item: f"run {item}")
+    assert sorted(attempts.read_text()) == ["a", "b", "c"]
 
 
 def test_the_executor_is_chosen_and_validated_in_the_profile(tmp_path):
@@ -110,4 +119,6 @@ def test_the_executor_is_chosen_and_validated_in_the_profile(tmp_path):
     assert (cfg.executor.kind, cfg.executor.workers, cfg.executor.threads_per_worker) == ("dask", 2, 1)
     with pytest.raises(ConfigError, match="executor.kind = 'spark'"):
         load_profile(path, {"executor.kind": "spark"})
+    with pytest.raises(ConfigError, match="executor.slurm.gpus.*raise slurm.jobs"):
+        load_profile(path, {"executor.slurm.gpus": 2})
     assert torch.get_num_threads() == 1

@@ -95,6 +95,8 @@ def test_identification_on_constructed_masks():
     grown[right.any(axis=1)] = True  # whole rows: every predicted pixel still goes to its nearest vertebra
     assert identify(grown, labels)["identified"] and identify(grown, labels)["dsc_Th9"] < 1.0
     assert shift_class(-3.4) == -2 and np.isnan(shift_class(np.nan))
+    # halves go away from zero on both sides (numpy rounds them to even: 0.5 → 0 but 1.5 → 2)
+    assert [shift_class(s) for s in (-1.5, -0.5, 0.5, 1.5)] == [-2, -1, 1, 2]
 
 
 def test_level_accuracy_and_panoptic_quality():

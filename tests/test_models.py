@@ -13,7 +13,7 @@ import timm
 import torch
 
 from spineseg import models
-from spineseg.encoders import ARCHITECTURES, ENCODERS, EXTRA_ENCODERS, PAPER_ENCODERS, canonical_encoder
+from spineseg.encoders import ARCHITECTURES, ENCODERS, EXTRA_ENCODERS, PAPER_ENCODERS, canonical_encoder, combination_problem
 from spineseg.errors import ModelError, WeightsUnavailable
 from spineseg.models import HUB_HOST, PlainUNet, build_model, load_encoder_weights, parameter_count
 
@@ -309,3 +309,11 @@ def test_from_scratch_models_track_batch_statistics_at_pytorch_momentum():
 
     assert min(momenta(smp.Unet("efficientnet-b0", encoder_weights=None, in_channels=1))) == pytest.approx(0.01)  # smp's own
     assert momenta(build_model("EfficientNetB0")) == {0.1}
+
+
+def test_combinations_smp_cannot_build_are_named_before_training():
+    assert combination_problem("ResNet34", "unet", attention=True) is None
+    assert "only as a U-Net" in combination_problem("None", "fpn")
+    assert "no attention" in combination_problem("None", "unet", attention=True)
+    assert "no attention" in combination_problem("ResNet34", "linknet", attention=True)
+    assert "DeepLabV3+" in combination_problem("HRNetW18", "deeplabv3plus")

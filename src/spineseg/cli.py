@@ -44,16 +44,16 @@ def _run(args) -> None:
     run_study(find_project(), args.profile, parse_stages(args.stages), overrides)
 
 
-def _predict(args) -> None:
+def _predict(args) -> int:
     from spineseg.study.apply import predict_radiographs
     from spineseg.study.session import find_project, open_study
 
     study = open_study(args.profile, project_dir=find_project())
     report = predict_radiographs(study, args.input, args.out, rule=args.rule, threshold=args.threshold, tta=args.tta,
                                  probabilities=args.probabilities, batch_size=args.batch_size)
-    if report.failed:
-        for source, reason in report.failed.items():
-            print(f"spineseg: could not read {source}: {reason}", file=sys.stderr)
+    for source, reason in report.failed.items():
+        print(f"spineseg: could not read {source}: {reason}", file=sys.stderr)
+    return 1 if report.failed and not (report.written or report.skipped) else 0  # nothing usable came of it
 
 
 def _report(args) -> None:
@@ -134,7 +134,7 @@ def _quiet_shutdown() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except SpinesegError as exc:  # the user's input; anything else is a bug and keeps its traceback
         print(f"spineseg: error: {exc}", file=sys.stderr)
         return 2
@@ -142,4 +142,4 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_shutdown()
         print("\nspineseg: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

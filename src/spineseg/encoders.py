@@ -78,6 +78,8 @@ def combination_problem(encoder: str, architecture: str, attention: bool = False
         return "the encoder-less network exists only as a U-Net"
     if architecture == "deeplabv3plus" and encoder in NO_DILATION:
         return f"{encoder} cannot be dilated for DeepLabV3+ in smp"
+    if attention and ENCODERS[encoder] is None:
+        return "the encoder-less U-Net takes no attention module"
     if attention and architecture not in ATTENTION_DECODERS:
         return f"smp's {ARCHITECTURES[architecture]} decoder takes no attention module"
     return None

@@ -62,7 +62,8 @@ def identification_table(preds: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
 
 def shift_class(shift: float) -> float:
     """The histogram bin of a shift: the nearest whole vertebra, clipped to ±2."""
-    return float(np.clip(np.round(shift), SHIFT_CLASSES[0], SHIFT_CLASSES[-1])) if np.isfinite(shift) else np.nan
+    nearest = np.sign(shift) * np.floor(abs(shift) + 0.5)  # halves away from zero, on both sides alike
+    return float(np.clip(nearest, SHIFT_CLASSES[0], SHIFT_CLASSES[-1])) if np.isfinite(shift) else np.nan
 
 
 def level_accuracy(pred_levels: np.ndarray, labels: np.ndarray) -> float:

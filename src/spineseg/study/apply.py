@@ -36,7 +36,7 @@ from spineseg.study.stage3_final import ensemble_members
 from spineseg.study.store import load_trained
 
 MASKS, OVERLAYS, PROBABILITIES, TABLE = "masks", "overlays", "probabilities", "predictions.csv"
-COLUMNS = ["id", "source", "height", "width", "rule", "threshold", "area_px", "top", "left", "bottom", "right",
+COLUMNS = ["id", "source", "height", "width", "rule", "threshold", "tta", "area_px", "top", "left", "bottom", "right",
            "disagreement"]
 OVERLAY_COLOUR = np.array([255, 64, 32])
 
@@ -76,23 +76,49 @@ def predict_radiographs(study: Study, source: str | Path, out: str | Path, rule:
                         batch_size: int = 4, log=print) -> PredictionReport:
     """Segment Th8–Th11 on every radiograph at `source` (a file or a folder) with the study's ensemble."""
     threshold = study.cfg.stage4.threshold if threshold is None else float(threshold)
-    return predict_files(_members(study), source, out, pick_device(study.cfg.device), check_rule(rule), threshold, tta,
+    check_arguments(rule, threshold, batch_size)  # before the models load
+    return predict_files(_members(study), source, out, pick_device(study.cfg.device), rule, threshold, tta,
                          probabilities, batch_size, study.cfg.precision, log)
+
+
+def check_arguments(rule: str, threshold: float, batch_size: int) -> None:
+    check_rule(rule)
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"--threshold {threshold}: a probability threshold lies in [0, 1]")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+
+
+def _keys(files: list[Path], source: Path) -> dict[str, Path]:
+    """Each file's output id; two files that would write the same outputs are refused."""
+    keys: dict[str, Path] = {}
+    for path in files:
+        key = image_id(path, source)
+        if key in keys:
+            raise ConfigError(f"{keys[key]} and {path} would both be written as `{key}`: rename one of them")
+        keys[key] = path
+    return keys
+
+
+def _same_settings(row: dict, rule: str, threshold: float, tta: bool) -> bool:
+    """Whether an image in predictions.csv was segmented as this call would (a rerun with another rule redoes it)."""
+    return row["rule"] == rule and np.isclose(float(row["threshold"]), threshold) and str(row.get("tta")) == str(tta)
 
 
 def predict_files(members: list[Member], source: str | Path, out: str | Path, device, rule: str = "soft",
                   threshold: float = 0.5, tta: bool = False, probabilities: bool = False, batch_size: int = 4,
                   precision: str = "auto", log=print) -> PredictionReport:
     """The pipeline behind `predict_radiographs`, for any members (the benchmark times it with untrained ones)."""
+    check_arguments(rule, threshold, batch_size)
     source, out = Path(source), Path(out)
-    files = find_radiographs(source)
+    files = _keys(find_radiographs(source), source)
     done = pd.read_csv(out / TABLE, dtype={"id": str}) if (out / TABLE).is_file() else pd.DataFrame(columns=COLUMNS)
     rows = {row["id"]: row for row in done.to_dict(orient="records")}
     report = PredictionReport()
     todo = []
-    for path in files:
-        key = image_id(path, source)
-        finished = all((out / folder / f"{key}.png").is_file() for folder in _folders(probabilities)) and key in rows
+    for key, path in files.items():
+        finished = (key in rows and _same_settings(rows[key], rule, threshold, tta)
+                    and all((out / folder / f"{key}.png").is_file() for folder in _folders(probabilities)))
         (report.skipped.append(key) if finished else todo.append((key, path)))
     with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(todo), desc="predicting", unit="image") as bar:
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -107,7 +133,7 @@ def predict_files(members: list[Member], source: str | Path, out: str | Path, de
             for k, (key, path, image) in enumerate(images):
                 probs = np.stack([member_probs[k] for member_probs in per_member])
                 mask = combine(probs, rule, threshold)
-                rows[key] = _row(key, path, image, mask, rule, threshold, float(disagreement(probs, threshold)[1]))
+                rows[key] = _row(key, path, image, mask, rule, threshold, tta, float(disagreement(probs, threshold)[1]))
                 writing.append(pool.submit(_write, out, key, image, mask, probs.mean(axis=0) if probabilities else None))
                 report.written.append(key)
                 bar.update(1)
@@ -167,11 +193,12 @@ def _read_batch(batch: Iterable[tuple[str, Path]]) -> tuple[list[tuple[str, Path
     return images, failures
 
 
-def _row(key: str, path: Path, image: np.ndarray, mask: np.ndarray, rule: str, threshold: float, spread: float) -> dict:
+def _row(key: str, path: Path, image: np.ndarray, mask: np.ndarray, rule: str, threshold: float, tta: bool,
+         spread: float) -> dict:
     rows, cols = np.nonzero(mask)
     box = (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) if rows.size else (np.nan,) * 4
     return {"id": key, "source": str(path), "height": image.shape[0], "width": image.shape[1], "rule": rule,
-            "threshold": threshold, "area_px": int(mask.sum()), **dict(zip(("top", "left", "bottom", "right"), box)),
+            "threshold": threshold, "tta": tta, "area_px": int(mask.sum()), **dict(zip(("top", "left", "bottom", "right"), box)),
             "disagreement": round(spread, 6)}
 
 

@@ -21,6 +21,7 @@ from scipy.stats import spearmanr
 from spineseg import atomic
 from spineseg.calibration import calibration_table, expected_calibration_error, scale
 from spineseg.ensemble import combine, disagreement
+from spineseg.errors import StageOrderError
 from spineseg.metrics import dice
 from spineseg.names import RULES, rule_name
 from spineseg.stats import auroc
@@ -59,8 +60,14 @@ def uncertainty(table: pd.DataFrame) -> dict:
 
 def calibration(study: Study, inputs: EnsembleInputs) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """ECE per stage-3 model, soft voting and calibrated soft voting; their reliability tables."""
-    learned = json.loads(study.layout.learned.read_text())
-    temperatures = [learned["temperatures"][name] for name in inputs.names]
+    if not study.layout.learned.is_file():
+        raise StageOrderError(f"{study.layout.learned} is missing: run stage 4 first")
+    learned = json.loads(study.layout.learned.read_text()).get("temperatures", {})
+    missing = [name for name in inputs.names if name not in learned]
+    if missing:
+        raise StageOrderError(f"{study.layout.learned} has no temperature for {', '.join(missing)} "
+                              "(the ensemble changed since stage 4 ran): rerun stage 4")
+    temperatures = [learned[name] for name in inputs.names]
     maps = {name: probs for name, probs in zip(inputs.names, inputs.probs)}
     maps[rule_name("soft")] = inputs.probs.mean(axis=0)
     maps[rule_name("calibrated_soft")] = np.mean([scale(p, t) for p, t in zip(inputs.probs, temperatures)], axis=0)

@@ -215,6 +215,13 @@ class Architectures(Section):
     patience: PositiveInt | None = None
 
 
+def _one_gpu_per_job(gpus: int) -> int:
+    if gpus not in (0, 1):
+        raise ValueError(f"{gpus}: a SLURM worker offers 0 or 1 GPU (every task would train on its first GPU); "
+                         "raise slurm.jobs for more GPUs")
+    return gpus
+
+
 class Slurm(Section):
     """A SLURM cluster's jobs (dask-jobqueue): one Dask worker per job."""
 
@@ -223,7 +230,9 @@ class Slurm(Section):
     walltime: str = "04:00:00"
     cores: PositiveInt = 4
     memory: str = "16GB"
-    gpus: Annotated[int, Field(ge=0)] = 1  # GPUs each job's worker offers (`--gres` goes in job_extra_directives)
+    # GPUs each job's worker offers (`--gres` goes in job_extra_directives): 0 or 1, since a task trains on the
+    # worker's one GPU; for more GPUs ask for more jobs
+    gpus: Annotated[int, AfterValidator(_one_gpu_per_job)] = 1
     job_extra_directives: list[str] = Field(default_factory=list)  # e.g. ["--gres=gpu:1"]
     jobs: PositiveInt = 1
 

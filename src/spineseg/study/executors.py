@@ -3,8 +3,8 @@
 With Dask each training run is one task. A `LocalCluster` uses this machine (one worker per GPU, or
 ``executor.workers`` processes on a CPU), a `dask_jobqueue.SLURMCluster` a SLURM cluster, and an
 ``address`` an existing scheduler. A GPU task asks for the worker resource ``GPU`` so that no worker
-trains two runs on one GPU. A task lost with its worker is retried and resumes from its last epoch
-checkpoint (the run store and the data must be on a filesystem every worker sees). Either way a run
+trains two runs on one GPU. A task lost with its worker is retried (one that raises is not) and resumes
+from its last epoch checkpoint (the run store and the data must be on a filesystem every worker sees). Either way a run
 that raises is reported, with its stage, model and seed, after every other run has finished.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from spineseg.errors import SpinesegError
+from spineseg.errors import ConfigError, SpinesegError
 from spineseg.study.config import ExecutorSection
 
 
@@ -54,6 +54,13 @@ class SequentialExecutor:
         return results
 
 
+class _Raised:
+    """A task's exception, returned as its value: Dask retries only tasks lost with their worker."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
 def _in_worker(fn: Callable, item: Any, threads: int, gpus: int) -> Any:
     """Run one task inside a Dask worker: its torch threads, and its own GPU when the worker has one."""
     import torch
@@ -63,7 +70,10 @@ def _in_worker(fn: Callable, item: Any, threads: int, gpus: int) -> Any:
     if gpus and torch.cuda.is_available():
         name = get_worker().name
         torch.cuda.set_device(int(name) % torch.cuda.device_count() if str(name).isdigit() else 0)
-    return fn(item)
+    try:
+        return fn(item)
+    except Exception as exc:
+        return _Raised(exc)
 
 
 class DaskExecutor:
@@ -107,8 +117,12 @@ class DaskExecutor:
                             dashboard_address=None, silence_logs=logging.ERROR)
 
     def _gpus_per_task(self, client) -> int:
-        has_gpus = any(info.get("resources", {}).get("GPU") for info in client.scheduler_info()["workers"].values())
-        return self.section.gpus_per_task if has_gpus else 0
+        offered = max((info.get("resources", {}).get("GPU", 0) for info in client.scheduler_info()["workers"].values()),
+                      default=0)
+        if offered and self.section.gpus_per_task > offered:  # no worker could ever take such a task
+            raise ConfigError(f"executor.gpus_per_task {self.section.gpus_per_task}: the workers offer at most "
+                              f"{offered:g} GPU(s) each")
+        return self.section.gpus_per_task if offered else 0
 
     def map(self, fn: Callable, items: Sequence, label: Callable[[Any], str] = str) -> list:
         from distributed import as_completed
@@ -126,9 +140,13 @@ class DaskExecutor:
             for future in tqdm(as_completed(futures), total=len(futures), desc=self.desc, unit="run"):
                 index = futures[future]
                 try:
-                    results[index] = future.result()
-                except Exception as exc:
-                    failures[label(items[index])] = exc
+                    result = future.result()
+                except Exception as exc:  # lost with its worker more often than `retries` allows
+                    result = _Raised(exc)
+                if isinstance(result, _Raised):
+                    failures[label(items[index])] = result.exc
+                else:
+                    results[index] = result
         _raise_failures(failures)
         return results
 

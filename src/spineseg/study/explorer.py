@@ -63,12 +63,13 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
     fixed = len(fig.data)
     profile_masks = combine(d1.probs, "soft", study.cfg.stage4.threshold)
     boxes = {p: crop_box([d1.masks[i], profile_masks[i]]) for p, i in picks.items()}
-    for t in THRESHOLD_GRID:
+    start = int(np.argmin(np.abs(THRESHOLD_GRID - study.cfg.stage4.threshold)))  # the grid's T nearest the profile's
+    for k, t in enumerate(THRESHOLD_GRID):
         masks = combine(d1.probs, "soft", float(t))
         for column, (pick, index) in enumerate(picks.items(), start=1):
             box = boxes[pick]
             rgb = _rgb(d1.images[index][box], masks[index][box], d1.masks[index][box].astype(bool))
-            fig.add_trace(go.Image(z=rgb, visible=bool(np.isclose(t, study.cfg.stage4.threshold)), hoverinfo="skip",
+            fig.add_trace(go.Image(z=rgb, visible=k == start, hoverinfo="skip",
                                    name=f"soft voting, T = {t:.2f}"), row=2, col=column)
     steps = []
     for k, t in enumerate(THRESHOLD_GRID):
@@ -76,7 +77,6 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
         for column in range(len(picks)):
             visible[fixed + k * len(picks) + column] = True
         steps.append({"method": "update", "label": f"{t:.2f}", "args": [{"visible": visible}, {"shapes": [_marker(t)]}]})
-    start = int(np.argmin(np.abs(THRESHOLD_GRID - study.cfg.stage4.threshold)))
     fig.update_layout(sliders=[{"active": start, "currentvalue": {"prefix": "T = "}, "steps": steps, "pad": {"t": 30}}],
                       shapes=[_marker(THRESHOLD_GRID[start])], height=760, width=900, legend={"font": {"size": 9}},
                       title="Soft-voting masks of three dataset-1 test images, and every rule's DSC, as T varies")

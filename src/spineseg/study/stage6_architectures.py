@@ -18,8 +18,9 @@ unpruned baseline.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -28,7 +29,7 @@ import torch
 from spineseg import atomic, pruning
 from spineseg.data import load_split
 from spineseg.device import pick_device
-from spineseg.encoders import ARCHITECTURES, ATTENTION_DECODERS, combination_problem
+from spineseg.encoders import ARCHITECTURES, combination_problem
 from spineseg.metrics import average_precision, per_image
 from spineseg.names import METRICS
 from spineseg.predict import predict, resample
@@ -84,7 +85,7 @@ def best_pair(study: Study, attention_capable: bool = False) -> tuple[str, str]:
     """The (decoder, encoder) with the best mean validation DSC in the decoder grid."""
     runs = load_stage_runs(study, DECODERS)
     if attention_capable:
-        runs = runs[runs["architecture"].isin(ATTENTION_DECODERS)]
+        runs = runs[[combination_problem(e, a, attention=True) is None for e, a in zip(runs["encoder"], runs["architecture"])]]
     means = runs.groupby(["architecture", "encoder"], sort=False)["best_val_dsc"].mean()
     return means.idxmax() if len(means) else (BASELINE["decoder"], study.cfg.architectures.encoders[0])
 
@@ -100,7 +101,8 @@ def run_stage6(study: Study, data: StudyData) -> dict:
     train_and_collect(study, data, OPTIMISERS, optimiser_specs, lambda s: s.train.optimizer, hflip=False)
     chosen = {"best_pair": [decoder, encoder], "skipped": skipped}
     if arch.attention:
-        attention_pair = (decoder, encoder) if decoder in ATTENTION_DECODERS else best_pair(study, attention_capable=True)
+        attention_pair = ((decoder, encoder) if combination_problem(encoder, decoder, attention=True) is None
+                          else best_pair(study, attention_capable=True))
         chosen["attention_pair"] = list(attention_pair)
         attention_specs = [_spec(study, data, *attention_pair, seed, attention=flag) for flag in (False, True) for seed in repeats]
         train_and_collect(study, data, ATTENTION, attention_specs, lambda s: "scSE" if s.attention else "none", hflip=False)
@@ -112,12 +114,20 @@ def run_stage6(study: Study, data: StudyData) -> dict:
 
 @dataclass(frozen=True)
 class _Pruned:
+    """One pruning fraction of one baseline run, fine-tuned with `settings`; its folder names all three."""
+
+    baseline: RunSpec
     fraction: float
-    folder_name: str
+    settings: TrainSettings
 
     @property
     def group(self) -> str:
         return f"p = {self.fraction:.2f}"
+
+    @property
+    def folder_name(self) -> str:
+        key = hashlib.sha1(json.dumps([self.baseline.key(), self.fraction, asdict(self.settings)], sort_keys=True).encode())
+        return f"{self.baseline.folder_name()}-p{self.fraction:.3f}-{key.hexdigest()[:8]}"
 
 
 def run_pruning(study: Study, data: StudyData, baseline: RunSpec) -> list[dict]:
@@ -127,8 +137,11 @@ def run_pruning(study: Study, data: StudyData, baseline: RunSpec) -> list[dict]:
     train = load_split(data.d1, "train", baseline.image_size)
     val = load_split(data.d1, "val", baseline.image_size)
     rows, frames = [], []
+    # the baseline's own settings (crops, coordinates, precision, optimiser) at the fine-tuning schedule
+    settings = replace(baseline.train, lr=baseline.train.lr * arch.finetune_lr_factor, max_epochs=arch.finetune_epochs,
+                       patience=arch.finetune_epochs, seed=0)
     for fraction in fractions:
-        pruned = _Pruned(fraction, f"p{round(100 * fraction):02d}")
+        pruned = _Pruned(baseline, fraction, settings)
         folder = study.layout.stage_dir(PRUNING) / pruned.folder_name
         done = folder / "summary.json"
         if done.is_file():
@@ -138,9 +151,6 @@ def run_pruning(study: Study, data: StudyData, baseline: RunSpec) -> list[dict]:
         model = load_trained(study.layout.store, baseline, device)
         pruning.prune(model, fraction, val.images, model.objective.targets(val), device, baseline.train.batch_size)
         before = _test_metrics(model, baseline, data, device).assign(group=pruned.group, phase="before fine-tuning")
-        settings = TrainSettings(batch_size=baseline.train.batch_size, lr=baseline.train.lr * arch.finetune_lr_factor,
-                                 max_epochs=arch.finetune_epochs, patience=arch.finetune_epochs, augment=baseline.train.augment,
-                                 seed=0, precision=baseline.train.precision, optimizer=baseline.train.optimizer)
         fit(model, train, val, settings, folder, device, desc=f"pruned {pruned.group}")
         after = _test_metrics(model, baseline, data, device).assign(group=pruned.group, phase="after fine-tuning")
         size = pruning.save(model, folder / "pruned.pt")
@@ -166,7 +176,8 @@ def _test_metrics(model, spec: RunSpec, data: StudyData, device: torch.device) -
         if split != "test":
             continue
         grid = evaluation_grid(folder, split, spec.image_size)
-        probs = resample(predict(model, load_split(folder, split, spec.image_size).images, device).region, grid)
+        images = load_split(folder, split, spec.image_size).images
+        probs = resample(predict(model, images, device, precision=spec.train.precision).region, grid)
         truth = load_split(folder, split, grid)
         frame = per_image(probs > 0.5, truth.masks)
         frame["ap"] = average_precision(probs, truth.masks)
