@@ -21,6 +21,7 @@ from spineseg.metrics import dice
 # The thresholds T that are tuned over, plotted and offered on sliders.
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 STAPLE_CUTOFF = 0.5
+STAPLE_MAX_ITERATIONS = 100  # expectation-maximisation steps per image
 # Sums of signed distances and STAPLE probabilities can miss an exact tie by one rounding error,
 # whose sign depends on the order of the models; scores this close to the cutoff count as ties
 # (background), so that the result does not depend on that order.
@@ -150,6 +151,8 @@ def _staple(masks: np.ndarray) -> np.ndarray:
         return masks[0].copy()
     staple = sitk.STAPLEImageFilter()
     staple.SetForegroundValue(1)
+    # SimpleITK's default is no limit; on real maps at a low T the estimates can creep on for minutes per image
+    staple.SetMaximumIterations(STAPLE_MAX_ITERATIONS)
     truth = staple.Execute([sitk.GetImageFromArray(mask.astype(np.uint8)) for mask in masks])
     return sitk.GetArrayFromImage(truth) > STAPLE_CUTOFF + TIE_TOLERANCE
 
