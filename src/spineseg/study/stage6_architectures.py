@@ -112,6 +112,11 @@ def run_stage6(study: Study, data: StudyData) -> dict:
     return chosen
 
 
+def pruning_group(fraction: float) -> str:
+    """How Table 17 names a pruning fraction."""
+    return f"p = {fraction:.2f}"
+
+
 @dataclass(frozen=True)
 class _Pruned:
     """One pruning fraction of one baseline run, fine-tuned with `settings`; its folder names all three."""
@@ -122,7 +127,7 @@ class _Pruned:
 
     @property
     def group(self) -> str:
-        return f"p = {self.fraction:.2f}"
+        return pruning_group(self.fraction)
 
     @property
     def folder_name(self) -> str:
@@ -211,7 +216,7 @@ def baseline_group(stage: str, study: Study) -> str:
     if stage == ATTENTION:
         return "none"
     if stage == PRUNING:
-        return _Pruned(0.0, "").group
+        return pruning_group(0.0)
     return ""
 
 
