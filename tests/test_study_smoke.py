@@ -232,7 +232,7 @@ def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(pr
         assert (out / "overlays" / f"{key}.png").is_file() and (out / "probabilities" / f"{key}.png").is_file()
     assert table.loc[0, "area_px"] == int((np.asarray(Image.open(out / "masks/a.png")) > 0).sum())
     assert "3 written, 0 skipped (already done), 1 failed" in said[-1]
-    again = predict_radiographs(study, inputs, out, probabilities=True, log=said.append)
+    again = predict_radiographs(study, inputs, out, rule="soft", tta=True, probabilities=True, log=said.append)
     assert sorted(again.skipped) == ["a", "c", "ward__b"] and not again.written
     assert pd.read_csv(out / "predictions.csv", dtype={"id": str})["id"].tolist() == ["a", "c", "ward__b"]
 
