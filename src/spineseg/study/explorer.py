@@ -53,7 +53,7 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
     picks = _picks(d1, study.cfg.stage4.threshold)
     fig = make_subplots(rows=2, cols=3, specs=[[{"colspan": 3}, None, None], [{}, {}, {}]],
                         row_heights=[0.42, 0.58], vertical_spacing=0.16,
-                        subplot_titles=["Mean DSC against T", *(f"{p}: {d1.ids[i]}" for p, i in picks.items())])
+                        subplot_titles=["Mean DSC against T", *(f"{p}:<br>{d1.ids[i]}" for p, i in picks.items())])
     for (dataset, rule), part in curves.groupby(["dataset", "method"], sort=False):
         if rule in labels:
             fig.add_trace(go.Scatter(x=part["threshold"], y=100 * part["mean_dsc"], mode="lines+markers",
