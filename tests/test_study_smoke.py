@@ -147,10 +147,11 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     child = subprocess.Popen([sys.executable, "-m", "spineseg", "run", "--profile", "smoke"], cwd=fresh,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (fresh / "runs/smoke/notebooks/01_augmentation.ipynb").exists():
+    # wait until stage 1 is training (its first run folder exists), not merely until its kernel is starting
+    while not list((fresh / "runs/smoke/train").glob("stage1-*/")):
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()
         time.sleep(0.5)
-    time.sleep(5)  # inside stage 1's training
+    time.sleep(2)
     os.killpg(child.pid, signal.SIGINT)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130
