@@ -30,15 +30,13 @@ from spineseg import atomic, pruning
 from spineseg.data import load_split
 from spineseg.device import pick_device
 from spineseg.encoders import ARCHITECTURES, combination_problem
-from spineseg.metrics import average_precision, per_image
 from spineseg.names import METRICS
-from spineseg.predict import predict, resample
 from spineseg.stats import PATIENT_KEYS, format_wilcoxon, one_vs_rest, wilcoxon_family
 from spineseg.study.config import Stage2
 from spineseg.study.figures import save
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.store import RunSpec, evaluation_grid, load_trained
+from spineseg.study.store import RunSpec, load_trained, score_split
 from spineseg.study.tables import metric_table, write_table
 from spineseg.study.training import load_stage_metrics, load_stage_runs, run_spec, train_and_collect
 from spineseg.timing import mean_seconds
@@ -180,14 +178,7 @@ def _test_metrics(model, spec: RunSpec, data: StudyData, device: torch.device) -
     for name, folder, split in data.eval_splits():
         if split != "test":
             continue
-        grid = evaluation_grid(folder, split, spec.image_size)
-        images = load_split(folder, split, spec.image_size).images
-        probs = resample(predict(model, images, device, precision=spec.train.precision).region, grid)
-        truth = load_split(folder, split, grid)
-        frame = per_image(probs > 0.5, truth.masks)
-        frame["ap"] = average_precision(probs, truth.masks)
-        frame.insert(0, "patient", truth.patients)
-        frame.insert(0, "id", truth.ids)
+        frame = score_split(model, spec, folder, split, device).metrics
         frame.insert(0, "dataset", name)
         frame.insert(0, "run", 0)
         frames.append(frame)

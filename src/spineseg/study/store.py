@@ -107,26 +107,43 @@ def evaluation_grid(folder: Path, split: str, fallback: tuple[int, int]) -> tupl
         return fallback
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A model's predictions on one split, on its evaluation grid, and their per-image metrics."""
+
+    probs: np.ndarray
+    levels: np.ndarray | None
+    ids: list[str]
+    metrics: pd.DataFrame
+
+
+def score_split(model: Segmenter, spec: RunSpec, folder: Path, split: str, device: torch.device, hflip: bool = False) -> Scored:
+    """Predict a split at the run's input size and score it on the dataset's evaluation grid."""
+    grid = evaluation_grid(folder, split, spec.image_size)
+    images = load_split(folder, split, spec.image_size).images
+    prediction = predict(model, images, device, hflip=hflip, precision=spec.train.precision)
+    truth = load_split(folder, split, grid)
+    probs = resample(prediction.region, grid)
+    levels = None if prediction.levels is None else resample(prediction.levels, grid, nearest=True)
+    metrics = per_image(probs > 0.5, truth.masks)
+    metrics["ap"] = average_precision(probs, truth.masks)
+    metrics.insert(0, "patient", truth.patients)
+    metrics.insert(0, "id", truth.ids)
+    return Scored(probs, levels, list(truth.ids), metrics)
+
+
 def _evaluate(model: Segmenter, spec: RunSpec, files: RunFiles, data: StudyData, device: torch.device, hflip: bool) -> None:
     """Probability maps (float16, on the evaluation grid), level maps, and per-image metrics of every split."""
     for name, dataset_folder, split in data.eval_splits():
         if split not in splits_present(dataset_folder):
             continue
-        grid = evaluation_grid(dataset_folder, split, spec.image_size)
-        images = load_split(dataset_folder, split, spec.image_size).images
-        prediction = predict(model, images, device, hflip=hflip, precision=spec.train.precision)
-        truth = load_split(dataset_folder, split, grid)
-        probs = resample(prediction.region, grid)
-        arrays = {"ids": np.array(truth.ids), "probs": probs.astype(np.float16)}
-        if prediction.levels is not None:
-            arrays["levels"] = resample(prediction.levels, grid, nearest=True)
+        scored = score_split(model, spec, dataset_folder, split, device, hflip)
+        arrays = {"ids": np.array(scored.ids), "probs": scored.probs.astype(np.float16)}
+        if scored.levels is not None:
+            arrays["levels"] = scored.levels
         with atomic.atomic_path(files.probs(name, split)) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
-        metrics = per_image(probs > 0.5, truth.masks)
-        metrics["ap"] = average_precision(probs, truth.masks)
-        metrics.insert(0, "patient", truth.patients)
-        metrics.insert(0, "id", truth.ids)
-        atomic.write_csv(files.metrics(name, split), metrics)
+        atomic.write_csv(files.metrics(name, split), scored.metrics)
     atomic.write_json(files.evaluation, {"hflip": hflip})
 
 
