@@ -66,6 +66,9 @@ def test_overrides_apply_with_types(tmp_path):
     ({"stage2": {"encoders": ["ResNet34", "resnet34"]}}, "stage2.encoders = ['ResNet34', 'resnet34']: lists ['ResNet34'] more than once"),
     ({"stage4": {"timing_warmup": -1}}, "stage4.timing_warmup = -1"),
     ({"data": {"source": "folder"}}, "source: folder needs d1"),
+    ({"two_stage": {"coordinates": True}}, "coordinates is not available for the crop model"),
+    ({"two_stage": {"image_size": [100, 64]}}, "two_stage.image_size = [100, 64]: each side must be a multiple of 32"),
+    ({"two_stage": {"margin": -1}}, "two_stage.margin = -1"),
 ])
 def test_bad_profiles_name_the_key_and_file(tmp_path, content, fragment):
     path = _write(tmp_path, content)

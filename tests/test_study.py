@@ -1,12 +1,15 @@
 """Stage plumbing: user-supplied dataset folders, data summaries and one full training run as a task."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import yaml
 
+import spineseg.study.store as store_module
 from conftest import write_rectangles
+from spineseg.crops import CropGeometry
 from spineseg.data import DatasetError
 from spineseg.study.session import open_study
 from spineseg.study.stage0_data import StudyData, data_summary, prepare_data
@@ -138,3 +141,33 @@ def test_a_corrected_mask_gives_every_run_a_new_key(tmp_path):
     values[0, 0] = 255 - values[0, 0]
     Image.fromarray(values).save(mask)
     assert prepare_data(study).fingerprint != before
+
+
+def test_specs_without_a_crop_keep_the_keys_they_had_before_crops_existed():
+    # the config.json of a stage-2 run of the aasce study, written before RunSpec had `crop`
+    config = json.loads('{"architecture":"unet","attention":false,"data":"f181a8ed8b6b","encoder":"MobileNetV2",'
+                        '"image_size":[256,96],"init":null,"pretrained":"none","stage":"stage2","train":{"augment":true,'
+                        '"batch_size":8,"coordinates":true,"crop_height":0,"eval_batch_size":8,"lr":0.001,"max_epochs":12,'
+                        '"optimizer":"adam","patience":6,"precision":"auto","seed":0,"target":"binary"},"weights_path":null}')
+    spec = RunSpec(**{**config, "train": TrainSettings(**config["train"])})
+    assert spec.folder_name() == "stage2-MobileNetV2-256x96px-s0-00769a46a5"  # a user's store is not retrained
+    assert replace(spec, crop=CropGeometry((64, 32))).key() != spec.key()
+
+
+def test_a_crop_model_trains_on_crops_around_the_region_and_leaves_scoring_to_stage_4(tmp_path, monkeypatch):
+    d1 = write_rectangles(tmp_path, "d1", 20)
+    data = StudyData(d1, None, fingerprint="f")
+    seen = []
+    real_fit = store_module.fit
+    monkeypatch.setattr(store_module, "fit", lambda model, train, val, *args, **kw: (seen.append((train, val)),
+                                                                                     real_fit(model, train, val, *args, **kw))[1])
+    spec = RunSpec(stage="stage3", encoder="MobileNetV2", image_size=(64, 32), data=data.fingerprint,
+                   train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=1, patience=1, augment=False, seed=0),
+                   crop=CropGeometry((64, 32), copies=3))
+    summary = execute(spec, data, tmp_path / "store", device="cpu")
+    folder = spec.files(tmp_path / "store").folder
+    assert folder.name.startswith("stage3-MobileNetV2-crop-64x32px-s0-") and summary["epochs_run"] == 1
+    assert (folder / "DONE").is_file() and (folder / "best.pt").is_file() and not list(folder.glob("probs_*"))
+    (train, val), = seen
+    assert train.images.shape[1:] == val.images.shape[1:] == (64, 32)
+    assert len(train) == 3 * 14 and len(val) == 2 and train.ids[:2] == (f"{train.ids[0][:-2]}#0", f"{train.ids[0][:-2]}#1")

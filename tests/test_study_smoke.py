@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from spineseg.errors import ConfigError, NotebookFailed
-from spineseg.names import RULES, rule_name
+from spineseg.names import EXTRA_RULES, RULES, rule_name
 from spineseg.study.artifacts import read_table
 from spineseg.study.runner import NOTEBOOKS, run_study
 from spineseg.study.tables import CANDIDATE_ORDER, METRIC_COLUMNS
@@ -297,3 +297,16 @@ def test_stage_6_compares_decoders_optimisers_attention_and_pruning(project):
     tests = pd.read_csv(tables / "table14_17_wilcoxon.csv")
     assert set(tests["family"]) == {"table14", "table15", "table16", "table17"}
     assert (project / "figures/smoke/pruning_dsc_vs_size.png").is_file()
+
+
+def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
+    learned = json.loads((project / "runs/smoke/stage4/learned.json").read_text())
+    assert learned["two_stage_locator"] in (*RULES, *EXTRA_RULES)  # a rule of the profile, chosen on validation
+    assert "two_stage" in learned["validation_dsc"]["rules"]
+    stage4 = pd.read_csv(project / "runs/smoke/stage4/metrics_test.csv")
+    assert set(stage4.loc[stage4["group"] == "two_stage", "dataset"]) == {"d1", "d2"}
+    assert rule_name("two_stage") in pd.read_csv(project / "runs/smoke/tables/table10.csv", index_col=0).index
+    timing = pd.read_csv(project / "runs/smoke/stage4/timing.csv")
+    assert timing["what"].str.startswith("Two-stage").sum() == 1
+    crop_runs = list((project / "runs/smoke/train").glob("stage3-MobileNetV2-crop-64x32px-s0-*/DONE"))
+    assert len(crop_runs) == 1

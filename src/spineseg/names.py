@@ -25,6 +25,8 @@ EXTRA_RULES = ("geometric", "majority", "weighted", "staple")
 TUNED = "tuned_soft"
 STACKING = "stacking"
 CALIBRATED = "calibrated_soft"
+# The two-stage variant: the validation-best rule locates Th8–Th11, a crop model outlines it.
+TWO_STAGE = "two_stage"
 RULE_NAMES = MappingProxyType({
     "max": "Max",
     "min": "Min",
@@ -38,6 +40,7 @@ RULE_NAMES = MappingProxyType({
     TUNED: "Soft voting, tuned T",
     STACKING: "Stacking (logistic)",
     CALIBRATED: "Calibrated soft voting",
+    TWO_STAGE: "Two-stage (best rule + crop model)",
 })
 
 # Stage 1's two arms, keyed by whether augmentation was on.

@@ -172,6 +172,33 @@ class Stage3(Training):
     init_from: Literal["imagenet", "stage2"] = "imagenet"  # the article does not say; see stage3_final
 
 
+class TwoStage(Training):
+    """The two-stage variant (`spineseg.crops`): a model that segments a crop around the region stage 4's
+    validation-best rule located. Trained on crops around the true region, so it needs no stage-3 model."""
+
+    enabled: bool = False
+    encoder: EncoderName = "EfficientNetB0"
+    repeats: PositiveInt = 1
+    image_size: TrainingSize = (192, 96)  # the crop as the crop model sees it: [height, width]
+    batch_size: PositiveInt = 8
+    lr: LearningRate = 1e-3
+    max_epochs: PositiveInt = 14
+    patience: PositiveInt = 6
+    augment: bool = True
+    pretrained: Pretrained = "imagenet"
+    margin: Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, le=4)] = 1.0  # vertebrae above and below
+    jitter: Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, le=2)] = 0.4  # training shift, in vertebrae
+    scale_jitter: Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, lt=1)] = 0.1  # training size change
+    copies: PositiveInt = 2  # jittered crops of each training image
+
+    @model_validator(mode="after")
+    def _crops_only(self) -> TwoStage:
+        for name in ("coordinates", "crop_height", "tta_hflip"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not available for the crop model: it sees only the crop")
+        return self
+
+
 class Stage4(Section):
     threshold: Fraction = 0.5
     methods: Annotated[list[Rule], AfterValidator(_unique)] = Field(default_factory=lambda: list(RULES), min_length=1)
@@ -262,6 +289,7 @@ class Profile(Section):
     stage1: Stage1 = Field(default_factory=Stage1)
     stage2: Stage2 = Field(default_factory=Stage2)
     stage3: Stage3 = Field(default_factory=Stage3)
+    two_stage: TwoStage = Field(default_factory=TwoStage)
     stage4: Stage4 = Field(default_factory=Stage4)
     analysis: Analysis = Field(default_factory=Analysis)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)

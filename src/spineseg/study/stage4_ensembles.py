@@ -7,6 +7,8 @@ learn something (tuned threshold, stacking); test sets are only ever evaluated.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 from spineseg import atomic
 from spineseg.boundary import boundary_metrics
 from spineseg.calibration import fit_temperature, scale
+from spineseg.crops import CropGeometry, refine
 from spineseg.data import load_split, splits_present
 from spineseg.device import describe, pick_device
 from spineseg.ensemble import THRESHOLD_GRID, combine, fit_stacker, leave_one_out, tune_threshold
@@ -23,10 +26,11 @@ from spineseg.errors import StageOrderError
 from spineseg.identification import identification_table, level_accuracy, panoptic_quality
 from spineseg.metrics import dice, per_image
 from spineseg.models import parameter_count
-from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, STACKING, TUNED
+from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, STACKING, TUNED, TWO_STAGE, rule_name
+from spineseg.predict import Segmenter, ensemble_forward
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage3_final import ensemble_members
+from spineseg.study.stage3_final import crop_spec, ensemble_members
 from spineseg.study.store import load_probs, load_trained
 from spineseg.study.training import load_stage_runs
 from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
@@ -50,17 +54,21 @@ class EnsembleInputs:
 def ensemble_inputs(study: Study, data: StudyData, dataset: str, split: str) -> EnsembleInputs:
     """Stack the cached probabilities of the ensemble members, checked against the dataset's ids."""
     specs = ensemble_members(study, data)
-    runs = load_stage_runs(study, "stage3").set_index("folder")
     folder = data.folder(dataset)
     cached = [load_probs(study.layout.store, spec, dataset, split) for spec in specs]
     loaded = load_split(folder, split, cached[0].probs.shape[1:], labels=True)
     for spec, member in zip(specs, cached):
         if member.ids != list(loaded.ids) or member.probs.shape[1:] != loaded.size:
             raise StageOrderError(f"cached probabilities of {spec.folder_name()} do not match {folder} ({split}); rerun stage 3")
-    val_dsc = np.array([runs.loc[spec.folder_name(), "best_val_dsc"] for spec in specs], dtype=float)
     return EnsembleInputs([s.candidate for s in specs], list(loaded.ids), list(loaded.patients),
                           np.stack([m.probs for m in cached]), loaded.masks, loaded.images, loaded.labels,
-                          [m.levels for m in cached], val_dsc)
+                          [m.levels for m in cached], members_validation_dsc(study, specs))
+
+
+def members_validation_dsc(study: Study, specs) -> np.ndarray:
+    """Each member's best validation DSC: the weights of weighted voting."""
+    runs = load_stage_runs(study, "stage3").set_index("folder")
+    return np.array([runs.loc[spec.folder_name(), "best_val_dsc"] for spec in specs], dtype=float)
 
 
 def available_eval_sets(data: StudyData) -> list[tuple[str, str]]:
@@ -99,11 +107,14 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     tuned_threshold, tuning = tune_threshold(validation.probs, validation.masks.astype(bool), method="soft")
     stacker = fit_stacker(validation.probs, validation.masks.astype(bool))
     temperatures = [fit_temperature(p, validation.masks) for p in validation.probs]
+    choice = best_on_validation(validation, rules, threshold)
+    two_stage = TwoStage.load(study, data, choice["best_rule"])
+    if two_stage is not None:
+        choice = two_stage.compete(choice, validation)
     atomic.write_csv(layout.threshold_tuning, tuning)
     atomic.write_json(layout.learned, {"tuned_threshold": tuned_threshold, "stacker": stacker.to_dict(),
                                        "temperatures": dict(zip(validation.names, temperatures)),
-                                       "models": validation.names, "trained_on": "d1 validation",
-                                       **best_on_validation(validation, rules, threshold)})
+                                       "models": validation.names, "trained_on": "d1 validation", **choice})
     frames, ablations, checks, identified = [], [], [], []
     for dataset, split in available_eval_sets(data):
         inputs = ensemble_inputs(study, data, dataset, split)
@@ -111,6 +122,8 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
         masks[TUNED] = combine(inputs.probs, "soft", tuned_threshold)
         masks[STACKING] = stacker.predict_proba(inputs.probs) > 0.5
         masks[CALIBRATED] = combine(calibrated(inputs.probs, temperatures), "soft", threshold)
+        if two_stage is not None:
+            masks[TWO_STAGE] = two_stage.masks(inputs)
         checks.append(rule_checks(inputs, masks, threshold, dataset))
         for rule, mask in masks.items():
             frames.append(_scored(mask, inputs, rule, dataset))
@@ -128,6 +141,50 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     if ablations:
         atomic.write_csv(layout.leave_one_out, pd.concat(ablations, ignore_index=True))
     return metrics
+
+
+@dataclass(frozen=True)
+class TwoStage:
+    """The two-stage variant: `locator`, a rule chosen on validation, finds Th8–Th11; the crop model outlines it."""
+
+    model: Segmenter
+    geometry: CropGeometry
+    locator: str
+    threshold: float
+    device: torch.device
+
+    @classmethod
+    def load(cls, study: Study, data: StudyData, locator: str) -> TwoStage | None:
+        spec = crop_spec(study, data)
+        if spec is None:
+            return None
+        if not spec.files(study.layout.store).done.is_file():
+            raise StageOrderError(f"two_stage.enabled, but its crop model {spec.folder_name()} has not been trained: "
+                                  "run stage 3 (03_final_training), which trains it")
+        device = pick_device(study.cfg.device)
+        return cls(load_trained(study.layout.store, spec, device), spec.crop, locator, study.cfg.stage4.threshold, device)
+
+    def locate(self, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return combine(probs, self.locator, self.threshold, weights=weights if self.locator == "weighted" else None)
+
+    def masks(self, inputs: EnsembleInputs) -> np.ndarray:
+        located = self.locate(inputs.probs, inputs.val_dsc)
+        return refine(self.model, inputs.images, located, self.geometry, self.device) > self.threshold
+
+    def timing_step(self, members: list[Segmenter], weights: np.ndarray, image: torch.Tensor) -> Callable[[], np.ndarray]:
+        """What one image costs: the members' forwards, the locating rule, then the crop model."""
+
+        def step() -> np.ndarray:
+            located = self.locate(ensemble_forward(members, image), weights)
+            return refine(self.model, image[:, 0].cpu().numpy(), located, self.geometry, self.device)
+
+        return step
+
+    def compete(self, choice: dict, validation: EnsembleInputs) -> dict:
+        """`best_on_validation`'s choice with the two-stage variant among the rules (and chosen if it is best)."""
+        rules = {**choice["validation_dsc"]["rules"], TWO_STAGE: float(dice(self.masks(validation), validation.masks).mean())}
+        return {**choice, "best_rule": max(rules, key=rules.get), "two_stage_locator": self.locator,
+                "validation_dsc": {**choice["validation_dsc"], "rules": rules}}
 
 
 def calibrated(probs: np.ndarray, temperatures: list[float]) -> np.ndarray:
@@ -205,6 +262,14 @@ def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
     seconds = mean_seconds(ensemble_step(models, image, cfg.threshold), cfg.timing_repeats, cfg.timing_warmup)
     rows.append({"what": "Ensemble (forwards + 5 rules)", "models": len(models),
                  "params_millions": sum(r["params_millions"] for r in rows), "ms_per_image": 1000 * seconds})
+    learned = json.loads(study.layout.learned.read_text()) if study.layout.learned.is_file() else {}
+    two_stage = TwoStage.load(study, data, learned["two_stage_locator"]) if "two_stage_locator" in learned else None
+    if two_stage is not None:
+        step = two_stage.timing_step(models, members_validation_dsc(study, specs), image)
+        seconds = mean_seconds(step, cfg.timing_repeats, cfg.timing_warmup)
+        rows.append({"what": f"Two-stage ({rule_name(two_stage.locator)} + crop model)", "models": len(models) + 1,
+                     "params_millions": rows[-1]["params_millions"] + parameter_count(two_stage.model) / 1e6,
+                     "ms_per_image": 1000 * seconds})
     table = pd.DataFrame(rows)
     table["peak_memory_mb"] = peak_memory_mb(device)
     table["device"] = describe(device)

@@ -25,7 +25,8 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from spineseg import atomic
-from spineseg.data import load_split, splits_present
+from spineseg.crops import CropGeometry, training_crops
+from spineseg.data import Split, load_split, splits_present
 from spineseg.data.dataset import as_hw, stored_size
 from spineseg.device import pick_device
 from spineseg.errors import DatasetError, StageOrderError
@@ -53,6 +54,7 @@ class RunSpec:
     attention: bool = False  # scSE in the decoder
     init: str | None = None  # the folder of a finished run whose best weights this one starts from
     data: str = ""  # StudyData.fingerprint
+    crop: CropGeometry | None = None  # a crop model of the two-stage variant: trains on crops around the region
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", as_hw(self.image_size))  # a side means a square
@@ -66,7 +68,10 @@ class RunSpec:
         return self.train.augment
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        spec = asdict(self)
+        if spec["crop"] is None:
+            del spec["crop"]  # runs without crops keep the keys they had before crops existed
+        return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
     def target(self) -> str:
@@ -75,10 +80,10 @@ class RunSpec:
     @property
     def candidate(self) -> str:
         """How tables name this model: the encoder, marked when it is level-aware."""
-        return candidate_name(self.encoder, self.target)
+        return candidate_name(self.encoder, "crop" if self.crop else self.target)
 
     def folder_name(self) -> str:
-        target = "" if self.target == "binary" else f"-{self.target}"
+        target = "-crop" if self.crop else "" if self.target == "binary" else f"-{self.target}"
         height, width = self.image_size
         return f"{self.stage}-{self.encoder}{target}-{height}x{width}px-s{self.seed}-{self.key()}"
 
@@ -133,8 +138,10 @@ def score_split(model: Segmenter, spec: RunSpec, folder: Path, split: str, devic
 
 
 def _evaluate(model: Segmenter, spec: RunSpec, files: RunFiles, data: StudyData, device: torch.device, hflip: bool) -> None:
-    """Probability maps (float16, on the evaluation grid), level maps, and per-image metrics of every split."""
-    for name, dataset_folder, split in data.eval_splits():
+    """Probability maps (float16, on the evaluation grid), level maps, and per-image metrics of every split.
+
+    A crop model needs a located region to look at: stage 4 scores it behind its locator."""
+    for name, dataset_folder, split in ([] if spec.crop else data.eval_splits()):
         if split not in splits_present(dataset_folder):
             continue
         scored = score_split(model, spec, dataset_folder, split, device, hflip)
@@ -206,9 +213,7 @@ def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str, hflip: 
     torch.manual_seed(spec.seed)
     # A checkpoint holds every weight: resuming needs neither the network nor the weights file.
     model = segmenter(spec) if resuming else starting_model(spec, files.folder.parent)
-    needs_labels = model.objective.needs_labels
-    train_split = load_split(data.d1, "train", spec.image_size, labels=needs_labels)
-    val_split = load_split(data.d1, "val", spec.image_size)
+    train_split, val_split = _training_splits(spec, data, model.objective.needs_labels)
     outcome = fit(model, train_split, val_split, spec.train, files.folder, torch_device,
                   desc=f"{spec.candidate} s{spec.seed}")
     _evaluate(model, spec, files, data, torch_device, hflip)
@@ -220,6 +225,15 @@ def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str, hflip: 
     atomic.write_text(files.done, "")
     files.checkpoint.unlink(missing_ok=True)  # best.pt keeps the weights that matter
     return summary
+
+
+def _training_splits(spec: RunSpec, data: StudyData, labels: bool) -> tuple[Split, Split]:
+    """Dataset 1's training and validation images at the run's size, or a crop model's crops of them."""
+    if spec.crop is None:
+        return load_split(data.d1, "train", spec.image_size, labels=labels), load_split(data.d1, "val", spec.image_size)
+    grid = evaluation_grid(data.d1, "train", spec.image_size)
+    return (training_crops(load_split(data.d1, "train", grid), spec.crop, spec.seed),
+            training_crops(load_split(data.d1, "val", grid), spec.crop.exact(), spec.seed))
 
 
 def run_label(spec: RunSpec) -> str:

@@ -25,6 +25,7 @@ from spineseg.names import (
     STACKING,
     TARGETS,
     TUNED,
+    TWO_STAGE,
     metric_name,
     rule_name,
 )
@@ -47,7 +48,7 @@ STAGE_TABLES = {
 }
 SUMMARY_TABLES = {"table4": "table6", "table5": "table7"}  # min / max / mean over the models
 BOUNDARY_TABLES = {"table10": "d1", "table11": "d2"}
-ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING, CALIBRATED]
+ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING, CALIBRATED, TWO_STAGE]
 # Encoder tables: the article's encoders in its order, each followed by its level-aware variant.
 CANDIDATE_ORDER = [candidate_name(encoder, target) for encoder in (*PAPER_ENCODERS, "VGG16") for target in TARGETS]
 
@@ -300,7 +301,7 @@ def wilcoxon_tests(study: Study) -> pd.DataFrame:
         by_patient = {"pair_on": PATIENT_KEYS}  # per-patient means: images of one patient are not independent
         families.append(wilcoxon_family(named, all_pairs([rule_name(m) for m in RULES]), family="ensemble rules",
                                         **by_patient))
-        extras = [rule_name(m) for m in (*EXTRA_RULES, TUNED, STACKING, CALIBRATED) if rule_name(m) in set(named["group"])]
+        extras = [rule_name(m) for m in (*EXTRA_RULES, TUNED, STACKING, CALIBRATED, TWO_STAGE) if rule_name(m) in set(named["group"])]
         soft = rule_name("soft")
         if extras:
             families.append(wilcoxon_family(named, one_vs_rest(soft, extras), family="new rules vs soft voting", **by_patient))
