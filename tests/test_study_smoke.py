@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from spineseg.errors import ConfigError, NotebookFailed
-from spineseg.names import EXTRA_RULES, RULES, rule_name
+from spineseg.names import RULES, rule_name
 from spineseg.study.artifacts import read_table
 from spineseg.study.runner import NOTEBOOKS, run_study
 from spineseg.study.tables import CANDIDATE_ORDER, METRIC_COLUMNS
@@ -301,8 +301,9 @@ def test_stage_6_compares_decoders_optimisers_attention_and_pruning(project):
 
 def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
     learned = json.loads((project / "runs/smoke/stage4/learned.json").read_text())
-    assert learned["two_stage_locator"] in (*RULES, *EXTRA_RULES)  # a rule of the profile, chosen on validation
-    assert "two_stage" in learned["validation_dsc"]["rules"]
+    rules = learned["validation_dsc"]["rules"]
+    assert learned["two_stage_locator"] == max((r for r in rules if r != "two_stage"), key=rules.get)  # on validation
+    assert learned["best_rule"] == max(rules, key=rules.get) and "two_stage" in rules
     stage4 = pd.read_csv(project / "runs/smoke/stage4/metrics_test.csv")
     assert set(stage4.loc[stage4["group"] == "two_stage", "dataset"]) == {"d1", "d2"}
     assert rule_name("two_stage") in pd.read_csv(project / "runs/smoke/tables/table10.csv", index_col=0).index
@@ -310,3 +311,32 @@ def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
     assert timing["what"].str.startswith("Two-stage").sum() == 1
     crop_runs = list((project / "runs/smoke/train").glob("stage3-MobileNetV2-crop-64x32px-s0-*/DONE"))
     assert len(crop_runs) == 1
+
+
+def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import spineseg.study.apply as apply
+    from spineseg.study.session import open_study
+
+    (tmp_path / "in").mkdir()
+    source = np.asarray(Image.open(next((project / "runs/smoke/data/d2/images").glob("*.png"))))
+    Image.fromarray(np.kron(source, np.ones((2, 1), dtype=np.uint8))).save(tmp_path / "in/a.png")  # another size
+    calls = []
+
+    def crop_model_says_yes_everywhere(model, images, located, geometry, device):
+        calls.append((images.shape, located.shape, located.dtype))
+        return np.ones(images.shape, dtype=np.float32)
+
+    monkeypatch.setattr(apply, "refine", crop_model_says_yes_everywhere)
+    study, out = open_study("smoke", project_dir=project), tmp_path / "out"
+    assert apply.predict_radiographs(study, tmp_path / "in", out, two_stage=True, probabilities=True, log=print).written == ["a"]
+    assert calls == [((1, 128, 128), (1, 128, 128), np.dtype(bool))]  # cut on the stored grid, as in training
+    locator = json.loads((project / "runs/smoke/stage4/learned.json").read_text())["two_stage_locator"]
+    assert pd.read_csv(out / "predictions.csv")["rule"].tolist() == [f"{locator}+crop"]
+    assert (np.asarray(Image.open(out / "masks/a.png")) == 255).all()  # the crop model's answer, at the image's size
+    assert (np.asarray(Image.open(out / "probabilities/a.png")) == 65535).all()
+    assert apply.predict_radiographs(study, tmp_path / "in", out, rule=locator, log=print).written == ["a"]  # redone
+    without = open_study("smoke", {"two_stage.enabled": False}, project_dir=project)
+    with pytest.raises(ConfigError, match="two_stage.enabled is false"):
+        apply.predict_radiographs(without, tmp_path / "in", out, rule="max", two_stage=True)

@@ -50,7 +50,7 @@ def _predict(args) -> int:
 
     study = open_study(args.profile, project_dir=find_project())
     report = predict_radiographs(study, args.input, args.out, rule=args.rule, threshold=args.threshold, tta=args.tta,
-                                 probabilities=args.probabilities, batch_size=args.batch_size)
+                                 probabilities=args.probabilities, batch_size=args.batch_size, two_stage=args.two_stage)
     for source, reason in report.failed.items():
         print(f"spineseg: could not read {source}: {reason}", file=sys.stderr)
     return 1 if report.failed and not (report.written or report.skipped) else 0  # nothing usable came of it
@@ -102,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--profile", default="quick", help="the study whose stage-3 models to use (run it first)")
     predict.add_argument("--input", required=True, type=Path, help="a PNG, JPEG or DICOM file, or a folder of them")
     predict.add_argument("--out", required=True, type=Path)
-    predict.add_argument("--rule", default="soft", help="ensemble rule (default soft voting)")
+    predict.add_argument("--rule", help="ensemble rule (default soft voting; with --two-stage, the locator stage 4 chose)")
     predict.add_argument("--threshold", type=float, help="T (default: the profile's stage4.threshold)")
     predict.add_argument("--tta", action="store_true", help="also predict each mirror image, and average")
     predict.add_argument("--probabilities", action="store_true", help="also write 16-bit probability maps")
     predict.add_argument("--batch-size", type=int, default=4)
+    predict.add_argument("--two-stage", action="store_true",
+                         help="let the study's crop model outline the region in a box around the rule's mask")
     predict.set_defaults(func=_predict)
 
     report = commands.add_parser("report", help="the rendered study as HTML without code, for readers")

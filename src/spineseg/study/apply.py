@@ -2,7 +2,8 @@
 
 The stage-3 models the study selected are loaded once (nothing is retrained). Each image is read
 (PNG, JPEG or DICOM), every member predicts at its own input size, the probabilities are resampled to
-the image's own size and combined by the chosen rule. For each image the output folder gets a mask
+the image's own size and combined by the chosen rule (with ``--two-stage``, the study's crop model then
+outlines the region in a box around that mask). For each image the output folder gets a mask
 (0/255 PNG at the image's size), an overlay, optionally the probability map, and a row of
 ``predictions.csv``. Reading the next batch and writing the last one overlap the forward passes.
 Every file is written atomically; a rerun skips images whose outputs exist; an unreadable file is
@@ -12,6 +13,7 @@ reported and skipped.
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +26,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spineseg import atomic
+from spineseg.crops import CropGeometry, refine
+from spineseg.data.dataset import stored_size
 from spineseg.data.radiographs import find_radiographs, read_radiograph
 from spineseg.device import pick_device
 from spineseg.ensemble import combine, disagreement
@@ -32,10 +36,11 @@ from spineseg.names import EXTRA_RULES, RULES
 from spineseg.predict import predict, resample
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import prepare_data
-from spineseg.study.stage3_final import ensemble_members
+from spineseg.study.stage3_final import crop_spec, ensemble_members
 from spineseg.study.store import load_trained
 
 MASKS, OVERLAYS, PROBABILITIES, TABLE = "masks", "overlays", "probabilities", "predictions.csv"
+TWO_STAGE_SUFFIX = "+crop"  # a rule's name in predictions.csv when the crop model outlined its mask
 COLUMNS = ["id", "source", "height", "width", "rule", "threshold", "tta", "area_px", "top", "left", "bottom", "right",
            "disagreement"]
 OVERLAY_COLOUR = np.array([255, 64, 32])
@@ -71,14 +76,21 @@ def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return grey
 
 
-def predict_radiographs(study: Study, source: str | Path, out: str | Path, rule: str = "soft",
+def predict_radiographs(study: Study, source: str | Path, out: str | Path, rule: str | None = None,
                         threshold: float | None = None, tta: bool = False, probabilities: bool = False,
-                        batch_size: int = 4, log=print) -> PredictionReport:
-    """Segment Th8–Th11 on every radiograph at `source` (a file or a folder) with the study's ensemble."""
+                        batch_size: int = 4, two_stage: bool = False, log=print) -> PredictionReport:
+    """Segment Th8–Th11 on every radiograph at `source` (a file or a folder) with the study's ensemble.
+
+    With `two_stage`, the rule's mask (by default the rule stage 4 chose as the locator on validation)
+    is where the study's crop model outlines the region; otherwise the rule defaults to soft voting.
+    """
     threshold = study.cfg.stage4.threshold if threshold is None else float(threshold)
+    rule = rule or (_learned_locator(study) if two_stage else "soft")
     check_arguments(rule, threshold, batch_size)  # before the models load
-    return predict_files(_members(study), source, out, pick_device(study.cfg.device), rule, threshold, tta,
-                         probabilities, batch_size, study.cfg.precision, log)
+    device = pick_device(study.cfg.device)
+    crop = _crop_model(study, device) if two_stage else None
+    return predict_files(_members(study), source, out, device, rule, threshold, tta, probabilities, batch_size,
+                         study.cfg.precision, log, crop)
 
 
 def check_arguments(rule: str, threshold: float, batch_size: int) -> None:
@@ -107,9 +119,10 @@ def _same_settings(row: dict, rule: str, threshold: float, tta: bool) -> bool:
 
 def predict_files(members: list[Member], source: str | Path, out: str | Path, device, rule: str = "soft",
                   threshold: float = 0.5, tta: bool = False, probabilities: bool = False, batch_size: int = 4,
-                  precision: str = "auto", log=print) -> PredictionReport:
+                  precision: str = "auto", log=print, crop: CropModel | None = None) -> PredictionReport:
     """The pipeline behind `predict_radiographs`, for any members (the benchmark times it with untrained ones)."""
     check_arguments(rule, threshold, batch_size)
+    label = f"{rule}{TWO_STAGE_SUFFIX}" if crop else rule  # how predictions.csv names what made each mask
     source, out = Path(source), Path(out)
     files = _keys(find_radiographs(source), source)
     done = pd.read_csv(out / TABLE, dtype={"id": str}) if (out / TABLE).is_file() else pd.DataFrame(columns=COLUMNS)
@@ -117,7 +130,7 @@ def predict_files(members: list[Member], source: str | Path, out: str | Path, de
     report = PredictionReport()
     todo = []
     for key, path in files.items():
-        finished = (key in rows and _same_settings(rows[key], rule, threshold, tta)
+        finished = (key in rows and _same_settings(rows[key], label, threshold, tta)
                     and all((out / folder / f"{key}.png").is_file() for folder in _folders(probabilities)))
         (report.skipped.append(key) if finished else todo.append((key, path)))
     with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(todo), desc="predicting", unit="image") as bar:
@@ -132,9 +145,12 @@ def predict_files(members: list[Member], source: str | Path, out: str | Path, de
                           for member in members]
             for k, (key, path, image) in enumerate(images):
                 probs = np.stack([member_probs[k] for member_probs in per_member])
-                mask = combine(probs, rule, threshold)
-                rows[key] = _row(key, path, image, mask, rule, threshold, tta, float(disagreement(probs, threshold)[1]))
-                writing.append(pool.submit(_write, out, key, image, mask, probs.mean(axis=0) if probabilities else None))
+                mask, probability = combine(probs, rule, threshold), probs.mean(axis=0)
+                if crop is not None:
+                    probability = crop.outline(image, mask, device)
+                    mask = probability > threshold
+                rows[key] = _row(key, path, image, mask, label, threshold, tta, float(disagreement(probs, threshold)[1]))
+                writing.append(pool.submit(_write, out, key, image, mask, probability if probabilities else None))
                 report.written.append(key)
                 bar.update(1)
             for failed in failures:
@@ -174,6 +190,41 @@ def _members(study: Study) -> list[Member]:
     return [Member(spec.candidate, load_trained(study.layout.store, spec, device), spec.image_size) for spec in specs]
 
 
+@dataclass(frozen=True)
+class CropModel:
+    """The crop model of the two-stage variant, how it cuts its boxes, and the grid its crops came from."""
+
+    model: object
+    geometry: CropGeometry
+    grid: tuple[int, int]  # dataset 1's stored size: a radiograph is cut there, as in training
+
+    def outline(self, image: np.ndarray, located: np.ndarray, device) -> np.ndarray:
+        """The crop model's probabilities [H, W] around a located mask, at the image's own size."""
+        small = resample(image[None].astype(np.float32), self.grid)
+        where = resample(located[None].astype(np.float32), self.grid, nearest=True) > 0.5
+        return np.clip(resample(refine(self.model, small, where, self.geometry, device), image.shape)[0], 0.0, 1.0)
+
+
+def _crop_model(study: Study, device) -> CropModel:
+    data = prepare_data(study)
+    spec = crop_spec(study, data)
+    if spec is None:
+        raise ConfigError(f"--two-stage: the profile `{study.name}` has no crop model (two_stage.enabled is false)")
+    if not spec.files(study.layout.store).done.is_file():
+        raise StageOrderError(f"--two-stage: the crop model of `{study.name}` has not been trained; "
+                              f"run `spineseg run --profile {study.name} --stages 3` first")
+    return CropModel(load_trained(study.layout.store, spec, device), spec.crop, stored_size(data.d1, "train"))
+
+
+def _learned_locator(study: Study) -> str:
+    """The rule stage 4 put in front of the crop model, chosen on validation."""
+    learned = json.loads(study.layout.learned.read_text()) if study.layout.learned.is_file() else {}
+    if "two_stage_locator" not in learned:
+        raise StageOrderError(f"--two-stage without --rule: stage 4 of `{study.name}` has not chosen the locating rule; "
+                              f"run `spineseg run --profile {study.name} --stages 4` first, or give --rule")
+    return learned["two_stage_locator"]
+
+
 def _member_probabilities(member: Member, images: list[np.ndarray], device, tta: bool, precision: str) -> list[np.ndarray]:
     """One member's Th8–Th11 probabilities for a batch of images of any sizes, each back at its own size."""
     if not images:
@@ -205,7 +256,7 @@ def _row(key: str, path: Path, image: np.ndarray, mask: np.ndarray, rule: str, t
 def _write(out: Path, key: str, image: np.ndarray, mask: np.ndarray, probability: np.ndarray | None) -> None:
     atomic.write_bytes(out / MASKS / f"{key}.png", _png(np.where(mask, 255, 0).astype(np.uint8)))
     atomic.write_bytes(out / OVERLAYS / f"{key}.png", _png(_overlay(image, mask)))
-    if probability is not None:  # 16-bit: the mean of the members' probabilities, 65535 = 1
+    if probability is not None:  # 16-bit, 65535 = 1: the members' mean (the crop model's with --two-stage)
         atomic.write_bytes(out / PROBABILITIES / f"{key}.png", _png(np.round(probability * 65535).astype(np.uint16)))
 
 

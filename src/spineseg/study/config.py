@@ -196,6 +196,8 @@ class TwoStage(Training):
         for name in ("coordinates", "crop_height", "tta_hflip"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not available for the crop model: it sees only the crop")
+        if self.repeats != 1:
+            raise ValueError("the crop model is trained once: repeats must be 1")
         return self
 
 

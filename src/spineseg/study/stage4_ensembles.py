@@ -264,8 +264,9 @@ def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
                  "params_millions": sum(r["params_millions"] for r in rows), "ms_per_image": 1000 * seconds})
     learned = json.loads(study.layout.learned.read_text()) if study.layout.learned.is_file() else {}
     two_stage = TwoStage.load(study, data, learned["two_stage_locator"]) if "two_stage_locator" in learned else None
-    if two_stage is not None:
-        step = two_stage.timing_step(models, members_validation_dsc(study, specs), image)
+    if two_stage is not None:  # on a real radiograph: on noise the locator may find nothing, and the crop model not run
+        radiograph = torch.from_numpy(np.array(load_split(data.d1, "test", size).images[:1, None])).to(device)
+        step = two_stage.timing_step(models, members_validation_dsc(study, specs), radiograph)
         seconds = mean_seconds(step, cfg.timing_repeats, cfg.timing_warmup)
         rows.append({"what": f"Two-stage ({rule_name(two_stage.locator)} + crop model)", "models": len(models) + 1,
                      "params_millions": rows[-1]["params_millions"] + parameter_count(two_stage.model) / 1e6,

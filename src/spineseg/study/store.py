@@ -29,7 +29,7 @@ from spineseg.crops import CropGeometry, training_crops
 from spineseg.data import Split, load_split, splits_present
 from spineseg.data.dataset import as_hw, stored_size
 from spineseg.device import pick_device
-from spineseg.errors import DatasetError, StageOrderError
+from spineseg.errors import ConfigError, DatasetError, StageOrderError
 from spineseg.metrics import average_precision, per_image
 from spineseg.models import build_model
 from spineseg.objectives import objective as make_objective
@@ -231,7 +231,10 @@ def _training_splits(spec: RunSpec, data: StudyData, labels: bool) -> tuple[Spli
     """Dataset 1's training and validation images at the run's size, or a crop model's crops of them."""
     if spec.crop is None:
         return load_split(data.d1, "train", spec.image_size, labels=labels), load_split(data.d1, "val", spec.image_size)
-    grid = evaluation_grid(data.d1, "train", spec.image_size)
+    try:
+        grid = stored_size(data.d1, "train")
+    except DatasetError as exc:
+        raise ConfigError(f"two_stage: the crop model cuts its crops from dataset 1 at its stored size, and {exc}") from None
     return (training_crops(load_split(data.d1, "train", grid), spec.crop, spec.seed),
             training_crops(load_split(data.d1, "val", grid), spec.crop.exact(), spec.seed))
 
