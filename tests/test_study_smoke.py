@@ -142,18 +142,21 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     import sys
     import time
 
-    fresh = _copy_project(tmp_path)
-    # like a terminal: the whole foreground process group gets SIGINT
-    child = subprocess.Popen([sys.executable, "-m", "spineseg", "run", "--profile", "smoke"], cwd=fresh,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    fresh = _copy_project(tmp_path / "project")
+    # like a terminal: the whole foreground process group gets SIGINT. The output goes to files, as a
+    # terminal would take it: an unread pipe fills up and blocks the run mid-write.
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as errors:
+        child = subprocess.Popen([sys.executable, "-m", "spineseg", "run", "--profile", "smoke"], cwd=fresh,
+                                 stdout=out, stderr=errors, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     # wait until stage 1 is training (its first run folder exists), not merely until its kernel is starting
     while not list((fresh / "runs/smoke/train").glob("stage1-*/")):
-        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        assert child.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-2000:]
         time.sleep(0.5)
     time.sleep(2)
     os.killpg(child.pid, signal.SIGINT)
-    _, err = child.communicate(timeout=120)
+    child.wait(timeout=120)
+    err = (tmp_path / "err").read_text()
     assert child.returncode == 130
     assert err.rstrip().splitlines()[-1] == "spineseg: interrupted; rerun the same command to resume"
     assert "Traceback" not in err

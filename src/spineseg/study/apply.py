@@ -37,6 +37,7 @@ from spineseg.predict import predict, resample
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import prepare_data
 from spineseg.study.stage3_final import crop_spec, ensemble_members
+from spineseg.study.stage4_ensembles import members_validation_dsc
 from spineseg.study.store import load_trained
 
 MASKS, OVERLAYS, PROBABILITIES, TABLE = "masks", "overlays", "probabilities", "predictions.csv"
@@ -123,6 +124,7 @@ def predict_files(members: list[Member], source: str | Path, out: str | Path, de
     """The pipeline behind `predict_radiographs`, for any members (the benchmark times it with untrained ones)."""
     check_arguments(rule, threshold, batch_size)
     label = f"{rule}{TWO_STAGE_SUFFIX}" if crop else rule  # how predictions.csv names what made each mask
+    weights = np.array([member.weight for member in members]) if rule == "weighted" else None
     source, out = Path(source), Path(out)
     files = _keys(find_radiographs(source), source)
     done = pd.read_csv(out / TABLE, dtype={"id": str}) if (out / TABLE).is_file() else pd.DataFrame(columns=COLUMNS)
@@ -145,7 +147,7 @@ def predict_files(members: list[Member], source: str | Path, out: str | Path, de
                           for member in members]
             for k, (key, path, image) in enumerate(images):
                 probs = np.stack([member_probs[k] for member_probs in per_member])
-                mask, probability = combine(probs, rule, threshold), probs.mean(axis=0)
+                mask, probability = combine(probs, rule, threshold, weights=weights), probs.mean(axis=0)
                 if crop is not None:
                     probability = crop.outline(image, mask, device)
                     mask = probability > threshold
@@ -174,6 +176,7 @@ class Member:
     name: str
     model: object
     image_size: tuple[int, int]
+    weight: float = 1.0  # its best validation DSC, for weighted voting
 
 
 def _members(study: Study) -> list[Member]:
@@ -187,7 +190,9 @@ def _members(study: Study) -> list[Member]:
     if missing:
         raise StageOrderError(f"stage 3 of `{study.name}` has not finished ({', '.join(missing)}); "
                               f"run `spineseg run --profile {study.name} --stages 3` first")
-    return [Member(spec.candidate, load_trained(study.layout.store, spec, device), spec.image_size) for spec in specs]
+    weights = members_validation_dsc(study, specs)
+    return [Member(spec.candidate, load_trained(study.layout.store, spec, device), spec.image_size, float(weight))
+            for spec, weight in zip(specs, weights)]
 
 
 @dataclass(frozen=True)
@@ -261,8 +266,8 @@ def _write(out: Path, key: str, image: np.ndarray, mask: np.ndarray, probability
 
 
 def check_rule(rule: str) -> str:
-    """The rules `predict` can apply: all but validation-weighted voting (it needs the study's weights)."""
-    usable = [r for r in (*RULES, *EXTRA_RULES) if r != "weighted"]
+    """The rules `predict` can apply: every stage-4 rule (weighted voting weighs members by validation DSC)."""
+    usable = [*RULES, *EXTRA_RULES]
     if rule not in usable:
         raise ConfigError(f"--rule {rule!r}: use one of {', '.join(usable)}")
     return rule
