@@ -14,10 +14,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from spineseg.data import Split
-from spineseg.predict import Segmenter, as_batch
+from spineseg.predict import Segmenter, as_batch, resample
 from spineseg.vertebrae import REGION_CODES
 
 VERTEBRAE_IN_REGION = len(REGION_CODES)
@@ -80,25 +79,19 @@ def _padded_slices(box: Box, shape: tuple[int, int]) -> tuple[tuple[slice, slice
     return image, inside
 
 
-def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    mode = {"mode": "nearest-exact"} if nearest else {"mode": "bilinear", "align_corners": False}
-    return F.interpolate(tensor, size=tuple(size), **mode)[0, 0].numpy()
-
-
 def cut(image: np.ndarray, box: Box, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
     """The box's pixels of image [H, W] (zero past the image), resized to `size`."""
     canvas = np.zeros((box.height, box.width), dtype=np.float32)
     image_part, box_part = _padded_slices(box, image.shape)
     canvas[box_part] = image[image_part]
-    return _resize(canvas, size, nearest)
+    return resample(canvas[None], size, nearest)[0]
 
 
 def paste(crop: np.ndarray, box: Box, shape: tuple[int, int]) -> np.ndarray:
     """A crop's map put back at the box's place in an image of `shape`, zero elsewhere."""
     full = np.zeros(shape, dtype=np.float32)
     image_part, box_part = _padded_slices(box, shape)
-    full[image_part] = _resize(crop, (box.height, box.width))[box_part]
+    full[image_part] = resample(np.asarray(crop, dtype=np.float32)[None], (box.height, box.width))[0][box_part]
     return full
 
 
