@@ -36,7 +36,7 @@ from spineseg.names import EXTRA_RULES, RULES
 from spineseg.predict import predict, resample
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import prepare_data
-from spineseg.study.stage3_final import crop_spec, ensemble_members
+from spineseg.study.stage3_final import ensemble_members, trained_crop_model
 from spineseg.study.stage4_ensembles import members_validation_dsc
 from spineseg.study.store import load_trained
 
@@ -212,13 +212,10 @@ class CropModel:
 
 def _crop_model(study: Study, device) -> CropModel:
     data = prepare_data(study)
-    spec = crop_spec(study, data)
-    if spec is None:
+    trained = trained_crop_model(study, data, device)
+    if trained is None:
         raise ConfigError(f"--two-stage: the profile `{study.name}` has no crop model (two_stage.enabled is false)")
-    if not spec.files(study.layout.store).done.is_file():
-        raise StageOrderError(f"--two-stage: the crop model of `{study.name}` has not been trained; "
-                              f"run `spineseg run --profile {study.name} --stages 3` first")
-    return CropModel(load_trained(study.layout.store, spec, device), spec.crop, stored_size(data.d1, "train"))
+    return CropModel(*trained, stored_size(data.d1, "train"))
 
 
 def _learned_locator(study: Study) -> str:

@@ -15,11 +15,13 @@ from dataclasses import replace
 import pandas as pd
 
 from spineseg.crops import CropGeometry
+from spineseg.errors import StageOrderError
+from spineseg.predict import Segmenter
 from spineseg.study.executors import make_executor
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage2_selection import selected_candidates, stage2_specs
-from spineseg.study.store import RunSpec, run_all
+from spineseg.study.store import RunSpec, load_trained, run_all
 from spineseg.study.training import run_spec, train_and_collect
 
 
@@ -61,6 +63,17 @@ def crop_spec(study: Study, data: StudyData) -> RunSpec | None:
     geometry = CropGeometry(cfg.image_size, cfg.margin, cfg.jitter, cfg.scale_jitter, cfg.copies)
     spec = run_spec(study, data, "stage3", cfg.encoder, 0, cfg, augment=cfg.augment, pretrained=cfg.pretrained)
     return replace(spec, crop=geometry)
+
+
+def trained_crop_model(study: Study, data: StudyData, device) -> tuple[Segmenter, CropGeometry] | None:
+    """The crop model with its best weights and its geometry; None when the profile does not ask for one."""
+    spec = crop_spec(study, data)
+    if spec is None:
+        return None
+    if not spec.files(study.layout.store).done.is_file():
+        raise StageOrderError(f"two_stage.enabled, but its crop model {spec.folder_name()} has not been trained: "
+                              f"run `spineseg run --profile {study.name} --stages 3` first")
+    return load_trained(study.layout.store, spec, device), spec.crop
 
 
 def run_crop_model(study: Study, data: StudyData) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, STACKING, TUNED, TWO_
 from spineseg.predict import Segmenter, ensemble_forward
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage3_final import crop_spec, ensemble_members
+from spineseg.study.stage3_final import ensemble_members, trained_crop_model
 from spineseg.study.store import load_probs, load_trained
 from spineseg.study.training import load_stage_runs
 from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
@@ -155,14 +155,9 @@ class TwoStage:
 
     @classmethod
     def load(cls, study: Study, data: StudyData, locator: str) -> TwoStage | None:
-        spec = crop_spec(study, data)
-        if spec is None:
-            return None
-        if not spec.files(study.layout.store).done.is_file():
-            raise StageOrderError(f"two_stage.enabled, but its crop model {spec.folder_name()} has not been trained: "
-                                  "run stage 3 (03_final_training), which trains it")
         device = pick_device(study.cfg.device)
-        return cls(load_trained(study.layout.store, spec, device), spec.crop, locator, study.cfg.stage4.threshold, device)
+        trained = trained_crop_model(study, data, device)
+        return None if trained is None else cls(*trained, locator, study.cfg.stage4.threshold, device)
 
     def locate(self, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return combine(probs, self.locator, self.threshold, weights=weights if self.locator == "weighted" else None)
