@@ -68,13 +68,93 @@ def test_side_by_side_shows_this_run_the_article_and_the_difference_in_the_artic
     assert pd.isna(view.loc["Min", ("DSC", "this run")]) and view.loc["Min", ("DSC", "article")] == 91.77
 
 
+def _smoke_like(tmp_path) -> Study:
+    """A study set up as the smoke profile sets its stages (no run needed: captions read the profile)."""
+    profile = Profile.model_validate({"data": {"size": 128},
+                                      "stage1": {"repeats": 2, "image_size": 64, "max_epochs": 2, "pretrained": "none"},
+                                      "stage2": {"encoders": ["MobileNetV2", "ResNet34"], "targets": ["binary", "levels"],
+                                                 "repeats": 1, "image_size": 64, "max_epochs": 2, "pretrained": "none"},
+                                      "stage3": {"image_size": 64, "max_epochs": 2}})
+    return Study(profile, Layout(tmp_path, "p"))
+
+
 def test_write_table_formats(tmp_path):
-    table = pd.DataFrame({"DSC": [88.123]}, index=["Soft voting"])
+    table = pd.DataFrame({"DSC": [88.123, float("nan")]}, index=["Soft voting", "Min"])
     study = Study(Profile(), Layout(tmp_path, "p"))
     tables.write_table(study, table, "table8")
     folder = study.layout.tables_dir
     caption = tables.caption(study, "table8")
-    assert caption.startswith(tables.TABLE_CAPTIONS["table8"]) and "this run: ensembles of 0 model(s) (article: 10)" in caption
-    assert "88.12" in (folder / "table8.md").read_text() and caption in (folder / "table8.md").read_text()
-    assert f"\\caption{{{caption}}}" in (folder / "table8.tex").read_text()
-    assert pd.read_csv(folder / "table8.csv", index_col=0).loc["Soft voting", "DSC"] == pytest.approx(88.123)
+    assert caption.startswith(tables.TABLE_CAPTIONS["table8"]) and "ensembles at T = 0.5 (article: 0.5)" in caption
+    markdown = (folder / "table8.md").read_text()
+    assert "88.12" in markdown and caption in markdown and "| Min         |  —    |" in markdown
+    assert tables.latex_text(caption) in (folder / "table8.tex").read_text()
+    csv = pd.read_csv(folder / "table8.csv", index_col=0)
+    assert csv.loc["Soft voting", "DSC"] == pytest.approx(88.123) and pd.isna(csv.loc["Min", "DSC"])
+
+
+def test_the_latex_copy_escapes_caption_names_cells_and_note(tmp_path, monkeypatch):
+    table = pd.DataFrame({"n_images": [3, 4], "Δ DSC (pp)": [1.5, float("nan")], "p_holm": ["< 0.001", "#1 & $2"]},
+                         index=pd.Index(["100% ± 2 ≥ 1 – x", "a_b"], name="rule_name"))
+    study = Study(Profile(), Layout(tmp_path, "p"))
+    monkeypatch.setattr(tables, "table_note", lambda study, name: "note: 5 % of ρ")
+    tables.write_table(study, table, "anything", title="metrics (%) of x_y & z #1 $ — Δ")
+    tex = (tmp_path / "runs/p/tables/anything.tex").read_text()
+    assert tex.isascii()
+    assert r"\caption{metrics (\%) of x\_y \& z \#1 \$ --- $\Delta$}" in tex
+    assert r"rule\_name" in tex
+    assert r" & n\_images & $\Delta$ DSC (pp) & p\_holm \\" in tex
+    assert r"100\% $\pm$ 2 $\geq$ 1 -- x & 3 & 1.50 & < 0.001 \\" in tex
+    assert r"a\_b & 4 & --- & \#1 \& \$2 \\" in tex
+    assert "\\end{tabular}\n\\par\\footnotesize note: 5 \\% of $\\rho$\n\\end{table}" in tex
+
+
+def test_every_caption_and_note_is_ascii_latex(tmp_path):
+    study = _smoke_like(tmp_path)
+    names = [*tables.TABLE_CAPTIONS, "table6", "table7"]
+    for name in names:
+        for text in (tables.caption(study, name), tables.table_note(study, name) or ""):
+            escaped = tables.latex_text(text)
+            assert escaped.isascii(), name
+            bare = escaped.replace("\\%", "").replace("\\_", "").replace("\\&", "").replace("\\#", "").replace("\\$", "")
+            assert not set("%_&#") & set(bare), (name, escaped)
+
+
+def test_captions_say_how_each_stage_differs_from_the_article(tmp_path):
+    study = _smoke_like(tmp_path)
+    assert tables.caption(study, "table1").endswith(
+        "this run: synthetic radiographs, from scratch, ≤ 2 epochs at 64×64, 2 training(s) per arm "
+        "(article: CheXpert and VinDr-SpineXR radiographs, weights not stated, ≤ 100 epochs at 256×256, "
+        "50 trainings per arm)")
+    table2 = tables.caption(study, "table2")
+    assert "4 candidate(s) × 1 training(s) (article: CheXpert and VinDr-SpineXR radiographs, ImageNet weights, " \
+           "≤ 300 epochs at 256×256, 20 encoders × 10 trainings)" in table2
+    assert "encoders this run did not train show —" in table2
+    assert "this run: synthetic radiographs, from scratch, ≤ 2 epochs at 64×64, the 0 selected model(s)" in \
+        tables.caption(study, "table8")
+    assert "HD95 and ASSD in px of the stored grid (128×128)" in tables.caption(study, "table10")
+    assert "resampling patients" in tables.caption(study, "table13")
+
+
+def test_tables_8_and_9_say_how_an_empty_prediction_scores_and_count_them(tmp_path):
+    study = _smoke_like(tmp_path)
+    assert "no pixel above T" in tables.table_note(study, "table8")
+    rows = [("min", "d1", 0.0, 1.0), ("min", "d1", 0.5, 0.5), ("soft", "d1", 0.9, 0.9), ("min", "d2", 0.0, 1.0)]
+    frame = pd.DataFrame(rows, columns=["group", "dataset", "recall", "precision"]).assign(run=0)
+    study.layout.stage_metrics("stage4").parent.mkdir(parents=True)
+    frame.to_csv(study.layout.stage_metrics("stage4"), index=False)
+    assert tables.table_note(study, "table8").endswith("Empty predictions in this run: Min 1 of 2.")
+    frame[frame["dataset"] == "d1"].assign(recall=0.5).to_csv(study.layout.stage_metrics("stage4"), index=False)
+    assert tables.table_note(study, "table8").endswith("Empty predictions in this run: none.")
+
+
+def test_the_notebooks_show_a_dash_for_what_this_run_did_not_train(tmp_path, monkeypatch):
+    import spineseg.study.display as shown
+
+    outputs = []
+    monkeypatch.setattr(shown, "display", outputs.append)
+    ours = pd.DataFrame({"DSC": [88.0]}, index=["MobileNetV2"])
+    shown.show_tables(_smoke_like(tmp_path), {"table2": ours})
+    html = outputs[1].to_html()
+    assert "did not train" in outputs[0].data and "nan" not in html.lower()
+    assert html.count(">—<") == 2 * (len(published("table2")) - 1)  # this run and Δ of every other encoder
+    assert "88.00" in html

@@ -5,11 +5,63 @@ The README's section of the same name says the same in general; here the counts 
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import pandas as pd
 
 from spineseg.study.article import published
 from spineseg.study.artifacts import read_table
 from spineseg.study.session import Study
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one training stage was run: what a table's numbers come from, beside the article's."""
+
+    data: str
+    weights: str
+    max_epochs: int | None  # None: not stated
+    image_size: tuple[int, int]
+    trainings: str
+
+    def __str__(self) -> str:
+        epochs = "epochs not stated" if self.max_epochs is None else f"≤ {self.max_epochs} epochs"
+        size = "×".join(str(side) for side in self.image_size)
+        return f"{self.data}, {self.weights}, {epochs} at {size}, {self.trainings}"
+
+
+ARTICLE_DATA = "CheXpert and VinDr-SpineXR radiographs"
+DATA_SOURCES = {"synthetic": "synthetic radiographs", "aasce": "AASCE/BoostNet spinal X-rays",
+                "folder": "the profile's own images"}
+WEIGHTS = {"imagenet": "ImageNet weights", "none": "from scratch"}
+ARTICLE_SETTINGS = {
+    "stage1": Setting(ARTICLE_DATA, "weights not stated", 100, (256, 256), "50 trainings per arm"),
+    "stage2": Setting(ARTICLE_DATA, "ImageNet weights", 300, (256, 256), "20 encoders × 10 trainings"),
+    "stage3": Setting(ARTICLE_DATA, "ImageNet weights", None, (512, 512), "the 10 selected encoders"),
+}
+
+
+def run_setting(study: Study, stage: str) -> Setting:
+    """This run's data, weights, epochs, input size and trainings in a training stage (stage1–stage3)."""
+    cfg = study.cfg
+    data = DATA_SOURCES[cfg.data.source]
+    if stage == "stage1":
+        return Setting(data, WEIGHTS[cfg.stage1.pretrained], cfg.stage1.max_epochs, cfg.stage1.image_size,
+                       f"{cfg.stage1.repeats} training(s) per arm")
+    if stage == "stage2":
+        candidates = len(cfg.stage2.encoders) * len(cfg.stage2.targets)
+        return Setting(data, WEIGHTS[cfg.stage2.pretrained], cfg.stage2.max_epochs, cfg.stage2.image_size,
+                       f"{candidates} candidate(s) × {cfg.stage2.repeats} training(s)")
+    selection = study.layout.selection
+    selected = len(json.loads(selection.read_text())["candidates"]) if selection.is_file() else 0
+    weights = WEIGHTS[cfg.stage2.pretrained] + (", continued from stage 2" if cfg.stage3.init_from == "stage2" else "")
+    return Setting(data, weights, cfg.stage3.max_epochs, cfg.stage3.image_size, f"the {selected} selected model(s)")
+
+
+def against_article(study: Study, stage: str) -> str:
+    """One caption's clause: this run's setting of a training stage, and the article's."""
+    return f"this run: {run_setting(study, stage)} (article: {ARTICLE_SETTINGS[stage]})"
 
 
 def _rule_checks(study: Study) -> pd.DataFrame | None:

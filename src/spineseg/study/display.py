@@ -13,15 +13,16 @@ from spineseg.study.artifacts import read_table
 from spineseg.study.session import Study
 from spineseg.study.stage2_selection import selected_candidates
 from spineseg.study.store import candidate_name
-from spineseg.study.tables import TABLE_NOTES, caption
+from spineseg.study.tables import MISSING, caption, table_note
 
 WHOLE = {"display.max_rows": None, "display.max_columns": None, "display.width": None,
          "display.float_format": "{:.2f}".format}
 
 
 def show_tables(study: Study, tables: Mapping[str, pd.DataFrame], captions: Mapping[str, str] | None = None) -> None:
-    """Each table whole under its caption; the article's tables beside its published values; the
-    Wilcoxon tests by family (DSC first, significant rows marked); Table 13 one table at a time."""
+    """Each table whole under its caption and above its note; the article's tables beside its published values
+    (— where this run has none); the Wilcoxon tests by family (DSC first, significant rows marked); Table 13 one
+    table at a time."""
     with pd.option_context(*[item for pair in WHOLE.items() for item in pair]):
         for name, table in tables.items():
             display(Markdown(f"**{(captions or {}).get(name) or caption(study, name)}**"))
@@ -32,9 +33,10 @@ def show_tables(study: Study, tables: Mapping[str, pd.DataFrame], captions: Mapp
                     display(Markdown(f"_{part.replace('table', 'Table ')}_"))
                     display(rows.drop(columns="table").reset_index(drop=True))
             else:
-                display(side_by_side(name, table))
-            if name in TABLE_NOTES:
-                display(Markdown(f"_{TABLE_NOTES[name]}_"))
+                display(side_by_side(name, table).style.format(precision=2, na_rep=MISSING))
+            note = table_note(study, name)
+            if note:
+                display(Markdown(f"_{note}_"))
 
 
 def _show_wilcoxon(table: pd.DataFrame) -> None:

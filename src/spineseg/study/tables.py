@@ -7,11 +7,12 @@ Every table value is a percentage with two decimals: the mean over images of a p
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import pandas as pd
 
 from spineseg import atomic
-from spineseg.encoders import PAPER_ENCODERS
+from spineseg.encoders import EXTRA_ENCODERS, PAPER_ENCODERS
 from spineseg.errors import StageOrderError
 from spineseg.identification import SHIFT_CLASSES, shift_class
 from spineseg.metrics import f1_as_scikit_learn_1_3
@@ -32,6 +33,7 @@ from spineseg.names import (
 from spineseg.stats import PATIENT_KEYS, all_pairs, format_p, format_wilcoxon, mean_ci_table, one_vs_rest, wilcoxon_family
 from spineseg.study.article import article_tables, caption, published
 from spineseg.study.artifacts import read_table
+from spineseg.study.deviations import against_article
 from spineseg.study.session import Study
 from spineseg.study.store import candidate_name
 from spineseg.study.training import load_stage_metrics
@@ -50,15 +52,17 @@ SUMMARY_TABLES = {"table4": "table6", "table5": "table7"}  # min / max / mean ov
 BOUNDARY_TABLES = {"table10": "d1", "table11": "d2"}
 ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING, CALIBRATED, TWO_STAGE]
 # Encoder tables: the article's encoders in its order, each followed by its level-aware variant.
-CANDIDATE_ORDER = [candidate_name(encoder, target) for encoder in (*PAPER_ENCODERS, "VGG16") for target in TARGETS]
+# the article's encoders in its order, then the others (VGG16, the offline pre-trained EfficientNet-Lite, ...)
+CANDIDATE_ORDER = [candidate_name(encoder, target) for encoder in (*PAPER_ENCODERS, *EXTRA_ENCODERS) for target in TARGETS]
 
 
 TABLE_CAPTIONS = {
     **{name: caption(name) for name in article_tables()["tables"]},
-    "table10": "Table 10. Every ensemble rule with boundary metrics (HD95, ASSD in pixels), dataset 1 test",
-    "table11": "Table 11. Every ensemble rule with boundary metrics (HD95, ASSD in pixels), dataset 2",
+    "table10": "Table 10. Every ensemble rule with boundary metrics, dataset 1 test",
+    "table11": "Table 11. Every ensemble rule with boundary metrics, dataset 2",
     "table12": "Table 12. Leave-one-model-out ablation of soft voting (ΔDSC > 0: better without the model)",
-    "table13": "Table 13. Bootstrap 95 % confidence intervals (over images) of the means in Tables 4–9",
+    "table13": "Table 13. Bootstrap 95 % confidence intervals of the means in Tables 4–9, resampling patients "
+               "(all images of a patient together)",
     "wilcoxon_readable": "Wilcoxon signed-rank tests, Holm-adjusted per family, dataset and metric",
     "identification_d1": "Identification of Th8–Th11, dataset 1 test: share of images on the right four vertebrae, level "
                          "shift of the predicted region (% of images), DSC per level and by identification (%)",
@@ -74,30 +78,57 @@ TABLE_CAPTIONS = {
 }
 
 
+# The training stage whose models a table's numbers come from.
+TABLE_STAGES = {"table1": "stage1", "table2": "stage2", "table3": "stage2",
+                **{f"table{n}": "stage3" for n in range(4, 14)}}
+ENCODER_TABLES = ("table2", "table3", "table4", "table5")
+EMPTY_RULE_TABLES = {"table8": "d1", "table9": "d2"}
+
+
 def caption(study: Study, name: str) -> str:
-    """A table's caption, saying what this run did where it differs from the article's setting."""
+    """A table's caption, saying how this run differs from the article: data, weights, epochs, sizes."""
     base = TABLE_CAPTIONS.get(name, name)
-    cfg = study.cfg
-    size = lambda section: "×".join(str(side) for side in section.image_size)
-    if name == "table1":
-        return f"{base} — this run: {cfg.stage1.repeats} training(s) per arm at {size(cfg.stage1)} (article: 50 at 256×256)"
-    if name in ("table2", "table3"):
-        candidates = len(cfg.stage2.encoders) * len(cfg.stage2.targets)
-        return (f"{base} — this run: {candidates} candidate(s), {cfg.stage2.repeats} training(s) each at {size(cfg.stage2)} "
-                f"(article: 20 encoders × 10 at 256×256)")
-    selected = json.loads(study.layout.selection.read_text())["candidates"] if study.layout.selection.is_file() else []
-    if name in ("table4", "table5", "table6", "table7"):
-        return f"{base} — this run: the {len(selected)} selected model(s) at {size(cfg.stage3)} (article: 10 at 512×512)"
+    if name not in TABLE_STAGES:
+        return base
+    parts = [base]
     if name in ("table8", "table9"):
-        return f"{base} — this run: ensembles of {len(selected)} model(s) (article: 10)"
-    return base
+        parts.append(f"ensembles at T = {study.cfg.stage4.threshold} (article: 0.5)")
+    if name in BOUNDARY_TABLES:
+        parts.append(f"HD95 and ASSD in px of the stored grid{_stored_grid(study)}")
+    parts.append(against_article(study, TABLE_STAGES[name]))
+    if name in ENCODER_TABLES:
+        parts.append("the article's encoders this run did not train show — beside the article's values")
+    return " — ".join(parts)
 
 
-# Said under a table wherever it is shown.
-TABLE_NOTES = {
-    "table2": "This study ranks and selects the encoders by validation DSC only. The article's ten are exactly the "
-              "ten best of this table (test data) at or above 91.5 %: it may have selected on test.",
-}
+def _stored_grid(study: Study) -> str:
+    """The stored image size where the profile sets it (a folder of images keeps its own sizes)."""
+    data = study.cfg.data
+    return "" if data.source == "folder" else " (" + "×".join(str(side) for side in data.size) + ")"
+
+
+def table_note(study: Study, name: str) -> str | None:
+    """What a reader must know under a table: for Table 2 how the article selected, for Tables 8–9 how an
+    empty prediction scores and how many there were."""
+    if name == "table2":
+        return ("This study ranks and selects the encoders by validation DSC only. The article's ten are exactly the "
+                "ten best of this table (test data) at or above 91.5 %: it may have selected on test.")
+    if name in EMPTY_RULE_TABLES:
+        return _empty_predictions_note(study, EMPTY_RULE_TABLES[name])
+    return None
+
+
+def _empty_predictions_note(study: Study, dataset: str) -> str:
+    rule = ("An empty prediction (no pixel above T) scores precision 100 % and recall, IoU and DSC 0; its HD95 and "
+            "ASSD are undefined and left out of Tables 10–11's means.")
+    stage4 = _try("stage4", study)
+    if stage4 is None:
+        return rule
+    part = stage4[stage4["dataset"] == dataset]
+    empty = ((part["recall"] == 0) & (part["precision"] == 1)).groupby(part["group"]).sum()
+    images = part.groupby("group").size()
+    counts = ", ".join(f"{rule_name(g)} {int(empty[g])} of {int(images[g])}" for g in RULES if empty.get(g, 0))
+    return f"{rule} Empty predictions in this run: {counts or 'none'}."
 
 
 def metric_table(frame: pd.DataFrame, dataset: str, order: list[str], metrics=METRICS) -> pd.DataFrame:
@@ -165,6 +196,8 @@ def _extra_tables(study: Study) -> dict[str, pd.DataFrame]:
             table = metric_table(stage4, dataset, ALL_RULES, metrics=(*METRICS, *BOUNDARY_METRICS))
             boundary = [metric_name(m) for m in BOUNDARY_METRICS]
             table[boundary] /= 100  # distances are in pixels, not fractions
+            table = table.rename(columns={name: f"{name} (px)" for name in boundary})
+            boundary = [f"{name} (px)" for name in boundary]
             # HD95 and ASSD are undefined where exactly one mask is empty: their means skip those images
             undefined = stage4[stage4["dataset"] == dataset].groupby("group")["hd95"].apply(lambda x: int(x.isna().sum()))
             table.insert(table.columns.get_loc(boundary[-1]) + 1, "images without HD95/ASSD", undefined.reindex(table.index))
@@ -317,12 +350,50 @@ def wilcoxon_tests(study: Study) -> pd.DataFrame:
     return pd.concat(families, ignore_index=True) if families else pd.DataFrame()
 
 
+# pdflatex reads ASCII safely: LaTeX's special characters escaped, every other character spelled in LaTeX.
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#", "$": r"\$",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_SYMBOLS = {"Δ": r"$\Delta$", "±": r"$\pm$", "≥": r"$\geq$", "≤": r"$\leq$", "≠": r"$\neq$", "×": r"$\times$",
+                 "−": "$-$", "ρ": r"$\rho$", "τ": r"$\tau$", "²": r"$^{2}$", "·": r"$\cdot$", "→": r"$\rightarrow$",
+                 "∂": r"$\partial$", "⊙": r"$\odot$", "₊": "$_{+}$", "₋": "$_{-}$", "–": "--", "—": "---",
+                 "…": r"\ldots{}", "°": r"$^{\circ}$", "µ": r"$\mu$", "σ": r"$\sigma$", "’": "'", "‘": "`",
+                 "“": "``", "”": "''", "\u00a0": "~"}
+MISSING = "—"  # a value this run has not got, in the Markdown and LaTeX copies (empty in the CSV)
+
+
+def latex_text(text: object) -> str:
+    """Any text as LaTeX that pdflatex compiles as it reads: `% _ & # $` escaped, Δ as $\\Delta$, accents dropped."""
+    return "".join(LATEX_SPECIALS.get(char) or LATEX_SYMBOLS.get(char) or _ascii(char) for char in str(text))
+
+
+def _ascii(char: str) -> str:
+    if char.isascii():
+        return char
+    return unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode() or "?"
+
+
+def latex_table(table: pd.DataFrame, title: str, label: str, note: str | None = None) -> str:
+    """A booktabs table whose caption, column names, row names, cells and note are all escaped text."""
+    index = not isinstance(table.index, pd.RangeIndex)
+    escaped = table.rename(index=latex_text, columns=latex_text)
+    escaped.index.name = latex_text(escaped.index.name) if escaped.index.name is not None else None
+    text_columns = [c for c in escaped.columns if not pd.api.types.is_numeric_dtype(escaped[c])]
+    escaped[text_columns] = escaped[text_columns].map(lambda v: v if pd.isna(v) else latex_text(v))
+    body = escaped.to_latex(index=index, float_format="%.2f", na_rep=latex_text(MISSING), escape=False,
+                            caption=latex_text(title), label=label)
+    if note:
+        body = body.replace("\\end{tabular}\n", f"\\end{{tabular}}\n\\par\\footnotesize {latex_text(note)}\n")
+    return body
+
+
 def write_table(study: Study, table: pd.DataFrame, name: str, title: str | None = None) -> None:
-    """CSV, Markdown and LaTeX copies of one table, captioned (by default with `caption`)."""
+    """CSV, Markdown and LaTeX copies of one table, captioned (by default with `caption`), with its note."""
     title = title or caption(study, name)
+    note = table_note(study, name)
     index = not isinstance(table.index, pd.RangeIndex)
     layout = study.layout
+    missing_as_none = table.astype(object).where(table.notna(), None)  # what tabulate prints as `missingval`
+    markdown = missing_as_none.to_markdown(index=index, floatfmt=".2f", missingval=MISSING)
     atomic.write_text(layout.table(name, "csv"), table.to_csv(index=index))
-    atomic.write_text(layout.table(name, "md"), f"**{title}**\n\n" + table.to_markdown(index=index, floatfmt=".2f") + "\n")
-    atomic.write_text(layout.table(name, "tex"), table.to_latex(index=index, float_format="%.2f", caption=title,
-                                                                label=f"tab:{name}"))
+    atomic.write_text(layout.table(name, "md"), f"**{title}**\n\n{markdown}\n" + (f"\n_{note}_\n" if note else ""))
+    atomic.write_text(layout.table(name, "tex"), latex_table(table, title, f"tab:{name}", note))
