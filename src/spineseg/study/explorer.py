@@ -2,8 +2,9 @@
 
 Top: mean DSC against T for every rule that thresholds (the article's five and the extra ones), one
 colour per rule and one line style per dataset, the current T marked. Bottom: the soft-voting masks
-of the best, median and worst dataset-1 test images at that T, cropped around the spine, false
-positives red and false negatives blue. plotly.js is embedded, so the rendered notebook and the saved
+of the best, median and worst dataset-1 test images (ranked by soft-voting DSC at the profile's T) at
+that T, cropped around the spine, in the colours of every mask figure (`figures.MASK_KEY`, keyed in the
+legend) with the truth outlined. plotly.js is embedded, so the rendered notebook and the saved
 ``threshold_explorer.html`` work offline; the same figure is live in JupyterLab.
 """
 
@@ -13,32 +14,51 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+from skimage.measure import find_contours
 
 from spineseg import atomic
 from spineseg.ensemble import THRESHOLD_GRID, combine
-from spineseg.metrics import dice
 from spineseg.names import EXTRA_RULES, RULES
-from spineseg.study.figures import DATASET_STYLES, FALSE_NEGATIVE, FALSE_POSITIVE, RULE_COLOURS, crop_box, rule_labels
+from spineseg.study.figures import (
+    DATASET_STYLES,
+    MASK_KEY,
+    RULE_COLOURS,
+    TRUTH,
+    crop_box,
+    error_rgb,
+    ranked_picks,
+    ranking_text,
+    rule_labels,
+)
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage4_ensembles import EnsembleInputs, available_eval_sets, ensemble_inputs, threshold_curves
+from spineseg.study.stage4_ensembles import available_eval_sets, ensemble_inputs, threshold_curves
 
 THRESHOLD_RULES = (*RULES, *EXTRA_RULES)
-PICKS = ("best", "median", "worst")
 _DASH = {"-": "solid", "--": "dash", ":": "dot"}
 
 
 def _rgb(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    rgb = np.repeat(image[..., None], 3, axis=2)
-    rgb[pred & ~truth] = FALSE_POSITIVE
-    rgb[~pred & truth] = FALSE_NEGATIVE
-    rgb[truth & pred] = 0.55 * rgb[truth & pred] + 0.45 * np.array([0.2, 0.8, 0.2])
-    return (255 * np.clip(rgb, 0, 1)).astype(np.uint8)
+    return (255 * np.clip(error_rgb(image, pred, truth), 0, 1)).astype(np.uint8)
 
 
-def _picks(inputs: EnsembleInputs, threshold: float) -> dict[str, int]:
-    order = np.argsort(dice(combine(inputs.probs, "soft", threshold), inputs.masks), kind="stable")
-    return {"best": int(order[-1]), "median": int(order[len(order) // 2]), "worst": int(order[0])}
+def _truth_outline(truth: np.ndarray) -> tuple[list[float | None], list[float | None]]:
+    """The truth's contours as one line (x, y) broken by None: drawn over the image at every T."""
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    for contour in find_contours(np.pad(truth, 1).astype(float), 0.5):  # padded: contours touching the border close
+        xs += [*(contour[:, 1] - 1), None]
+        ys += [*(contour[:, 0] - 1), None]
+    return xs, ys
+
+
+def _key_traces() -> list[go.Scatter]:
+    """The mask colours and the truth outline as legend entries (an image has no legend of its own)."""
+    squares = [go.Scatter(x=[None], y=[None], mode="markers", name=label, legendgroup="key",
+                          marker={"symbol": "square", "size": 10, "color": _hex(colour)})
+               for label, colour in MASK_KEY.items()]
+    return [*squares, go.Scatter(x=[None], y=[None], mode="lines", name="truth outline", legendgroup="key",
+                                 line={"color": TRUTH})]
 
 
 def explorer_figure(study: Study, data: StudyData) -> go.Figure:
@@ -50,10 +70,12 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
                        ignore_index=True)
     labels = rule_labels(curves)
     d1 = all_inputs["d1"]
-    picks = _picks(d1, study.cfg.stage4.threshold)
+    picks = ranked_picks(d1, study.cfg.stage4.threshold)
     fig = make_subplots(rows=2, cols=3, specs=[[{"colspan": 3}, None, None], [{}, {}, {}]],
                         row_heights=[0.42, 0.58], vertical_spacing=0.16,
                         subplot_titles=["Mean DSC against T", *(f"{p}:<br>{d1.ids[i]}" for p, i in picks.items())])
+    for trace in _key_traces():
+        fig.add_trace(trace, row=1, col=1)
     for (dataset, rule), part in curves.groupby(["dataset", "method"], sort=False):
         if rule in labels:
             fig.add_trace(go.Scatter(x=part["threshold"], y=100 * part["mean_dsc"], mode="lines+markers",
@@ -71,15 +93,22 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
             rgb = _rgb(d1.images[index][box], masks[index][box], d1.masks[index][box].astype(bool))
             fig.add_trace(go.Image(z=rgb, visible=k == start, hoverinfo="skip",
                                    name=f"soft voting, T = {t:.2f}"), row=2, col=column)
+    images = len(fig.data) - fixed
+    for column, (pick, index) in enumerate(picks.items(), start=1):  # after the images, so drawn over them
+        xs, ys = _truth_outline(d1.masks[index][boxes[pick]].astype(bool))
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": TRUTH, "width": 1}, hoverinfo="skip",
+                                 showlegend=False), row=2, col=column)
+    outlines = len(fig.data) - fixed - images
     steps = []
     for k, t in enumerate(THRESHOLD_GRID):
-        visible = [True] * fixed + [False] * (len(fig.data) - fixed)
+        visible = [True] * fixed + [False] * images + [True] * outlines
         for column in range(len(picks)):
             visible[fixed + k * len(picks) + column] = True
         steps.append({"method": "update", "label": f"{t:.2f}", "args": [{"visible": visible}, {"shapes": [_marker(t)]}]})
     fig.update_layout(sliders=[{"active": start, "currentvalue": {"prefix": "T = "}, "steps": steps, "pad": {"t": 30}}],
                       shapes=[_marker(THRESHOLD_GRID[start])], height=760, width=900, legend={"font": {"size": 9}},
-                      title="Soft-voting masks of three dataset-1 test images, and every rule's DSC, as T varies")
+                      title="Soft-voting masks of three dataset-1 test images, and every rule's DSC, as T varies<br>"
+                            f"<sup>best, median and worst image {ranking_text(study.cfg.stage4.threshold)}</sup>")
     fig.update_xaxes(title_text="T", row=1, col=1)
     fig.update_yaxes(title_text="mean DSC (%)", row=1, col=1)
     for column in range(1, 4):

@@ -1,4 +1,5 @@
-"""Publication figures: each saved as a 300-dpi PNG and a PDF under ``figures/<profile>/``."""
+"""Publication figures: each saved as a PNG at the profile's ``analysis.dpi`` (300 unless a profile says otherwise)
+and a PDF under ``figures/<profile>/``, no wider than `MAX_WIDTH_IN`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.patheffects import withStroke
 from PIL import Image
 from skimage.measure import find_contours
@@ -19,7 +20,7 @@ from skimage.measure import find_contours
 from spineseg import atomic
 from spineseg.data import DatasetError, Sample, load_split, read_manifest
 from spineseg.ensemble import THRESHOLD_GRID, combine
-from spineseg.metrics import per_image
+from spineseg.metrics import dice, per_image
 from spineseg.names import EXTRA_RULES, RULES, rule_name
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
@@ -28,9 +29,15 @@ from spineseg.study.tables import CANDIDATE_ORDER, identification_summary, load_
 from spineseg.study.training import load_stage_metrics
 from spineseg.vertebrae import BACKGROUND, CODES, IGNORE, N_LEVELS, NAMES, REGION, region_mask
 
+# The colours of every mask figure, keyed on each: a mask tinted where it is right, filled where it is wrong.
+TRUE_POSITIVE = (1.0, 0.85, 0.0)
 FALSE_POSITIVE = (0.9, 0.1, 0.1)
 FALSE_NEGATIVE = (0.1, 0.4, 1.0)
+TRUE_POSITIVE_TINT = 0.45  # the share of TRUE_POSITIVE over the radiograph, which stays visible underneath
 TRUTH = "#2ca02c"
+MASK_KEY = {"TP: predicted and true": TRUE_POSITIVE, "FP: predicted, not true": FALSE_POSITIVE,
+            "FN: true, missed": FALSE_NEGATIVE}
+MAX_WIDTH_IN = 20
 
 
 REGION_COLOURS = ("#e41a1c", "#ff7f00", "#4daf4a", "#377eb8")
@@ -74,24 +81,54 @@ def crop_box(masks, margin: float = 0.6, minimum: int = 8) -> tuple[slice, slice
             slice(max(cols.min() - pad_c, 0), min(cols.max() + pad_c + 1, width)))
 
 
-def error_overlay(ax, image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
+def error_rgb(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """A grey image [H, W] in [0, 1] as RGB with a mask's true positives tinted and its errors filled (`MASK_KEY`)."""
     rgb = np.repeat(image[..., None], 3, axis=2)
+    hit = pred & truth
+    rgb[hit] = (1 - TRUE_POSITIVE_TINT) * rgb[hit] + TRUE_POSITIVE_TINT * np.array(TRUE_POSITIVE)
     rgb[pred & ~truth] = FALSE_POSITIVE
     rgb[~pred & truth] = FALSE_NEGATIVE
-    ax.imshow(rgb)
+    return rgb
+
+
+def error_overlay(ax, image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> None:
+    """A mask against the truth (outlined), and the figure's colour key below it (added once)."""
+    ax.imshow(error_rgb(image, pred, truth))
     ax.contour(truth, levels=[0.5], colors=TRUTH, linewidths=0.6)
     ax.set_xticks([])
     ax.set_yticks([])
+    add_mask_key(ax.figure)
+
+
+def add_mask_key(fig: Figure) -> None:
+    """The colour key of mask figures under the figure (`save` crops to include it), unless it has one."""
+    if any(legend.get_label() == "mask key" for legend in fig.legends):
+        return
+    handles = [Patch(color=colour, label=label) for label, colour in MASK_KEY.items()]
+    handles.append(Line2D([], [], color=TRUTH, label="truth outline"))
+    key = fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles), fontsize=7,
+                     frameon=False)
+    key.set_label("mask key")
+
+
+RANKING_RULE = "soft"  # the rule whose DSC picks the best, median and worst images of every mask figure
+
+
+def ranked_picks(inputs: EnsembleInputs, threshold: float) -> dict[str, int]:
+    """The best, median and worst image by `RANKING_RULE`'s DSC at `threshold`: their indices."""
+    order = np.argsort(dice(combine(inputs.probs, RANKING_RULE, threshold), inputs.masks), kind="stable")
+    return {"best": int(order[-1]), "median": int(order[len(order) // 2]), "worst": int(order[0])}
+
+
+def ranking_text(threshold: float) -> str:
+    return f"ranked by {rule_name(RANKING_RULE).lower()} DSC at T = {threshold:g}"
 
 
 def ensemble_overlays(inputs: EnsembleInputs, threshold: float = 0.5, methods=RULES) -> plt.Figure:
-    """Every rule's mask on the best, median and worst test image (ranked by soft-voting DSC), cropped
-    around the spine. Ground-truth contour in green; false positives red, false negatives blue.
-    """
+    """Every rule's mask on the best, median and worst test image, cropped around the spine, with the colour key."""
     masks = {m: combine(inputs.probs, m, threshold) for m in methods}
     truth = inputs.masks.astype(bool)
-    order = np.argsort(per_image(masks["soft"], truth)["dsc"].to_numpy(), kind="stable")
-    picks = {"best": order[-1], "median": order[len(order) // 2], "worst": order[0]}
+    picks = ranked_picks(inputs, threshold)
     fig, axes = plt.subplots(len(picks), len(methods), figsize=(2.2 * len(methods), 2.3 * len(picks)), squeeze=False)
     for row, (label, index) in zip(axes, picks.items()):
         box = crop_box([truth[index], *(masks[m][index] for m in methods)])
@@ -100,17 +137,20 @@ def ensemble_overlays(inputs: EnsembleInputs, threshold: float = 0.5, methods=RU
             dsc = per_image(masks[method][index], truth[index])["dsc"].iloc[0]
             ax.set_title(f"{rule_name(method)}\nDSC {100 * dsc:.1f}%", fontsize=8)
         row[0].set_ylabel(f"{label}\n{inputs.ids[index]}", fontsize=8)
+    fig.suptitle(f"Rows: the best, median and worst image, {ranking_text(threshold)}", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def dsc_boxplot(frame: pd.DataFrame, order: list[str], title: str) -> plt.Figure:
-    """Per-image DSC distribution per group (method or encoder), one panel per dataset."""
+    """Per-image DSC distribution per group (method or encoder) present in `frame`, one panel per dataset, stacked."""
     data = frame[frame["group"].isin(order)].assign(DSC=lambda f: 100 * f["dsc"])
+    present = [g for g in order if g in set(data["group"])]
     datasets = sorted(data["dataset"].unique())
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(5, 0.7 * len(order)) * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        sns.boxplot(data=data[data["dataset"] == dataset], x="group", y="DSC", order=[g for g in order if g in set(data["group"])],
+    width = min(max(5.0, 0.7 * len(present)), MAX_WIDTH_IN)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(width, 3.6 * len(datasets)), squeeze=False)
+    for ax, dataset in zip(axes[:, 0], datasets):
+        sns.boxplot(data=data[data["dataset"] == dataset], x="group", y="DSC", order=present,
                     ax=ax, color="#9ecae1", fliersize=2)
         ax.set_title(f"{title} — {dataset}")
         ax.set_xlabel("")

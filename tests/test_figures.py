@@ -1,0 +1,83 @@
+"""Figures a reader can publish: sized by what they show, saved at the profile's dpi, mask figures keyed."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from spineseg.ensemble import combine
+from spineseg.metrics import dice
+from spineseg.study import figures
+from spineseg.study.artifacts import Layout
+from spineseg.study.config import Profile
+from spineseg.study.session import Study
+from spineseg.study.stage4_ensembles import EnsembleInputs
+from spineseg.study.tables import CANDIDATE_ORDER
+
+
+def _inputs(n: int = 5) -> EnsembleInputs:
+    """Two members on n 32×32 images with a square of truth; member 0 gets it better on later images."""
+    masks = np.zeros((n, 32, 32), dtype=np.uint8)
+    masks[:, 10:20, 12:18] = 1
+    probs = np.zeros((2, n, 32, 32), dtype=np.float32)
+    for k in range(n):
+        probs[0, k, 10:20, 12:12 + 1 + k] = 0.9
+        probs[1, k, 8:20, 12:18] = 0.6
+    images = np.random.default_rng(0).random((n, 32, 32)).astype(np.float32)
+    return EnsembleInputs(names=["A", "B"], ids=[f"img{k}" for k in range(n)], patients=[f"p{k}" for k in range(n)],
+                          probs=probs, masks=masks, images=images, labels=None, levels=[None, None],
+                          val_dsc=np.array([0.8, 0.7]))
+
+
+def test_dsc_boxplot_is_as_wide_as_the_models_it_shows():
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"group": ["MobileNetV2", "ResNet34"] * 10, "dataset": ["d1"] * 10 + ["d2"] * 10,
+                          "dsc": rng.random(20)})
+    fig = figures.dsc_boxplot(frame, CANDIDATE_ORDER, "Stage-3 models")
+    assert len(CANDIDATE_ORDER) > 30 and fig.get_figwidth() == 5.0  # two models, not the whole candidate list
+    assert len(fig.axes) == 2 and fig.axes[0].get_position().y0 > fig.axes[1].get_position().y1  # datasets stacked
+    many = pd.DataFrame({"group": CANDIDATE_ORDER, "dataset": "d1", "dsc": 0.5})
+    assert figures.dsc_boxplot(many, CANDIDATE_ORDER, "all").get_figwidth() == figures.MAX_WIDTH_IN
+    plt.close("all")
+
+
+def test_a_saved_figure_has_the_profiles_dpi_and_its_size(tmp_path):
+    study = Study(Profile.model_validate({"analysis": {"dpi": 120}}), Layout(tmp_path, "p"))
+    fig = plt.figure(figsize=(4, 2))
+    fig.add_subplot().plot([0, 1], [0, 1])
+    png, pdf = figures.save(fig, study, "line")
+    with Image.open(png) as image:
+        assert np.allclose(image.info["dpi"], 120, atol=0.01)
+        width, height = image.size
+    assert 0.8 * 4 * 120 <= width <= 4 * 120 and 0.8 * 2 * 120 <= height <= 2 * 120  # tight: cropped, never grown
+    assert pdf.read_bytes().startswith(b"%PDF")
+    plt.close(fig)
+
+
+def test_mask_figures_carry_their_colour_key_and_ranking_rule():
+    inputs = _inputs()
+    fig = figures.ensemble_overlays(inputs, threshold=0.5)
+    keys = [legend for legend in fig.legends if legend.get_label() == "mask key"]
+    assert len(keys) == 1  # added once, however many panels
+    assert [text.get_text() for text in keys[0].get_texts()] == [*figures.MASK_KEY, "truth outline"]
+    assert "ranked by soft voting DSC at T = 0.5" in fig._suptitle.get_text()
+    picks = figures.ranked_picks(inputs, 0.5)
+    assert [fig.axes[5 * row].get_ylabel().split("\n")[0] for row in range(3)] == list(picks)
+    plt.close(fig)
+
+
+def test_the_mask_colours_are_the_keys():
+    image = np.full((1, 3), 0.5)
+    pred, truth = np.array([[True, True, False]]), np.array([[True, False, True]])
+    rgb = figures.error_rgb(image, pred, truth)
+    tint = figures.TRUE_POSITIVE_TINT
+    np.testing.assert_allclose(rgb[0, 0], (1 - tint) * 0.5 + tint * np.array(figures.TRUE_POSITIVE))
+    np.testing.assert_allclose(rgb[0, 1], figures.FALSE_POSITIVE)
+    np.testing.assert_allclose(rgb[0, 2], figures.FALSE_NEGATIVE)
+
+
+def test_ranked_picks_follow_soft_voting_dsc():
+    inputs = _inputs()
+    dsc = dice(combine(inputs.probs, "soft", 0.5), inputs.masks)
+    picks = figures.ranked_picks(inputs, 0.5)
+    assert dsc[picks["best"]] == dsc.max() and dsc[picks["worst"]] == dsc.min()
