@@ -56,3 +56,20 @@ def test_a_rerun_with_another_rule_or_threshold_redoes_the_images(members, tmp_p
     assert sorted(predict_files(members, inputs, out, CPU, rule="max", threshold=0.3, tta=True, **quiet).written) == ["a", "b"]
     table = pd.read_csv(out / "predictions.csv")
     assert set(table["rule"]) == {"max"} and np.allclose(table["threshold"], 0.3) and table["tta"].all()
+
+
+def test_an_overlay_outlines_the_mask_and_says_what_made_it():
+    from spineseg.study.apply import OUTLINE_COLOUR, overlay
+
+    image = np.full((240, 160), 0.5, dtype=np.float32)
+    mask = np.zeros((240, 160), dtype=bool)
+    mask[100:200, 60:120] = True
+    drawn = overlay(image, mask, "max+crop, T = 0.4")
+    assert drawn.shape == (240, 160, 3) and drawn.dtype == np.uint8
+    assert (drawn[100, 60:120] == OUTLINE_COLOUR).all() and (drawn[100:200, 119] == OUTLINE_COLOUR).all()  # the edge
+    inside = drawn[150, 90]
+    assert not (inside == OUTLINE_COLOUR).all() and inside[0] > inside[2]  # tinted, not filled
+    assert (drawn[220, 140] == 127).all()  # untouched outside the mask
+    text = drawn[:30].astype(int)  # the rule and T, top left, yellow on black
+    assert ((text[..., 0] > 200) & (text[..., 2] < 100)).sum() > 50 and (text == 0).all(axis=2).sum() > 50
+    assert (overlay(image, mask, "soft, T = 0.5")[:30] != drawn[:30]).any()  # the text is what was asked

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from scipy.ndimage import binary_erosion
 from tqdm.auto import tqdm
 
 from spineseg import atomic
@@ -45,6 +46,7 @@ TWO_STAGE_SUFFIX = "+crop"  # a rule's name in predictions.csv when the crop mod
 COLUMNS = ["id", "source", "height", "width", "rule", "threshold", "tta", "area_px", "top", "left", "bottom", "right",
            "disagreement"]
 OVERLAY_COLOUR = np.array([255, 64, 32])
+OUTLINE_COLOUR = (255, 230, 0)
 
 
 @dataclass
@@ -71,10 +73,18 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    grey = np.repeat((255 * image).astype(np.uint8)[..., None], 3, axis=2)
-    grey[mask] = (0.45 * grey[mask] + 0.55 * OVERLAY_COLOUR).astype(np.uint8)
-    return grey
+def overlay(image: np.ndarray, mask: np.ndarray, made_by: str) -> np.ndarray:
+    """The radiograph with the predicted mask tinted and outlined, and what made it (rule and T) written on it:
+    read on its own, without the truth, an overlay still shows where the mask ends and how it was made."""
+    rgb = np.repeat((255 * image).astype(np.uint8)[..., None], 3, axis=2)
+    rgb[mask] = (0.65 * rgb[mask] + 0.35 * OVERLAY_COLOUR).astype(np.uint8)
+    thickness = max(1, min(mask.shape) // 256)  # about one pixel in 256, so it shows on large radiographs too
+    rgb[mask & ~binary_erosion(mask, iterations=thickness, border_value=0)] = OUTLINE_COLOUR
+    drawn = Image.fromarray(rgb)
+    size = max(10, min(mask.shape) // 24)
+    ImageDraw.Draw(drawn).text((size // 2, size // 2), made_by, fill=OUTLINE_COLOUR,
+                               font=ImageFont.load_default(size), stroke_width=max(1, size // 10), stroke_fill=(0, 0, 0))
+    return np.asarray(drawn)
 
 
 def predict_radiographs(study: Study, source: str | Path, out: str | Path, rule: str | None = None,
@@ -152,7 +162,8 @@ def predict_files(members: list[Member], source: str | Path, out: str | Path, de
                     probability = crop.outline(image, mask, device)
                     mask = probability > threshold
                 rows[key] = _row(key, path, image, mask, label, threshold, tta, float(disagreement(probs, threshold)[1]))
-                writing.append(pool.submit(_write, out, key, image, mask, probability if probabilities else None))
+                writing.append(pool.submit(_write, out, key, image, mask, f"{label}, T = {threshold:g}",
+                                           probability if probabilities else None))
                 report.written.append(key)
                 bar.update(1)
             for failed in failures:
@@ -255,9 +266,9 @@ def _row(key: str, path: Path, image: np.ndarray, mask: np.ndarray, rule: str, t
             "disagreement": round(spread, 6)}
 
 
-def _write(out: Path, key: str, image: np.ndarray, mask: np.ndarray, probability: np.ndarray | None) -> None:
+def _write(out: Path, key: str, image: np.ndarray, mask: np.ndarray, made_by: str, probability: np.ndarray | None) -> None:
     atomic.write_bytes(out / MASKS / f"{key}.png", _png(np.where(mask, 255, 0).astype(np.uint8)))
-    atomic.write_bytes(out / OVERLAYS / f"{key}.png", _png(_overlay(image, mask)))
+    atomic.write_bytes(out / OVERLAYS / f"{key}.png", _png(overlay(image, mask, made_by)))
     if probability is not None:  # 16-bit, 65535 = 1: the members' mean (the crop model's with --two-stage)
         atomic.write_bytes(out / PROBABILITIES / f"{key}.png", _png(np.round(probability * 65535).astype(np.uint16)))
 
