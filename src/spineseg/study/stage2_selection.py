@@ -9,7 +9,7 @@ import pandas as pd
 
 from spineseg import atomic
 from spineseg.errors import StageOrderError
-from spineseg.study.artifacts import read_table
+from spineseg.study.artifacts import SCRATCH_TWINS, read_table
 from spineseg.study.config import Stage2
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
@@ -17,15 +17,22 @@ from spineseg.study.store import RunSpec, candidate_name
 from spineseg.study.training import run_spec, train_and_collect
 
 
-def stage2_specs(study: Study, data: StudyData) -> list[RunSpec]:
+def stage2_specs(study: Study, data: StudyData, encoders: list[str] | None = None, pretrained: str | None = None) -> list[RunSpec]:
+    """The candidate grid; `encoders` and `pretrained` give the from-scratch twins of some of them."""
     s = study.cfg.stage2
-    return [run_spec(study, data, "stage2", encoder, seed, s, augment=s.augment, pretrained=s.pretrained,
-                     architecture=s.architecture, weights_path=s.weights_path.get(encoder, ""), target=target)
-            for encoder in s.encoders for target in s.targets for seed in range(s.repeats)]
+    return [run_spec(study, data, "stage2", encoder, seed, s, augment=s.augment,
+                     pretrained=pretrained or s.weights_of(encoder), architecture=s.architecture,
+                     weights_path="" if pretrained else s.weights_path.get(encoder, ""), target=target)
+            for encoder in (s.encoders if encoders is None else encoders) for target in s.targets for seed in range(s.repeats)]
+
+
+def scratch_twin_specs(study: Study, data: StudyData) -> list[RunSpec]:
+    """`stage2.scratch_twins` from scratch, every other setting as their ImageNet-initialised runs."""
+    return stage2_specs(study, data, study.cfg.stage2.scratch_twins, pretrained="none")
 
 
 def run_stage2(study: Study, data: StudyData) -> pd.DataFrame:
-    """Train the grid, then write the validation ranking and the selection."""
+    """Train the grid, write the validation ranking and the selection, then train the from-scratch twins."""
     frame = train_and_collect(study, data, "stage2", stage2_specs(study, data), lambda spec: spec.candidate)
     section = study.cfg.stage2
     ranking = select_encoders(read_table(study.layout.runs_table("stage2")), section)
@@ -36,6 +43,9 @@ def run_stage2(study: Study, data: StudyData) -> pd.DataFrame:
         raise StageOrderError(f"no candidate reached stage2.min_val_dsc = {section.min_val_dsc} "
                               f"(best mean validation DSC {best:.4f}); lower it or train longer")
     atomic.write_json(study.layout.selection, {"candidates": chosen.to_dict(orient="records")})
+    if section.scratch_twins:
+        train_and_collect(study, data, SCRATCH_TWINS, scratch_twin_specs(study, data), lambda spec: spec.candidate,
+                          hflip=section.tta_hflip)
     return frame
 
 

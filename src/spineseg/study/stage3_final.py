@@ -35,7 +35,7 @@ def stage3_specs(study: Study, data: StudyData) -> list[RunSpec]:
                 start = _stage2_run(study, data, encoder, target, seed)
                 specs.append(run_spec(study, data, "stage3", encoder, seed, s3, pretrained="none", init=start, **common))
             else:
-                specs.append(run_spec(study, data, "stage3", encoder, seed, s3, pretrained=s2.pretrained,
+                specs.append(run_spec(study, data, "stage3", encoder, seed, s3, pretrained=s2.weights_of(encoder),
                                       weights_path=s2.weights_path.get(encoder, ""), **common))
     return specs
 
