@@ -9,9 +9,11 @@ import scipy.io
 from matplotlib.figure import Figure
 from matplotlib.path import Path as Outline
 from PIL import Image
+from scipy import ndimage
 
-from spineseg.data.aasce import CSV_TOLERANCE_PX, convert, patient_of, sample_id
+from spineseg.data.aasce import CSV_TOLERANCE_PX, DROPPED, SUMMARY, convert, patient_of, sample_id
 from spineseg.data.dataset import DatasetError, read_manifest
+from spineseg.data.twins import TWIN_THRESHOLD
 from spineseg.study.figures import label_overlays
 from spineseg.vertebrae import CODES, IGNORE
 
@@ -33,12 +35,11 @@ def write_split(src: Path, split: str, entries: list[tuple[str, np.ndarray]], pi
     image_dir, label_dir = src / "data" / split, src / "labels" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
-    if pixels is None:
-        pixels = np.random.default_rng(0).integers(0, 80, (HEIGHT, WIDTH), dtype=np.uint8)
     rows = []
-    for filename, points in entries:
-        Image.fromarray(pixels).save(image_dir / filename, format="JPEG", quality=95)
-        scipy.io.savemat(str(label_dir / f"{filename}.mat"), {"p2": points.astype(np.uint16)})
+    for index, (filename, points) in enumerate(entries):
+        noise = np.random.default_rng(index).integers(0, 80, (HEIGHT, WIDTH), dtype=np.uint8)  # each its own radiograph
+        Image.fromarray(noise if pixels is None else pixels).save(image_dir / filename, format="JPEG", quality=95)
+        scipy.io.savemat(str(label_dir / f"{filename}.mat"), {"p2": np.asarray(points, dtype=float)})
         rows.append(np.concatenate([points[:, 0] / WIDTH, points[:, 1] / HEIGHT]))
     np.savetxt(label_dir / "landmarks.csv", np.array(rows), fmt="%.5g", delimiter=",")
     (label_dir / "filenames.csv").write_text("".join(f"{name}\n" for name, _ in entries))
@@ -117,7 +118,7 @@ def test_an_end_level_out_of_order_is_flagged_and_kept_out_of_supervision(tmp_pa
     src = write_split(tmp_path / "src", "training", [(NAME, points)])
     folder = convert(src, tmp_path / "out", size=100)["training"]
     manifest = read_manifest(folder)
-    assert manifest["flags"][0].startswith(f"{level} landmarks out of order")
+    assert manifest["flags"][0] == f"{level} landmarks out of top-to-bottom order: kept out of the level labels"
     labels, mask = load_png(folder, manifest["labels"][0]), load_png(folder, manifest["mask"][0])
     assert not (labels == CODES[level]).any()
     unknown = np.nonzero((labels == IGNORE).any(axis=1))[0]
@@ -224,12 +225,104 @@ def test_broken_input_names_the_file(src: Path, tmp_path: Path, damage, message:
         convert(src, tmp_path / "out", size=32)
 
 
-def test_corners_out_of_order_are_rejected(tmp_path: Path) -> None:
+OTHER = "sunhl-1th-03-Jan-2017-163 A AP.jpg"
+
+
+def convert_one_bad_image(tmp_path: Path, points: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Convert NAME with `points` beside a good OTHER: (manifest, dropped report, printed summary)."""
+    src = write_split(tmp_path / "src", "training", [(NAME, points), (OTHER, stacked_landmarks())])
+    folder = convert(src, tmp_path / "out", size=100)["training"]
+    return read_manifest(folder), pd.read_csv(folder / DROPPED), (tmp_path / "out" / SUMMARY).read_text()
+
+
+def test_corners_out_of_order_inside_the_region_drop_that_image_with_its_reason(tmp_path: Path, capsys) -> None:
     points = stacked_landmarks()
     points[[32, 33]] = points[[33, 32]]  # Th9: top-left and top-right swapped
+    manifest, dropped, summary = convert_one_bad_image(tmp_path, points)
+    assert list(manifest["id"]) == [sample_id(OTHER)]
+    assert dropped.to_dict("records") == [{"source": NAME, "reason": "Th9 landmarks degenerate or corners out of order "
+                                                                      "(area 0.0 px² walking TL, TR, BR, BL)"}]
+    assert "1 converted (0 with a level flagged and kept out of the labels), 1 dropped" in summary
+    assert summary in capsys.readouterr().out
+
+
+def test_a_region_level_out_of_order_drops_the_image(tmp_path: Path) -> None:
+    points = stacked_landmarks().astype(float)
+    points[36:40, 1] -= 300  # Th10 drawn near the top of the radiograph
+    manifest, dropped, _ = convert_one_bad_image(tmp_path, points)
+    assert list(manifest["id"]) == [sample_id(OTHER)]
+    assert list(dropped["reason"]) == ["Th10 landmarks out of top-to-bottom order"]
+
+
+@pytest.mark.parametrize("levels, rows", [
+    (("L4",), {15: -290}),  # L4 at the top of the radiograph, as in the public test split: only L4 is blamed
+    (("L4", "L5"), {15: +20, 16: -20}),  # two neighbours swapped: either could be wrong
+    (("Th1", "Th2"), {0: +20, 1: -20}),
+    (("L2",), {13: +45}),  # an inner level below its lower neighbour
+])
+def test_any_level_out_of_order_outside_the_region_is_flagged_and_unknown(tmp_path: Path, levels, rows) -> None:
+    points = stacked_landmarks().astype(float)
+    for index, pixels in rows.items():
+        points[4 * index: 4 * index + 4, 1] += pixels
+    manifest, dropped, summary = convert_one_bad_image(tmp_path, points)
+    row = manifest.set_index("id").loc[sample_id(NAME)]
+    assert row["flags"] == "; ".join(f"{level} landmarks out of top-to-bottom order: kept out of the level labels"
+                                     for level in levels)
+    labels = load_png(tmp_path / "out" / "aasce_train", row["labels"])
+    assert not np.isin(labels, [CODES[level] for level in levels]).any() and (labels == IGNORE).any()
+    assert (load_png(tmp_path / "out" / "aasce_train", row["mask"]) > 0).sum() == 4 * 4 * 20  # Th8–Th11 intact
+    assert dropped.empty and "2 converted (1 with a level flagged and kept out of the labels), 0 dropped" in summary
+
+
+def test_missing_landmarks_are_flagged_outside_the_region_and_drop_the_image_inside(tmp_path: Path) -> None:
+    points = stacked_landmarks().astype(float)
+    points[0:2] = np.nan  # two corners of Th1
+    manifest, dropped, _ = convert_one_bad_image(tmp_path, points)
+    assert manifest.set_index("id").loc[sample_id(NAME), "flags"] == "Th1 landmarks not finite: kept out of the level labels"
+    points[30] = np.nan  # a corner of Th8
+    manifest, dropped, _ = convert_one_bad_image(tmp_path / "again", points)
+    assert list(dropped["reason"]) == ["Th8 landmarks not finite"] and sample_id(NAME) not in set(manifest["id"])
+
+
+def test_a_split_with_every_image_dropped_says_why(tmp_path: Path) -> None:
+    points = stacked_landmarks().astype(float)
+    points[30] = np.nan
     src = write_split(tmp_path / "src", "training", [(NAME, points)])
-    with pytest.raises(DatasetError, match=r"162 A AP\.jpg: Th9 quadrilateral has area"):
+    with pytest.raises(DatasetError, match=r"every image of AASCE split\(s\) \['training'\] was dropped.*Th8 landmarks not finite"):
         convert(src, tmp_path / "out", size=32)
+
+
+# --- radiographs filed twice -------------------------------------------------------------------------
+
+def radiograph(seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    """A smooth random image, structure at every scale like a radiograph (a noise image's crop would blur to grey)."""
+    rng = np.random.default_rng(seed)
+    field = sum(ndimage.zoom(rng.normal(size=(height // s, width // s)), s, order=1)[:height, :width] for s in (4, 10, 25))
+    return np.clip(100 + 40 * field, 0, 255).astype(np.uint8)
+
+
+def test_one_radiograph_filed_under_two_case_numbers_is_one_patient_in_one_split(tmp_path: Path) -> None:
+    twin_a, twin_b = "sunhl-1th-26-Jul-2016-78 B AP.jpg", "sunhl-1th-22-Nov-2016-153 B AP.jpg"
+    src = tmp_path / "src"
+    names = [twin_a, twin_b] + [f"sunhl-1th-0{k}-Jan-2017-20{k} A AP.jpg" for k in range(1, 9)]
+    # the second filing frames the radiograph 12 px lower and 6 px further right, with its own landmarks
+    framed = stacked_landmarks() + np.array([6, 12], dtype=np.uint16)
+    write_split(src, "training", [(name, framed if name == twin_b else stacked_landmarks()) for name in names])
+    base = radiograph(0)
+    moved = np.pad(base, ((12, 0), (6, 0)), mode="edge")[:HEIGHT, :WIDTH]
+    Image.fromarray(base).save(src / "data/training" / twin_a, format="JPEG", quality=95)
+    Image.fromarray(moved).save(src / "data/training" / twin_b, format="JPEG", quality=80)
+    for k, name in enumerate(names[2:], start=2):
+        Image.fromarray(radiograph(k)).save(src / "data/training" / name, format="JPEG", quality=95)
+    for seed in range(4):
+        manifest = read_manifest(convert(src, tmp_path / f"out{seed}", size=(128, 64), seed=seed)["training"]).set_index("id")
+        twins = manifest.loc[[sample_id(twin_a), sample_id(twin_b)]]
+        assert set(twins["patient"]) == {"sunhl-1th-153+sunhl-1th-78"} and twins["split"].nunique() == 1
+        partner, score = twins.loc[sample_id(twin_a), "twins"].split(" r=")
+        assert partner == sample_id(twin_b) and TWIN_THRESHOLD <= float(score) < 1
+        assert manifest["patient"].nunique() == 9  # the eight unrelated radiographs stay their own patients
+        assert (manifest.drop(index=twins.index)["twins"] == "").all()
+    assert "2 images in 1 groups of cases joined" in (tmp_path / "out0" / SUMMARY).read_text()
 
 
 def test_no_split_found_names_the_source(tmp_path: Path) -> None:
@@ -320,7 +413,8 @@ def test_real_annotations_flag_the_levels_out_of_order_or_degenerate(real_src: P
 
     from spineseg.data import aasce
 
-    records = aasce._read_split(real_src, "training", None)
-    untrusted = Counter(tuple(aasce.LEVELS[k] for k in r.untrusted) for r in records if r.untrusted)
-    # 24 images with L5 drawn at the top or a degenerate L5, one with Th1 below Th2, one degenerate L4
-    assert untrusted == {("L5",): 24, ("Th1",): 1, ("L4",): 1}
+    read = aasce._read_split(real_src, "training", None, (512, 192))
+    untrusted = Counter(tuple(aasce.LEVELS[k] for k in r.untrusted) for r in read.records if r.untrusted)
+    # 21 images with L5 drawn at the top or a degenerate L5, one degenerate L4; where two neighbours sit
+    # at one height (three L4/L5 pairs, Th1 a little below Th2) either could be wrong, and both are kept out
+    assert untrusted == {("L5",): 21, ("L4", "L5"): 3, ("L4",): 1, ("Th1", "Th2"): 1} and read.dropped == []

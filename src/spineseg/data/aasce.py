@@ -7,11 +7,13 @@ these tall radiographs close to their aspect; a square stretches them as the art
 do), and the landmarks are scaled with them before rasterising, so masks are drawn at the target
 resolution instead of being resampled.
 
-Some annotations have the first or last vertebra out of order (Th1 below Th2, L5 drawn at the top of
-the image) or a degenerate quadrilateral outside Th8–Th11. Such a level is flagged in the manifest and
-kept out of the label map: the band between its trusted neighbours (or the image edge) is marked
-unknown (255), so it supervises nothing. The Th8–Th11 mask is unaffected; a problem inside Th8–Th11 is
-an error.
+Annotation errors never cost the dataset. A level whose landmarks are not finite, whose quadrilateral is
+degenerate, or that falls out of the top-to-bottom order (Th1 below Th2, L5 drawn at the top of the image,
+two neighbours swapped) is flagged in the manifest and kept out of the label map when it lies outside
+Th8–Th11: the band between its trusted neighbours (or the image edge) is marked unknown (255), so it
+supervises nothing. Such a problem inside Th8–Th11 would corrupt the target itself: that image is dropped,
+and ``dropped.csv`` beside the manifest gives the reason. The conversion ends with a summary (converted,
+flagged, dropped, radiographs filed twice), printed and written to ``conversion_summary.txt``.
 
 Landmark coordinates are taken as points in continuous image coordinates, the image spanning [0, W] ×
 [0, H] (the distributors' own convention: ``landmarks.csv`` = ``p2`` / (W, H)); a target pixel belongs to
@@ -21,6 +23,7 @@ a vertebra when its centre lies inside the quadrilateral.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,17 @@ from PIL import Image, UnidentifiedImageError
 from skimage.draw import polygon
 from tqdm.auto import tqdm
 
-from spineseg.data.dataset import DatasetError, Sample, Size, as_hw, fresh_output, write_dataset
+from spineseg import atomic
+from spineseg.data.dataset import (
+    DatasetError,
+    Sample,
+    Size,
+    as_hw,
+    fresh_output,
+    read_manifest,
+    twins_between,
+    write_dataset,
+)
 from spineseg.vertebrae import CODES, IGNORE, LEVELS, REGION
 
 N_LANDMARKS = 68  # four corners of each of the 17 LEVELS, Th1 … L5
@@ -44,6 +57,8 @@ OUTLINE_ORDER = (0, 1, 3, 2)
 # 2 px only trips on a genuine mismatch, such as rows of the two files belonging to different images.
 CSV_TOLERANCE_PX = 2.0
 TEST_ONLY = MappingProxyType({"training": False, "test": True})
+DROPPED = "dropped.csv"  # beside a dataset's manifest: the images left out, and why
+SUMMARY = "conversion_summary.txt"  # in the output folder
 DEFAULT_NAMES = MappingProxyType({"training": "aasce_train", "test": "aasce_test"})
 
 # "sunhl-1th-02-Jan-2017-162 A AP.jpg": case 162, view A. Views of one case may be filed on different
@@ -76,7 +91,15 @@ class _Annotated:
     width: int
     height: int
     quads: np.ndarray  # float [17 levels, 4 corners TL TR BR BL, (x, y)] in source pixels
-    untrusted: tuple[int, ...]  # rows of `quads` kept out of the label map
+    untrusted: Mapping[int, str]  # rows of `quads` kept out of the label map → what is wrong with them
+
+
+@dataclass(frozen=True)
+class _SplitAnnotations:
+    """What a split's check found: the images to convert, and those dropped with their reason."""
+
+    records: list[_Annotated]
+    dropped: list[tuple[str, str]]  # (source file name, reason)
 
 def _read_filenames(path: Path) -> list[str]:
     if not path.is_file():
@@ -129,36 +152,50 @@ def _signed_area(quad: np.ndarray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
 
 
-def _untrusted_levels(filename: str, quads: np.ndarray) -> tuple[int, ...]:
-    """Levels whose landmarks cannot be drawn: degenerate corners, or Th1 / L5 out of order.
+def _levels_in_every_chain(centres: np.ndarray, candidates: list[int]) -> set[int]:
+    """The candidate levels that lie on every longest chain of centres running top to bottom.
 
-    A problem inside Th8–Th11, or an order problem between inner levels, corrupts the target: an error.
+    A level off some longest chain could be the one out of order: L5 drawn at the top leaves one
+    longest chain, Th1…L4, and only L5 is blamed; L4 and L5 swapped leave two, and both are blamed.
     """
-    if not np.isfinite(quads).all():
-        raise DatasetError(f"{filename}: landmarks contain non-finite values")
-    untrusted = {k for k, quad in enumerate(quads) if _signed_area(quad) <= 0}
-    centres = quads[:, :, 1].mean(axis=1)
-    trusted = [k for k in range(len(quads)) if k not in untrusted]
-    for upper, lower in zip(trusted, trusted[1:]):
-        if centres[lower] > centres[upper]:
-            continue
-        if upper == 0:
-            untrusted.add(0)
-        elif lower == len(quads) - 1:
-            untrusted.add(lower)
-        else:
-            raise DatasetError(f"{filename}: {LEVELS[upper]} and {LEVELS[lower]} centres are not ordered top to bottom "
-                               f"(rows {centres[upper]:.1f}, {centres[lower]:.1f})")
-    inside = [LEVELS[k] for k in sorted(untrusted) if k in _REGION_ROWS]
-    if inside:
-        area = _signed_area(quads[LEVELS.index(inside[0])])
-        raise DatasetError(f"{filename}: {inside[0]} quadrilateral has area {area:.1f} px² with corners in "
-                           f"TL, TR, BR, BL order; its corners are out of order or degenerate")
-    return tuple(sorted(untrusted))
+    n = len(candidates)
+    rows = centres[candidates]
+    ending, starting = [1] * n, [1] * n  # the longest chain ending / starting at each candidate
+    for i in range(n):
+        ending[i] = max([ending[j] + 1 for j in range(i) if rows[j] < rows[i]], default=1)
+    for i in reversed(range(n)):
+        starting[i] = max([starting[j] + 1 for j in range(i + 1, n) if rows[i] < rows[j]], default=1)
+    longest = max(ending, default=0)
+    on_some = [i for i in range(n) if ending[i] + starting[i] - 1 == longest]
+    position_taken = Counter(ending[i] for i in on_some)  # a chain has one candidate at each position
+    return {candidates[i] for i in on_some if position_taken[ending[i]] == 1}
 
 
-def _read_split(src: Path, split: str, limit: int | None) -> list[_Annotated]:
-    """Read and check every annotation of a split before anything is written."""
+def _untrusted_levels(quads: np.ndarray) -> dict[int, str]:
+    """Levels whose landmarks cannot be drawn, and why: not finite, degenerate, or out of order."""
+    untrusted = {}
+    for k, quad in enumerate(quads):
+        if not np.isfinite(quad).all():
+            untrusted[k] = "not finite"
+        elif (area := _signed_area(quad)) <= 0:
+            untrusted[k] = f"degenerate or corners out of order (area {area:.1f} px² walking TL, TR, BR, BL)"
+    drawable = [k for k in range(len(quads)) if k not in untrusted]
+    in_order = _levels_in_every_chain(quads[:, :, 1].mean(axis=1), drawable)
+    untrusted |= {k: "out of top-to-bottom order" for k in drawable if k not in in_order}
+    return dict(sorted(untrusted.items()))
+
+
+def _region_problems(untrusted: Mapping[int, str]) -> str:
+    """Why the Th8–Th11 target of an image cannot be trusted ('' when it can)."""
+    return "; ".join(f"{LEVELS[k]} landmarks {reason}" for k, reason in untrusted.items() if k in _REGION_ROWS)
+
+
+def _read_split(src: Path, split: str, limit: int | None, size: tuple[int, int]) -> _SplitAnnotations:
+    """Read and check every annotation of a split before anything is written.
+
+    Missing or unreadable files, and landmark files that disagree, stop the conversion: the
+    distribution itself is broken. An image whose Th8–Th11 cannot be drawn is dropped.
+    """
     image_dir, label_dir = src / "data" / split, src / "labels" / split
     filenames_csv, landmarks_csv = label_dir / "filenames.csv", label_dir / "landmarks.csv"
     filenames, landmarks = _read_filenames(filenames_csv), _read_landmarks(landmarks_csv)
@@ -166,25 +203,42 @@ def _read_split(src: Path, split: str, limit: int | None) -> list[_Annotated]:
         raise DatasetError(f"{filenames_csv} lists {len(filenames)} images but {landmarks_csv} has {len(landmarks)} rows")
     if limit is not None:
         filenames, landmarks = filenames[:limit], landmarks[:limit]
-    records, owner_of_id = [], {}
+    records, dropped, owner_of_id = [], [], {}
     for row, (filename, normalised) in enumerate(zip(filenames, landmarks)):
         image_path = image_dir / filename
         width, height = _image_size(image_path)
         mat_path = label_dir / f"{filename}.mat"
         points = _read_p2(mat_path)
         from_csv = np.column_stack([normalised[:N_LANDMARKS] * width, normalised[N_LANDMARKS:] * height])
-        disagreement = float(np.max(np.abs(from_csv - points)))
-        if not disagreement <= CSV_TOLERANCE_PX:
+        gaps = np.abs(from_csv - points)[np.isfinite(from_csv) & np.isfinite(points)]  # missing points are flagged below
+        disagreement = float(gaps.max(initial=0.0))
+        if disagreement > CSV_TOLERANCE_PX:
             raise DatasetError(f"{filename}: {landmarks_csv.name} row {row + 1} and {mat_path.name} disagree by up to "
                                f"{disagreement:.1f} px (tolerance {CSV_TOLERANCE_PX:g} px)")
         quads = points.reshape(len(LEVELS), 4, 2)[:, OUTLINE_ORDER]
-        untrusted = _untrusted_levels(filename, quads)
         identifier = sample_id(filename)
         if identifier in owner_of_id:
             raise DatasetError(f"{filenames_csv}: {owner_of_id[identifier]!r} and {filename!r} both map to id {identifier!r}")
         owner_of_id[identifier] = filename
-        records.append(_Annotated(filename, image_path, width, height, quads, untrusted))
-    return records
+        record = _Annotated(filename, image_path, width, height, quads, _untrusted_levels(quads))
+        problem = _region_problems(record.untrusted) or _empty_region(record, size)
+        if problem:
+            dropped.append((filename, problem))
+        else:
+            records.append(record)
+    return _SplitAnnotations(records, dropped)
+
+
+def _empty_region(record: _Annotated, size: tuple[int, int]) -> str:
+    """Which Th8–Th11 levels cover no pixel at the target size ('' when all do)."""
+    labels = _labels_at(record, size)
+    empty = [name for name in REGION if not (labels == CODES[name]).any()]
+    return f"{', '.join(empty)} cover no pixel at {size[0]}×{size[1]}" if empty else ""
+
+
+def _labels_at(record: _Annotated, size: tuple[int, int]) -> np.ndarray:
+    scale = np.array([size[1] / record.width, size[0] / record.height])
+    return _rasterise(record.quads * scale, tuple(record.untrusted), size)
 
 
 def _rasterise(quads: np.ndarray, untrusted: tuple[int, ...], size: tuple[int, int]) -> np.ndarray:
@@ -214,13 +268,9 @@ def _to_sample(record: _Annotated, split: str, size: tuple[int, int]) -> Sample:
             image = np.asarray(img.convert("L").resize(size[::-1], Image.Resampling.BILINEAR), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise DatasetError(f"unreadable image {record.image_path} ({exc})") from None
-    scale = np.array([size[1] / record.width, size[0] / record.height])
-    labels = _rasterise(record.quads * scale, record.untrusted, size)
-    empty = [name for name in REGION if not (labels == CODES[name]).any()]
-    if empty:
-        raise DatasetError(f"{record.filename}: {', '.join(empty)} cover no pixel at {size[0]}×{size[1]}")
-    flags = "; ".join(f"{LEVELS[k]} landmarks out of order or degenerate: kept out of the level labels"
-                      for k in record.untrusted)
+    labels = _labels_at(record, size)
+    flags = "; ".join(f"{LEVELS[k]} landmarks {reason}: kept out of the level labels"
+                      for k, reason in record.untrusted.items())
     return Sample(id=sample_id(record.filename), image=image, mask=np.isin(labels, [CODES[n] for n in REGION]),
                   labels=labels, patient=patient_of(record.filename), source=f"data/{split}/{record.filename}",
                   flags=flags)
@@ -231,11 +281,13 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
             force: bool = False) -> dict[str, Path]:
     """Convert the AASCE splits found under ``src`` (the ``boostnet_labeldata`` folder) into ``out``.
 
-    ``training`` gets a seeded patient-level train/val/test split; ``test`` becomes a test-only dataset.
+    ``training`` gets a seeded patient-level train/val/test split, with radiographs filed twice under
+    different case numbers joined into one patient first; ``test`` becomes a test-only dataset.
     Every annotation and every source image of every split is read and checked before the first file is
     written, and the datasets are written beside ``out`` and moved into place when complete; a
     non-empty ``out`` is refused unless ``force``. ``limit`` keeps the first images of each split, for
-    quick checks. Returns the dataset folder of each converted split.
+    quick checks. Prints the summary it writes to ``out/conversion_summary.txt``. Returns the dataset
+    folder of each converted split.
     """
     src = Path(src)
     unknown = [s for s in splits if s not in TEST_ONLY]
@@ -251,10 +303,37 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
     if not found:
         raise DatasetError(f"no AASCE split {list(splits)} under {src}: expected {src / 'data' / '<split>'}; "
                            f"src must be the boostnet_labeldata folder")
-    records = {split: _read_split(src, split, limit) for split in found}
+    annotations = {split: _read_split(src, split, limit, size) for split in found}
+    empty = [split for split, read in annotations.items() if not read.records]
+    if empty:
+        raise DatasetError(f"every image of AASCE split(s) {empty} was dropped; first reason: "
+                           f"{annotations[empty[0]].dropped[0][1]}")
     with fresh_output(out, force) as staging:
-        for split, split_records in records.items():
-            progress = tqdm(split_records, desc=f"AASCE {split}", unit="image")
+        for split, read in annotations.items():
+            progress = tqdm(read.records, desc=f"AASCE {split}", unit="image")
             samples = (_to_sample(record, split, size) for record in progress)
-            write_dataset(staging, names[split], samples, test_only=TEST_ONLY[split], seed=seed)
-    return {split: Path(out) / names[split] for split in records}
+            folder = write_dataset(staging, names[split], samples, test_only=TEST_ONLY[split], seed=seed, join_twins=True)
+            atomic.write_csv(folder / DROPPED, pd.DataFrame(read.dropped, columns=["source", "reason"]))
+        summary = _summary(staging, annotations, names)
+        atomic.write_text(staging / SUMMARY, summary)
+    print(summary, end="")
+    return {split: Path(out) / names[split] for split in annotations}
+
+
+def _summary(root: Path, annotations: Mapping[str, _SplitAnnotations], names: Mapping[str, str]) -> str:
+    """Converted, flagged and dropped images per split, patients joined as twins, and twins across splits."""
+    lines = []
+    for split, read in annotations.items():
+        manifest = read_manifest(root / names[split])
+        flagged = sum(bool(record.untrusted) for record in read.records)
+        joined = manifest["patient"].str.contains("+", regex=False)
+        lines.append(f"AASCE {split} -> {names[split]}: {len(read.records)} converted ({flagged} with a level flagged "
+                     f"and kept out of the labels), {len(read.dropped)} dropped (see {names[split]}/{DROPPED}); "
+                     f"{manifest['patient'].nunique()} patient groups, {int(joined.sum())} images in "
+                     f"{manifest.loc[joined, 'patient'].nunique()} groups of cases joined as one radiograph filed twice")
+    written = [names[split] for split in annotations]
+    for first, second in zip(written, written[1:]):
+        twins = twins_between(root / first, root / second)
+        pairs = ", ".join(f"{t.first} = {t.second} (r = {t.score:.3f})" for t in twins)
+        lines.append(f"{first} and {second} share {len(twins)} radiograph(s){': ' + pairs if twins else ''}")
+    return "".join(f"{line}\n" for line in lines)

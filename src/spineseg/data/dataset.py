@@ -2,9 +2,10 @@
 
 Layout: ``<root>/<name>/images/<id>.png``, ``masks/<id>.png`` (0/255), optional ``labels/<id>.png``
 (vertebral level codes, see `spineseg.vertebrae`) and ``manifest.csv`` with ``id, split, image, mask``
-(+ ``labels``, ``patient``, ``source``, ``flags``). The split is decided once, when the dataset is
-written, so every stage and every rerun sees the same images. Every path in the manifest must lie
-inside the dataset folder.
+(+ ``labels``, ``patient``, ``twins``, ``source``, ``flags``). The split is decided once, when the dataset
+is written, so every stage and every rerun sees the same images, and it keeps each patient on one side:
+a manifest whose patient spans two splits is refused. Every path in the manifest must lie inside the
+dataset folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from spineseg import atomic
+from spineseg.data.twins import TWIN_THRESHOLD, Twin, find_twins, join_patients, spine_crop
 from spineseg.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
@@ -108,15 +110,31 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _join_twins(frame: pd.DataFrame, crops: list[np.ndarray | None]) -> pd.DataFrame:
+    """Patients joined wherever two of their images are one radiograph; the ``twins`` column says which and how alike."""
+    ids = list(frame["id"])
+    patients = [patient or sample_id for patient, sample_id in zip(frame["patient"], ids)]
+    patient_of = dict(zip(ids, patients))
+    joining = [twin for twin in find_twins(ids, crops) if patient_of[twin.first] != patient_of[twin.second]]
+    evidence: dict[str, list[str]] = {sample_id: [] for sample_id in ids}
+    for twin in joining:
+        evidence[twin.first].append(f"{twin.second} r={twin.score:.3f}")
+        evidence[twin.second].append(f"{twin.first} r={twin.score:.3f}")
+    return frame.assign(patient=join_patients(ids, patients, joining), twins=["; ".join(evidence[i]) for i in ids])
+
+
 def write_dataset(root: str | Path, name: str, samples: Iterable[Sample], *, test_only: bool = False,
-                  seed: int = 0, fractions: tuple[float, float, float] = PAPER_FRACTIONS) -> Path:
+                  seed: int = 0, fractions: tuple[float, float, float] = PAPER_FRACTIONS,
+                  join_twins: bool = False) -> Path:
     """Write samples in the project format; the manifest goes last, so its presence means complete.
 
     ``test_only`` marks an external dataset (the paper's dataset 2); otherwise a patient-level
-    train/val/test split is drawn with ``seed`` and recorded in the manifest.
+    train/val/test split is drawn with ``seed`` and recorded in the manifest. ``join_twins`` first
+    joins the patients of images that are one radiograph filed twice (`spineseg.data.twins`), so that
+    the split keeps them together.
     """
     folder = Path(root) / name
-    rows = []
+    rows, crops = [], []
     for s in samples:
         if s.image.shape != s.mask.shape:
             raise DatasetError(f"sample {s.id!r}: image {s.image.shape} and mask {s.mask.shape} differ in size")
@@ -130,15 +148,18 @@ def write_dataset(root: str | Path, name: str, samples: Iterable[Sample], *, tes
         row["source"] = s.source or ""
         row["flags"] = s.flags
         rows.append(row)
+        if join_twins:
+            crops.append(spine_crop(s.image, s.mask))
     if not rows:
         raise DatasetError(f"dataset {folder}: no samples to write")
     frame = pd.DataFrame(rows)
     if frame["id"].duplicated().any():
         raise DatasetError(f"dataset {folder}: duplicate ids {sorted(frame.loc[frame['id'].duplicated(), 'id'])}")
+    if join_twins:
+        frame = _join_twins(frame, crops)
     frame["split"] = "test" if test_only else assign_splits(list(frame["id"]), list(frame["patient"]), seed, fractions)
-    if not frame["flags"].astype(bool).any():
-        frame = frame.drop(columns="flags")
-    columns = [c for c in ("id", "split", "image", "mask", "labels", "patient", "source", "flags") if c in frame]
+    frame = frame.drop(columns=[c for c in ("twins", "flags") if c in frame and not frame[c].astype(bool).any()])
+    columns = [c for c in ("id", "split", "image", "mask", "labels", "patient", "twins", "source", "flags") if c in frame]
     atomic.write_csv(folder / MANIFEST, frame[columns])
     return folder
 
@@ -258,6 +279,21 @@ class DatasetCheck:
     counts: dict[str, int]
 
 
+def _refuse_patients_across_splits(frame: pd.DataFrame, manifest: Path) -> None:
+    """A patient with images in two splits would be trained on and tested on: name them and their images."""
+    if "patient" not in frame.columns:
+        return
+    named = frame[frame["patient"] != ""]
+    splits_of = named.groupby("patient")["split"].nunique()
+    crossing = sorted(splits_of[splits_of > 1].index)
+    if crossing:
+        described = "; ".join(
+            f"{patient}: " + ", ".join(f"{row.id} ({row.split})" for row in named[named["patient"] == patient].itertuples())
+            for patient in crossing[:5])
+        raise DatasetError(f"{manifest}: {len(crossing)} patient(s) have images in more than one split, so a model "
+                           f"would be tested on a patient it was trained on: {described}")
+
+
 def _load_cache(path: Path | None) -> dict:
     if path is None or not path.is_file():
         return {}
@@ -289,6 +325,7 @@ def check_dataset(folder: str | Path, *, external: bool = False, cache: Path | N
         empty = [split for split, n in counts.items() if n == 0]
         if empty:
             raise DatasetError(f"{manifest}: split(s) {empty} are empty; dataset 1 needs train, val and test images")
+        _refuse_patients_across_splits(frame, manifest)
     known = _load_cache(cache)
     entries, digest, sizes = {}, hashlib.sha1(manifest.read_bytes()), set()
     columns = [c for c in FILE_COLUMNS if c in frame.columns]
@@ -378,6 +415,22 @@ def load_split(folder: str | Path, split: str, size: Size | None = None, labels:
     manifest = Path(folder) / MANIFEST
     stamp = manifest.stat().st_mtime_ns if manifest.is_file() else 0
     return _load_split_cached(str(Path(folder).resolve()), split, None if size is None else as_hw(size), bool(labels), stamp)
+
+
+def twins_between(first: str | Path, second: str | Path, threshold: float = TWIN_THRESHOLD) -> list[Twin]:
+    """Images of dataset ``first`` that are one radiograph with an image of dataset ``second``, best first.
+
+    An external test set (the article's dataset 2) should have none: a twin there was trained on.
+    """
+    ids_a, crops_a = _spine_crops(Path(first))
+    ids_b, crops_b = _spine_crops(Path(second))
+    return find_twins(ids_a, crops_a, ids_b, crops_b, threshold)
+
+
+def _spine_crops(folder: Path) -> tuple[list[str], list[np.ndarray | None]]:
+    frame = read_manifest(folder)
+    return list(frame["id"]), [spine_crop(read_image(folder / row.image), read_mask(folder / row.mask))
+                               for row in frame.itertuples()]
 
 
 def splits_present(folder: str | Path) -> list[str]:
