@@ -286,10 +286,42 @@ def test_failures_uncertainty_calibration_and_provenance_are_reported(project):
 def test_the_report_is_the_results_without_code(project):
     from spineseg.study.runner import write_report
 
-    pages = write_report(project, "smoke")
+    index, *pages = write_report(project, "smoke")
     assert [p.stem for p in pages] == list(NOTEBOOKS)
     page = pages[NOTEBOOKS.index("05_analysis")].read_text()
-    assert "show_tables(study" not in page and "Table 8" in page
+    assert "show_tables(study" not in page and "Table 8" in page and "<title>05 · Analysis</title>" in page
+    for page in pages:  # neither tqdm's bars nor warnings: papermill's stderr blocks
+        assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page.read_text(), page.name
+    assert index.read_text().count("<li><a href=") == len(NOTEBOOKS)
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_every_latex_table_compiles_with_pdflatex(project, tmp_path):
+    import subprocess
+
+    tables = sorted((project / "runs/smoke/tables").glob("*.tex"))
+    assert len(tables) > 20
+    document = "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n%s\\end{document}\n"
+    for table in tables:
+        (tmp_path / "doc.tex").write_text(document % f"\\input{{{table}}}\n")
+        done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, (table.name, [line for line in done.stdout.splitlines() if line.startswith("!")])
+
+
+def test_every_figure_is_saved_at_the_profiles_dpi_and_at_most_20_inches_wide(project):
+    from PIL import Image
+
+    from spineseg.study.figures import MAX_WIDTH_IN
+    from spineseg.study.session import open_study
+
+    dpi = open_study("smoke", project_dir=project).cfg.analysis.dpi
+    pngs = sorted((project / "figures/smoke").glob("*.png"))
+    assert len(pngs) > 15
+    for png in pngs:
+        with Image.open(png) as image:
+            assert np.allclose(image.info["dpi"], dpi, atol=0.01), png.name
+            assert image.size[0] / dpi <= MAX_WIDTH_IN, (png.name, image.size)
 
 
 def test_stage_6_compares_decoders_optimisers_attention_and_pruning(project):

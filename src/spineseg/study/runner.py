@@ -7,7 +7,9 @@ because every training run that finished is skipped.
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -76,29 +78,82 @@ def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, proje
     return {"profile": profile, "overrides": dict(overrides or {}), "project_dir": str(project), "interactive": False}
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # a live widget: in a page, tqdm's bar as plain text
+
+
+def notebook_title(notebook) -> str:
+    """The notebook's first Markdown heading ("05 · Analysis"), else its file's name."""
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+    return notebook.metadata.get("papermill", {}).get("input_path", "notebook")
+
+
+def notebook_summary(notebook) -> str:
+    """The first sentence of the notebook's introduction, as plain text: its line in the report's index."""
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            paragraphs = [p for p in cell.source.split("\n\n") if p.strip() and not p.lstrip().startswith("#")]
+            if paragraphs:
+                text = re.sub(r"[*`]", "", " ".join(paragraphs[0].split()))
+                return re.split(r"\. |: ", text)[0].rstrip(".") + "."
+    return ""
+
+
+def _is_console_noise(output) -> bool:
+    """Progress bars and warnings: what the kernel wrote to stderr, and tqdm's widgets."""
+    return (output.output_type == "stream" and output.name == "stderr") or WIDGET_VIEW in output.get("data", {})
+
+
 def export_html(notebook: Path, target: Path, code: bool = True) -> Path:
-    """An HTML copy of a rendered notebook that reads offline (no script from a CDN); without the code
-    cells for readers who only want the results."""
+    """An HTML copy of a rendered notebook that reads offline (no script from a CDN), titled by its heading;
+    without code cells, for readers who only want the results, also without progress bars and warnings."""
     from importlib import resources
 
     import nbformat
     from nbconvert import HTMLExporter
 
+    node = nbformat.read(notebook, as_version=4)
+    node.metadata["title"] = notebook_title(node)
+    if not code:
+        for cell in node.cells:
+            if cell.cell_type == "code":
+                cell.outputs = [output for output in cell.outputs if not _is_console_noise(output)]
     templates = str(resources.files("spineseg").joinpath("resources/offline_html"))
     exporter = HTMLExporter(extra_template_paths=[templates], template_file="spineseg_offline.html.j2",
                             exclude_input=not code, exclude_input_prompt=not code, exclude_output_prompt=not code)
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    body, _ = exporter.from_notebook_node(node)
     atomic.write_text(target, body)
     return target
 
 
+def report_index(project: Path, profile: str, rendered: Sequence[Path]) -> str:
+    """The report's front page: the profile and its description, then each page in order with its one line."""
+    import nbformat
+
+    description = load_profile(profile_path(project, profile)).description
+    items = []
+    for path in rendered:
+        notebook = nbformat.read(path, as_version=4)
+        items.append(f'<li><a href="{html.escape(path.stem)}.html">{html.escape(notebook_title(notebook))}</a> — '
+                     f"{html.escape(notebook_summary(notebook))}</li>")
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>The study, profile '
+            f"{html.escape(profile)}</title></head>\n<body>\n<h1>The study, profile <code>{html.escape(profile)}</code></h1>\n"
+            f"<p>{html.escape(description)}</p>\n<ol>\n" + "\n".join(items) + "\n</ol>\n</body>\n</html>\n")
+
+
 def write_report(project: Path, profile: str) -> list[Path]:
-    """``runs/<profile>/report/``: the rendered notebooks as HTML without their code cells."""
+    """``runs/<profile>/report/``: ``index.html``, then the rendered notebooks as HTML without their code cells."""
     layout = Layout(Path(project).resolve(), profile)
     rendered = [layout.notebook(name) for name in NOTEBOOKS if layout.notebook(name).is_file()]
     if not rendered:
         raise StageOrderError(f"no rendered notebooks under {layout.notebooks_dir}: run `spineseg run --profile {profile}` first")
-    return [export_html(path, layout.report(path.stem), code=False) for path in rendered]
+    pages = [export_html(path, layout.report(path.stem), code=False) for path in rendered]
+    index = layout.report("index")
+    atomic.write_text(index, report_index(layout.project, profile, rendered))
+    return [index, *pages]
 
 
 def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
