@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from spineseg.data.aasce import convert
+from spineseg.data.dataset import load_split, splits_present
 from spineseg.identification import identify, level_accuracy, panoptic_quality, shift_class
 from spineseg.ordering import assign_levels, order_levels
 from spineseg.vertebrae import CODES, IGNORE, LEVELS, N_LEVELS, REGION, REGION_CODES, region_mask, training_classes
@@ -97,6 +101,46 @@ def test_identification_on_constructed_masks():
     assert shift_class(-3.4) == -2 and np.isnan(shift_class(np.nan))
     # halves go away from zero on both sides (numpy rounds them to even: 0.5 → 0 but 1.5 → 2)
     assert [shift_class(s) for s in (-1.5, -0.5, 0.5, 1.5)] == [-2, -1, 1, 2]
+
+
+def growing_column(levels):
+    """Vertebrae that grow downwards (4 + level rows each), as real ones do."""
+    labels = np.zeros((sum(4 + level + 2 for level in levels) + 4, 10), dtype=np.uint8)
+    top = 2
+    for level in levels:
+        labels[top:top + 4 + level, 2:8] = level
+        top += 4 + level + 2
+    return labels
+
+
+def whole_levels(labels, first, last):
+    return np.isin(labels, range(first, last + 1))
+
+
+def assert_shift_counts_vertebrae(labels):
+    assert identify(region_mask(labels), labels)["shift"] == 0.0
+    assert identify(whole_levels(labels, 7, 10), labels)["shift"] == -1.0
+    assert identify(whole_levels(labels, 9, 12), labels)["shift"] == 1.0
+
+
+def test_the_shift_weighs_vertebrae_not_pixels_so_larger_lower_vertebrae_bias_nothing():
+    labels = growing_column(list(range(5, 15)))
+    assert_shift_counts_vertebrae(labels)  # the pixel-weighted mean gave +0.09 for the perfect prediction here
+    half_th12 = whole_levels(labels, 8, 11) | (whole_levels(labels, 12, 12) & (np.arange(len(labels)) % 2 == 0)[:, None])
+    assert identify(half_th12, labels)["shift"] == pytest.approx((8 + 9 + 10 + 11 + 12 * 0.5) / 4.5 - 9.5, abs=0.02)
+    assert np.isnan(identify(labels == 0, labels)["shift"])  # nothing on a labelled vertebra
+
+
+REAL_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "aasce" / "boostnet_labeldata"
+
+
+def test_on_real_label_maps_a_perfect_prediction_shifts_0_and_one_vertebra_off_shifts_1(tmp_path):
+    if not (REAL_SRC / "data" / "training").is_dir():
+        pytest.skip(f"AASCE training split not found at {REAL_SRC}")
+    folder = convert(REAL_SRC, tmp_path / "aasce", splits=("training",), limit=12)["training"]
+    for split in splits_present(folder):
+        for labels in load_split(folder, split, labels=True).labels:
+            assert_shift_counts_vertebrae(labels)
 
 
 def test_level_accuracy_and_panoptic_quality():
