@@ -22,6 +22,24 @@ def test_a_box_adds_a_vertebra_above_and_below_and_takes_the_crops_aspect():
     assert CropGeometry((64, 32)).box(np.zeros((20, 20), dtype=bool)) is None
 
 
+def vertebrae(shape=(400, 160), top=120, height=18, gap=4, cols=(60, 100)) -> np.ndarray:
+    """Th8–Th11 as four separate vertebrae with disc gaps between them, as a label map's mask is."""
+    mask = np.zeros(shape, dtype=bool)
+    for k in range(4):
+        mask[top + k * (height + gap): top + k * (height + gap) + height, cols[0]:cols[1]] = True
+    return mask
+
+
+def test_a_far_away_speck_does_not_change_the_box_but_every_vertebra_of_the_region_counts():
+    geometry = CropGeometry((64, 32))
+    region = vertebrae()
+    speck = region.copy()
+    speck[380:383, 5:8] = True  # a 3 × 3 false positive near the image's corner
+    assert geometry.box(speck) == geometry.box(region)
+    rows = np.nonzero(region.any(axis=1))[0]
+    assert geometry.box(region).height == round((rows[-1] + 1 - rows[0]) * 1.5)  # all four, plus a vertebra each side
+
+
 def test_a_wide_region_widens_the_box_and_keeps_the_aspect():
     box = CropGeometry((64, 64), margin=0.0).box(_region(rows=(60, 80), cols=(0, 80)))
     assert box.width == 80 and box.height == 80

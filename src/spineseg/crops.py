@@ -6,6 +6,8 @@ below, the crop model's aspect ratio) outlines them at several times that resolu
 model is trained on boxes around the true region, jittered by a fraction of a vertebra so that it
 learns to follow an imperfect locator; at inference its probabilities are pasted back into the
 radiograph, zero outside the box. Boxes may reach past the image: the crop is zero-padded there.
+A box frames the located region's main piece, not every located pixel: one false-positive speck far
+from the spine would otherwise stretch the box (and shrink the crop's detail) several times.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from spineseg.data import Split
 from spineseg.predict import Segmenter, as_batch, resample
@@ -47,8 +50,8 @@ class CropGeometry:
         return replace(self, jitter=0.0, scale_jitter=0.0, copies=1)
 
     def box(self, mask: np.ndarray, shift: float = 0.0, scale: float = 1.0) -> Box | None:
-        """The box around a region mask [H, W] (None when the mask is empty), of the crop's aspect ratio."""
-        rows, cols = np.nonzero(mask)
+        """The box around a region mask's main piece [H, W] (None when the mask is empty), of the crop's aspect ratio."""
+        rows, cols = np.nonzero(main_region(mask))
         if rows.size == 0:
             return None
         top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
@@ -66,6 +69,24 @@ class CropGeometry:
         shift = rng.uniform(-self.jitter, self.jitter)
         scale = 1.0 + rng.uniform(-self.scale_jitter, self.scale_jitter)
         return self.box(mask, shift, scale)
+
+
+def main_region(mask: np.ndarray) -> np.ndarray:
+    """The located region without far-away false positives: its largest connected piece and the pieces
+    chained to it by gaps shorter than that piece is tall.
+
+    Th8–Th11 is four vertebrae with disc gaps between them, so the largest piece may be one vertebra;
+    the gaps are far shorter than a vertebra, so the other three join it, while a speck a region away
+    does not.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    pieces, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    largest = np.argmax(ndimage.sum_labels(mask, pieces, range(1, count + 1))) + 1
+    rows = np.nonzero((pieces == largest).any(axis=1))[0]
+    bridged, _ = ndimage.label(ndimage.maximum_filter(mask, size=rows[-1] - rows[0] + 1))
+    return mask & (bridged == bridged[pieces == largest][0])
 
 
 def _padded_slices(box: Box, shape: tuple[int, int]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
