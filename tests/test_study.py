@@ -10,11 +10,13 @@ import yaml
 import spineseg.study.store as store_module
 from conftest import write_rectangles
 from spineseg.crops import CropGeometry
-from spineseg.data import DatasetError
+from spineseg.data import DatasetError, write_dataset
+from spineseg.study import stage0_data
 from spineseg.study.session import open_study
 from spineseg.study.stage0_data import StudyData, data_summary, prepare_data
 from spineseg.study.store import RunSpec, execute, load_probs, run_all, summary_columns
 from spineseg.train import TrainSettings
+from test_twins import radiograph, samples
 
 
 def _project(tmp_path, data: dict) -> None:
@@ -32,6 +34,20 @@ def test_folder_source_uses_the_users_datasets(tmp_path):
     assert data.d1 == (tmp_path / "mydata/hospital_a").resolve()
     summary = data_summary(data).set_index(["dataset", "split"])["images"].to_dict()
     assert summary == {("d1", "test"): 4, ("d1", "train"): 14, ("d1", "val"): 2, ("d2", "test"): 6}
+
+
+def test_stage_0_lists_the_radiographs_dataset_2_shares_with_dataset_1(tmp_path, monkeypatch):
+    shared = radiograph(0)
+    write_dataset(tmp_path / "mydata", "a", samples([shared] + [radiograph(k) for k in range(1, 20)],
+                                                    ["seen"] + [f"a{k}" for k in range(1, 20)]))
+    write_dataset(tmp_path / "mydata", "b", samples([radiograph(30), shared], ["new", "again"]), test_only=True)
+    _project(tmp_path, {"source": "folder", "d1": "mydata/a", "d2": "mydata/b"})
+    study = open_study("mine", project_dir=tmp_path)
+    prepare_data(study)
+    report = json.loads(study.layout.cross_twins.read_text())
+    assert [(t["d1"], t["d2"]) for t in report["twins"]] == [("seen", "again")] and report["twins"][0]["r"] > 0.99
+    monkeypatch.setattr(stage0_data, "twins_between", lambda *args: pytest.fail("searched again"))
+    prepare_data(study)  # the same data: the report stands
 
 
 def test_folder_source_without_manifest_names_it(tmp_path):
@@ -85,6 +101,7 @@ torch.set_num_threads(1)
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.store import RunSpec, run_all
 from spineseg.train import TrainSettings
+from test_twins import radiograph, samples
 d1, store, log = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 import spineseg.study.store as S
 real = S._train

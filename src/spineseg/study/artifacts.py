@@ -2,7 +2,8 @@
 
     runs/<profile>/
         provenance.json       what produced the results: code, packages, machine, overrides, time
-        data/                 stage 0: the datasets (made or converted), source.json, checked_<dataset>.json
+        data/                 stage 0: the datasets (made or converted), source.json, checked_<dataset>.json,
+                              twins_d1_d2.json
         train/<run>/          one folder per training run (`RunFiles`)
         stage1/ … stage3/     runs.csv, metrics_test.csv, metrics_val.csv
         stage2/               + ranking.csv, selection.json
@@ -120,6 +121,11 @@ class Layout:
     def data_check(self, dataset: str) -> Path:
         """The content hashes of a dataset's files that passed the check, by size and modification time."""
         return self.data_dir / f"checked_{dataset}.json"
+
+    @property
+    def cross_twins(self) -> Path:
+        """Images of dataset 2 that are one radiograph with an image of dataset 1, with the data fingerprint checked."""
+        return self.data_dir / "twins_d1_d2.json"
 
     @property
     def store(self) -> Path:

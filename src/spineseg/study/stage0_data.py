@@ -1,7 +1,8 @@
 """Stage 0: make (synthetic, AASCE) or locate (folder) the two datasets once, and check every file.
 
-Every split is read before any training: a missing, corrupt or mismatched file, an empty split, or an
-external dataset with rows not marked ``test`` stops the study here, not hours into stage 2.
+Every split is read before any training: a missing, corrupt or mismatched file, an empty split, a
+patient in two splits, or an external dataset with rows not marked ``test`` stops the study here, not
+hours into stage 2. Radiographs that dataset 2 shares with dataset 1 are listed in ``data/twins_d1_d2.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pandas as pd
 
 from spineseg import atomic
 from spineseg.data import read_manifest
-from spineseg.data.dataset import check_dataset
+from spineseg.data.dataset import check_dataset, twins_between
+from spineseg.data.twins import TWIN_THRESHOLD
 from spineseg.errors import StageOrderError
 from spineseg.study.session import Study
 
@@ -49,7 +51,24 @@ def checked(study: Study, d1: Path, d2: Path | None) -> StudyData:
         if folder is not None:
             check = check_dataset(folder, external=name == "d2", cache=study.layout.data_check(name))
             digest.update(check.fingerprint.encode())
-    return StudyData(d1, d2, digest.hexdigest()[:12])
+    data = StudyData(d1, d2, digest.hexdigest()[:12])
+    if d2 is not None:
+        cross_twins(study, data)
+    return data
+
+
+def cross_twins(study: Study, data: StudyData) -> list[dict]:
+    """Images of dataset 2 that are one radiograph with an image of dataset 1: a model has trained on them.
+
+    Found once per data fingerprint and kept in the study's ``data/twins_d1_d2.json``.
+    """
+    path = study.layout.cross_twins
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if known.get("fingerprint") != data.fingerprint or known.get("threshold") != TWIN_THRESHOLD:
+        twins = [{"d1": t.first, "d2": t.second, "r": round(t.score, 4)} for t in twins_between(data.d1, data.d2)]
+        known = {"fingerprint": data.fingerprint, "threshold": TWIN_THRESHOLD, "twins": twins}
+        atomic.write_json(path, known)
+    return known["twins"]
 
 
 def prepare_data(study: Study) -> StudyData:
