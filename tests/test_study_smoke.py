@@ -349,7 +349,7 @@ def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
     assert rule_name("two_stage") in pd.read_csv(project / "runs/smoke/tables/table10.csv", index_col=0).index
     timing = pd.read_csv(project / "runs/smoke/stage4/timing.csv")
     assert timing["what"].str.startswith("Two-stage").sum() == 1
-    crop_runs = list((project / "runs/smoke/train").glob("stage3-MobileNetV2-crop-64x32px-s0-*/DONE"))
+    crop_runs = list((project / "runs/smoke/train").glob("stage3-EfficientNetLite0-crop-imagenet-64x32px-s0-*/DONE"))
     assert len(crop_runs) == 1
 
 
