@@ -158,3 +158,16 @@ def test_the_notebooks_show_a_dash_for_what_this_run_did_not_train(tmp_path, mon
     assert "did not train" in outputs[0].data and "nan" not in html.lower()
     assert html.count(">—<") == 2 * (len(published("table2")) - 1)  # this run and Δ of every other encoder
     assert "88.00" in html
+
+
+def test_identification_intervals_resample_patients_not_images():
+    """Two patients of ten images each, one always identified and one never: resampling patients can only
+    give 0, 50 or 100 %, so the interval spans 0–100 (an image bootstrap would say about 28–72)."""
+    frame = pd.DataFrame({"group": "soft", "kind": "rule", "patient": ["a"] * 10 + ["b"] * 10,
+                          "identified": [True] * 10 + [False] * 10, "dsc": [0.9] * 10 + [0.5] * 10,
+                          "shift": [0.0] * 10 + [1.0] * 10,
+                          **{f"dsc_{name}": 0.8 for name in ("Th8", "Th9", "Th10", "Th11")}})
+    row = tables.identification_summary(frame, n_boot=500).iloc[0]
+    assert (row["Identified"], row["Identified CI low"], row["Identified CI high"]) == (50, 0, 100)
+    assert (row["DSC CI low"], row["DSC CI high"], row["Patients"]) == (50, 90, 2)
+    assert "Identified CI low" not in tables.identification_summary(frame).columns  # no n_boot, no interval

@@ -30,7 +30,16 @@ from spineseg.names import (
     metric_name,
     rule_name,
 )
-from spineseg.stats import PATIENT_KEYS, all_pairs, format_p, format_wilcoxon, mean_ci_table, one_vs_rest, wilcoxon_family
+from spineseg.stats import (
+    PATIENT_KEYS,
+    all_pairs,
+    bootstrap_ci,
+    format_p,
+    format_wilcoxon,
+    mean_ci_table,
+    one_vs_rest,
+    wilcoxon_family,
+)
 from spineseg.study.article import article_tables, caption, published
 from spineseg.study.artifacts import read_table
 from spineseg.study.deviations import against_article
@@ -64,17 +73,17 @@ TABLE_CAPTIONS = {
     "table13": "Table 13. Bootstrap 95 % confidence intervals of the means in Tables 4–9, resampling patients "
                "(all images of a patient together)",
     "wilcoxon_readable": "Wilcoxon signed-rank tests, Holm-adjusted per family, dataset and metric",
-    "identification_d1": "Identification of Th8–Th11, dataset 1 test: share of images on the right four vertebrae, level "
-                         "shift of the predicted region (% of images), DSC per level and by identification (%)",
-    "identification_d2": "Identification of Th8–Th11, dataset 2: share of images on the right four vertebrae, level "
-                         "shift of the predicted region (% of images), DSC per level and by identification (%)",
+    **{f"identification_{dataset}": f"Identification of Th8–Th11, {where}: share of images on the right four vertebrae "
+                                     "and DSC (with patient-cluster bootstrap 95 % CIs), level shift of the predicted "
+                                     "region (% of images), DSC per level and by identification (%)"
+       for dataset, where in (("d1", "dataset 1 test"), ("d2", "dataset 2"))},
     "cases_d1": "Every dataset-1 test image, worst soft-voting DSC first: each rule's DSC (%), the members' disagreement",
     "cases_d2": "Every dataset-2 image, worst soft-voting DSC first: each rule's DSC (%), the members' disagreement",
     "uncertainty": "Does the members' disagreement flag failed images (soft-voting DSC < 80 %)? AUROC and Spearman ρ with DSC",
     "calibration_d1": "Expected calibration error (%) per model, soft voting and calibrated soft voting, dataset 1 test",
     "calibration_d2": "Expected calibration error (%) per model, soft voting and calibrated soft voting, dataset 2",
-    "best_vs_single": "The best ensemble against the best single model (both chosen on dataset-1 validation), "
-                      "Wilcoxon signed-rank test by patient",
+    "best_vs_single": "Primary endpoint: the best ensemble against the best single model (both chosen on dataset-1 validation), "
+                      "Wilcoxon signed-rank test of DSC by patient; means with patient-cluster bootstrap 95 % CIs",
 }
 
 
@@ -216,14 +225,25 @@ def load_identification(study: Study) -> pd.DataFrame | None:
     return read_table(path) if path.is_file() else None
 
 
-def identification_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per model and rule: identification rate, shift histogram, per-level DSC, DSC by identification."""
+def _with_ci(name: str, values: pd.Series, patients: pd.Series, n_boot: int) -> dict[str, float]:
+    """A mean in % with its patient-cluster bootstrap 95 % interval (images of one patient resampled together)."""
+    if not n_boot:
+        return {name: 100 * values.mean()}
+    low, high = bootstrap_ci(values.astype(float), n_boot=n_boot, clusters=patients)
+    return {name: 100 * values.mean(), f"{name} CI low": 100 * low, f"{name} CI high": 100 * high}
+
+
+def identification_summary(frame: pd.DataFrame, n_boot: int = 0) -> pd.DataFrame:
+    """One row per model and rule: identification rate and DSC (with patient-cluster 95 % CIs when `n_boot`),
+    shift histogram, per-level DSC, DSC by identification."""
     rows = []
     for (group, kind), part in frame.groupby(["group", "kind"], sort=False):
         shifts = part["shift"].map(shift_class)
         identified = part["identified"].astype(bool)
         row = {"": rule_name(group) if kind == "rule" else group, "Kind": kind, "Images": len(part),
-               "Identified": 100 * identified.mean()}
+               "Patients": part["patient"].nunique(),
+               **_with_ci("Identified", identified, part["patient"], n_boot),
+               **_with_ci("DSC", part["dsc"], part["patient"], n_boot)}
         row |= {f"Shift {k:+d}": 100 * (shifts == k).mean() for k in SHIFT_CLASSES}
         row["No region"] = 100 * shifts.isna().mean()  # nothing predicted on any labelled vertebra
         row |= {f"DSC {name}": 100 * part[f"dsc_{name}"].mean() for name in REGION}
@@ -240,7 +260,8 @@ def _identification_tables(study: Study) -> dict[str, pd.DataFrame]:
     frame = load_identification(study)
     if frame is None:
         return {}
-    return {f"identification_{dataset}": identification_summary(part) for dataset, part in frame.groupby("dataset")}
+    return {f"identification_{dataset}": identification_summary(part, study.cfg.analysis.n_boot)
+            for dataset, part in frame.groupby("dataset")}
 
 
 def best_vs_single(study: Study) -> pd.DataFrame:
@@ -250,6 +271,7 @@ def best_vs_single(study: Study) -> pd.DataFrame:
         return pd.DataFrame()
     learned = json.loads(study.layout.learned.read_text())
     rule, model = rule_name(learned["best_rule"]), learned["best_model"]
+    n_boot = study.cfg.analysis.n_boot
     stage3, stage4 = _try("stage3", study), _try("stage4", study)
     if stage3 is None or stage4 is None:
         return pd.DataFrame()
@@ -258,14 +280,16 @@ def best_vs_single(study: Study) -> pd.DataFrame:
     identified = load_identification(study)
     rows = []
     for test in tests.itertuples():
-        row = {"Dataset": test.dataset, "Best rule": rule, "Best model": model,
-               "DSC rule": 100 * both.loc[(both["group"] == rule) & (both["dataset"] == test.dataset), "dsc"].mean(),
-               "DSC model": 100 * both.loc[(both["group"] == model) & (both["dataset"] == test.dataset), "dsc"].mean()}
+        row = {"Dataset": test.dataset, "Best rule": rule, "Best model": model}
+        for label, group in (("DSC rule", rule), ("DSC model", model)):
+            scored = both[(both["group"] == group) & (both["dataset"] == test.dataset)]
+            row |= _with_ci(label, scored["dsc"], scored["patient"], n_boot)
         row["Δ DSC (pp)"] = row["DSC rule"] - row["DSC model"]
         if identified is not None:
             part = identified[identified["dataset"] == test.dataset]
             for label, kind, group in (("Identified rule", "rule", learned["best_rule"]), ("Identified model", "model", model)):
-                row[label] = 100 * part.loc[(part["kind"] == kind) & (part["group"] == group), "identified"].astype(bool).mean()
+                found = part[(part["kind"] == kind) & (part["group"] == group)]
+                row |= _with_ci(label, found["identified"].astype(bool), found["patient"], n_boot)
         row |= {"patients": test.n, "images": test.n_images, "p (Wilcoxon, by patient)": format_p(test.p)}
         rows.append(row)
     return pd.DataFrame(rows).round(2)
