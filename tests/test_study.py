@@ -65,7 +65,7 @@ def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
                    train=TrainSettings(batch_size=4, lr=1e-4, max_epochs=2, patience=2, augment=True, seed=0))
     summary = execute(spec, data, tmp_path / "store", device="cpu")
     folder = spec.files(tmp_path / "store").folder
-    for name in ("config.json", "history.csv", "best.pt", "summary.json", "DONE", "metrics_d1_val.csv",
+    for name in ("config.json", "history.csv", "best.pt", "summary.json", "model.json", "DONE", "metrics_d1_val.csv",
                  "metrics_d1_test.csv", "metrics_d2_test.csv", "probs_d1_test.npz", "probs_d2_test.npz"):
         assert (folder / name).is_file(), name
     assert not (folder / "checkpoint.pt").exists()
@@ -80,6 +80,32 @@ def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
     assert run_all([spec], data, tmp_path / "store", device="cpu", log=said.append) == [summary]
     assert said == ["1 of 1 runs already finished: skipped"]
     assert (folder / "best.pt").stat().st_mtime_ns == before
+
+
+def test_a_finished_run_describes_its_model_so_that_it_loads_without_its_spec(tmp_path):
+    import torch
+
+    from spineseg.predict import predict
+    from spineseg.saved_models import load_model
+    from spineseg.study.store import load_trained
+
+    d1 = write_rectangles(tmp_path, "d1", 20, size=96)
+    data = StudyData(d1, None, fingerprint="f")
+    spec = RunSpec(stage="t", encoder="MobileNetV2", image_size=64, data=data.fingerprint,
+                   train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=1, patience=1, augment=False, seed=0, coordinates=True))
+    summary = execute(spec, data, tmp_path / "store", device="cpu")
+    folder = spec.files(tmp_path / "store").folder
+    description, model = load_model(folder, torch.device("cpu"))
+    assert (description.name, description.input_size, description.grid) == ("MobileNetV2", (64, 64), (96, 96))
+    assert description.coordinates and description.weights_origin == {"pretrained": "none", "weights_path": None, "init": None}
+    assert description.metrics["best_val_dsc"] == summary["best_val_dsc"] and "mean_dsc_d1_test" in description.metrics
+    assert description.code_version["spineseg"] and description.precision == "auto"
+    images = np.random.default_rng(0).random((2, 64, 64), dtype=np.float32)
+    trained = load_trained(tmp_path / "store", spec, torch.device("cpu"))
+    assert np.array_equal(predict(model, images, torch.device("cpu")).region, predict(trained, images, torch.device("cpu")).region)
+    (folder / "model.json").unlink()  # a run that finished before runs described their models
+    execute(spec, data, tmp_path / "store", device="cpu")
+    assert load_model(folder, torch.device("cpu"))[0] == description
 
 
 def test_run_keys_change_with_the_config_and_the_data(tmp_path):
@@ -185,6 +211,8 @@ def test_a_crop_model_trains_on_crops_around_the_region_and_leaves_scoring_to_st
     folder = spec.files(tmp_path / "store").folder
     assert folder.name.startswith("stage3-MobileNetV2-crop-64x32px-s0-") and summary["epochs_run"] == 1
     assert (folder / "DONE").is_file() and (folder / "best.pt").is_file() and not list(folder.glob("probs_*"))
+    described = json.loads((folder / "model.json").read_text())
+    assert described["crop"]["size"] == [64, 32] and described["crop"]["copies"] == 3 and described["grid"] == [64, 64]
     (train, val), = seen
     assert train.images.shape[1:] == val.images.shape[1:] == (64, 32)
     assert len(train) == 3 * 14 and len(val) == 2 and train.ids[:2] == (f"{train.ids[0][:-2]}#0", f"{train.ids[0][:-2]}#1")

@@ -59,3 +59,17 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def write_csv(path: str | os.PathLike, frame) -> None:
     """Write a pandas DataFrame as CSV without its index."""
     write_text(path, frame.to_csv(index=False))
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception], remedy: str) -> dict:
+    """A JSON object as `write_json` wrote it; a missing, unreadable or other file raises `error` naming it and `remedy`."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} is missing: {remedy}")
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not readable JSON ({exc}): {remedy}") from None
+    if not isinstance(values, dict):
+        raise error(f"{path} holds no JSON object: {remedy}")
+    return values

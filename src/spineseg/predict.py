@@ -4,14 +4,17 @@ the probability maps it gives: one model over a split, or every member of an ens
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from spineseg.device import autocast
+from spineseg.errors import ModelError
 from spineseg.objectives import Binary, Levels, coordinate_planes
 from spineseg.ordering import order_levels
 
@@ -103,7 +106,23 @@ def resample(maps: np.ndarray, size: tuple[int, int], nearest: bool = False) -> 
     return out[:, 0].numpy().astype(maps.dtype)
 
 
+def load_state(path: str | os.PathLike) -> dict:
+    """A state dict of tensors; a file that is anything else is one clear error, and nothing in it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: the one thing not to do here
+        raise ModelError(f"{path} holds more than weights (objects that could run code); refused") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable weights file ({str(exc).splitlines()[0]})") from None
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, device: torch.device) -> nn.Module:
     """A model with the weights saved at `path` (a state dict), in evaluation mode on `device`."""
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(load_state(path))
+    except RuntimeError as exc:
+        raise ModelError(f"{path} does not fit this network: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval()

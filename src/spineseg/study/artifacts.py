@@ -4,7 +4,8 @@
         provenance.json       what produced the results: code, packages, machine, overrides, time
         data/                 stage 0: the datasets (made or converted), source.json, checked_<dataset>.json,
                               twins_d1_d2.json
-        train/<run>/          one folder per training run (`RunFiles`)
+        train/<run>/          one folder per training run (`RunFiles`): model.json and best.pt describe and hold
+                              its model
         stage1/ … stage3/     runs.csv, metrics_test.csv, metrics_val.csv
         stage2/               + ranking.csv, selection.json
         stage2_scratch/       runs.csv, metrics_*.csv of the from-scratch twins (`stage2.scratch_twins`)
@@ -69,6 +70,13 @@ class RunFiles:
         from spineseg.train import BEST
 
         return self.folder / BEST
+
+    @property
+    def model(self) -> Path:
+        """What the model is, sees and reached (`spineseg.saved_models`): with best.pt, all that loading it needs."""
+        from spineseg.saved_models import MODEL_FILE
+
+        return self.folder / MODEL_FILE
 
     @property
     def checkpoint(self) -> Path:

@@ -36,6 +36,12 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def code_version() -> dict:
+    """Which code made a model: the installed spineseg and, in a git checkout, its commit."""
+    commit = _git(Path(__file__).resolve().parent, "rev-parse", "HEAD")
+    return {"spineseg": _version("spineseg"), "git_commit": commit or "unknown (not a git checkout)"}
+
+
 def collect(project: Path, profile: str, overrides: Mapping[str, Any] | None, device: str, threads: int) -> dict:
     commit = _git(project, "rev-parse", "HEAD")
     status = _git(project, "status", "--porcelain", "--untracked-files=no")

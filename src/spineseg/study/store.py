@@ -1,7 +1,8 @@
 """The run store: training runs as tasks, each in a folder keyed by the hash of its spec.
 
 A run's folder holds its config, history, best weights, per-image metrics and float16 probability
-maps for every evaluated split, a summary and, written last, ``DONE`` (see `artifacts.RunFiles`).
+maps for every evaluated split, a summary, ``model.json`` (the model described: loading it needs no
+spec, profile or data; `spineseg.saved_models`) and, written last, ``DONE`` (see `artifacts.RunFiles`).
 A rerun skips finished runs; an interrupted one resumes from its last epoch checkpoint. A stage's
 grid is a list of independent specs mapped by an executor (`spineseg.study.executors`: here, or Dask).
 
@@ -34,8 +35,10 @@ from spineseg.metrics import average_precision, per_image
 from spineseg.models import build_model
 from spineseg.objectives import objective as make_objective
 from spineseg.predict import Segmenter, load_weights, predict, resample
+from spineseg.saved_models import ModelDescription
 from spineseg.study.artifacts import RunFiles, read_table
 from spineseg.study.executors import Executor, SequentialExecutor
+from spineseg.study.provenance import code_version
 from spineseg.study.stage0_data import StudyData
 from spineseg.train import TrainOutcome, TrainSettings, fit
 
@@ -104,7 +107,7 @@ def segmenter(spec: RunSpec, pretrained: str = "none", weights_path: str | None 
     return Segmenter(net, objective, spec.train.coordinates)
 
 
-def evaluation_grid(folder: Path, split: str, fallback: tuple[int, int]) -> tuple[int, int]:
+def evaluation_grid(folder: Path, split: str, fallback: tuple[int, int] | None) -> tuple[int, int] | None:
     """Where runs are scored: the dataset's stored size, so that models of any input size compare;
     the run's own size only for datasets whose images differ in size."""
     try:
@@ -175,6 +178,8 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", w
     """
     files = spec.files(store)
     if files.done.is_file() and _evaluated_as(files, hflip):
+        if not files.model.is_file():  # finished before runs described their models
+            describe(spec, files, training_grid(data)).save(files.folder)
         return json.loads(files.summary.read_text())
     files.lease.parent.mkdir(parents=True, exist_ok=True)
     lease = FileLock(files.lease)
@@ -223,9 +228,29 @@ def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str, hflip: 
                "device": str(torch_device)}
     summary = json.loads(json.dumps(summary))  # as it reads back from summary.json (a size is a list there)
     atomic.write_json(files.summary, summary)
+    describe(spec, files, training_grid(data)).save(files.folder)
     atomic.write_text(files.done, "")
     files.checkpoint.unlink(missing_ok=True)  # best.pt keeps the weights that matter
     return summary
+
+
+def training_grid(data: StudyData) -> tuple[int, int] | None:
+    """The stored size of dataset 1's training images, which every run resizes from; None where they differ."""
+    return evaluation_grid(data.d1, "train", None)
+
+
+def describe(spec: RunSpec, files: RunFiles, grid: tuple[int, int] | None) -> ModelDescription:
+    """A finished run's model.json: its network and inputs, where its weights started, and what it reached."""
+    summary = json.loads(files.summary.read_text())
+    reached = {key: summary[key] for key in ("best_val_dsc", "best_epoch", "epochs_run", "stopped_early", "seconds")
+               if key in summary}
+    for split in ("val", "test"):
+        for dataset, path in files.metrics_files(split):
+            reached[f"mean_dsc_{dataset}_{split}"] = round(float(read_table(path)["dsc"].mean()), 6)
+    origin = {"pretrained": spec.pretrained, "weights_path": spec.weights_path, "init": spec.init}
+    return ModelDescription(spec.candidate, spec.encoder, spec.architecture, spec.target, spec.image_size,
+                            spec.train.coordinates, spec.attention, grid, spec.crop, origin, spec.train.precision,
+                            reached, code_version())
 
 
 def _training_splits(spec: RunSpec, data: StudyData, labels: bool) -> tuple[Split, Split]:

@@ -1,0 +1,103 @@
+"""A trained model as a folder that describes itself: ``model.json`` beside its weights ``best.pt``.
+
+model.json says what the network is (architecture, encoder, attention, output classes and the level
+each one stands for), what it sees (input size and channels, the stored grid its training images had,
+how pixels are scaled), where its weights started, how it ran and what it reached, and which code made
+it. Loading a folder needs nothing else: no profile, no run spec, no training data.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from spineseg import atomic
+from spineseg.crops import CropGeometry
+from spineseg.errors import ModelError
+from spineseg.models import build_model
+from spineseg.objectives import objective
+from spineseg.predict import Segmenter, load_weights
+from spineseg.train import BEST
+from spineseg.vertebrae import NAMES, REGION, REGION_CODES
+
+MODEL_FILE = "model.json"
+FORMAT = "spineseg-model/1"
+PIXELS = ("grayscale scaled to [0, 1] (16-bit PNG by the bits it uses; DICOM rescaled, MONOCHROME1 inverted), "
+          "resized with PIL's bilinear filter (area-aware when shrinking), first to `grid` when given, then to "
+          "`input_size`; EfficientNet-Lite encoders rescale the image channel inside the network")
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What model.json holds; `build` makes the network it describes."""
+
+    name: str  # how the study's tables name it, e.g. "MobileNetV2 (levels)"
+    encoder: str
+    architecture: str
+    target: str  # `spineseg.objectives.TARGETS`
+    input_size: tuple[int, int]  # (height, width)
+    coordinates: bool = False  # two extra input planes: row and column in [-1, 1]
+    attention: bool = False
+    grid: tuple[int, int] | None = None  # the stored size of its training images; None where they differed
+    crop: CropGeometry | None = None  # a crop model of the two-stage variant
+    weights_origin: dict = field(default_factory=dict)  # pretrained, weights_path, init: where training started
+    precision: str = "auto"
+    metrics: dict = field(default_factory=dict)
+    code_version: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        if self.grid is not None:
+            object.__setattr__(self, "grid", tuple(int(v) for v in self.grid))
+        if isinstance(self.crop, dict):
+            object.__setattr__(self, "crop", CropGeometry(**{**self.crop, "size": tuple(self.crop["size"])}))
+
+    @property
+    def in_channels(self) -> int:
+        return 3 if self.coordinates else 1
+
+    @property
+    def classes(self) -> dict[int, str]:
+        """Each output channel and what it stands for."""
+        if self.target == "binary":
+            return {0: "–".join((REGION[0], REGION[-1]))}
+        return {0: "background", **{code: NAMES[code] for code in range(1, objective(self.target).classes)}}
+
+    def as_json(self) -> dict:
+        spec = asdict(self)
+        return {"format": FORMAT, **spec, "in_channels": self.in_channels,
+                "output_channels": {str(k): v for k, v in self.classes.items()},
+                "region_channels": list(REGION_CODES) if self.target != "binary" else [0], "pixels": PIXELS}
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / MODEL_FILE
+        atomic.write_json(path, self.as_json())
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> ModelDescription:
+        path = Path(folder) / MODEL_FILE
+        values = atomic.read_json_object(path, ModelError, f"{Path(folder)} is not a spineseg model folder")
+        if values.get("format") != FORMAT:
+            raise ModelError(f"{path}: format {values.get('format')!r}, expected {FORMAT!r}")
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{key: value for key, value in values.items() if key in known})
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: {exc}") from None
+
+    def build(self) -> Segmenter:
+        """The untrained network this folder's weights fit (never downloads anything)."""
+        task = objective(self.target)
+        net = build_model(self.encoder, self.architecture, "none", None, in_channels=self.in_channels,
+                          classes=task.classes, attention=self.attention)
+        return Segmenter(net, task, self.coordinates)
+
+
+def load_model(folder: str | os.PathLike, device: torch.device) -> tuple[ModelDescription, Segmenter]:
+    """A model folder's description and its network with the best weights, in evaluation mode on `device`."""
+    description = ModelDescription.load(folder)
+    return description, load_weights(description.build(), Path(folder) / BEST, device)
