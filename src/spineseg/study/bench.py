@@ -26,6 +26,7 @@ from spineseg.models import build_model
 from spineseg.names import EXTRA_RULES, RULES
 from spineseg.predict import Segmenter
 from spineseg.study.artifacts import Layout, bench_dir
+from spineseg.study.records import Selection
 from spineseg.study.runner import NOTEBOOKS
 from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
 from spineseg.train import Trainer
@@ -40,8 +41,7 @@ PRECISION_ENCODER = "MobileNetV2"  # one of the `quick` profile's stage-2 encode
 def _ensemble_encoders(project: Path, profile: str) -> tuple[list[str], str]:
     selection = Layout(project, profile).selection
     if selection.is_file():
-        # stage 2 writes {"candidates": [{"encoder", "target"}, ...]}; a level-aware twin times as its encoder
-        chosen = list(dict.fromkeys(c["encoder"] for c in json.loads(selection.read_text())["candidates"]))
+        chosen = Selection.load(selection).encoders
         if len(chosen) >= 2:
             return chosen, f"the `{profile}` profile's stage-3 encoders"
     return DEFAULT_TEN, "ten default encoders (no stage-3 selection found)"

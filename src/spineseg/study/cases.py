@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import json
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -26,6 +24,7 @@ from spineseg.metrics import dice
 from spineseg.names import RULES, rule_name
 from spineseg.stats import auroc
 from spineseg.study.figures import crop_box, error_overlay, save
+from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage4_ensembles import EnsembleInputs, available_eval_sets, ensemble_inputs
@@ -60,9 +59,7 @@ def uncertainty(table: pd.DataFrame) -> dict:
 
 def calibration(study: Study, inputs: EnsembleInputs) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """ECE per stage-3 model, soft voting and calibrated soft voting; their reliability tables."""
-    if not study.layout.learned.is_file():
-        raise StageOrderError(f"{study.layout.learned} is missing: run stage 4 first")
-    learned = json.loads(study.layout.learned.read_text()).get("temperatures", {})
+    learned = Learned.load(study.layout.learned).temperatures
     missing = [name for name in inputs.names if name not in learned]
     if missing:
         raise StageOrderError(f"{study.layout.learned} has no temperature for {', '.join(missing)} "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 
@@ -11,6 +9,7 @@ from spineseg import atomic
 from spineseg.errors import StageOrderError
 from spineseg.study.artifacts import SCRATCH_TWINS, read_table
 from spineseg.study.config import Stage2
+from spineseg.study.records import Selection
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.store import RunSpec, candidate_name
@@ -42,7 +41,7 @@ def run_stage2(study: Study, data: StudyData) -> pd.DataFrame:
         best = ranking["mean_val_dsc"].max()
         raise StageOrderError(f"no candidate reached stage2.min_val_dsc = {section.min_val_dsc} "
                               f"(best mean validation DSC {best:.4f}); lower it or train longer")
-    atomic.write_json(study.layout.selection, {"candidates": chosen.to_dict(orient="records")})
+    Selection(tuple(zip(chosen["encoder"], chosen["target"]))).save(study.layout.selection)
     if section.scratch_twins:
         train_and_collect(study, data, SCRATCH_TWINS, scratch_twin_specs(study, data), lambda spec: spec.candidate,
                           hflip=section.tta_hflip)
@@ -68,7 +67,4 @@ def select_encoders(runs: pd.DataFrame, section: Stage2) -> pd.DataFrame:
 
 def selected_candidates(study: Study) -> list[tuple[str, str]]:
     """(encoder, target) of every candidate stage 2 selected, best first."""
-    path = study.layout.selection
-    if not path.is_file():
-        raise StageOrderError(f"{path} is missing: run stage 2 (02_backbone_selection) first")
-    return [(c["encoder"], c["target"]) for c in json.loads(path.read_text())["candidates"]]
+    return list(Selection.load(study.layout.selection).candidates)

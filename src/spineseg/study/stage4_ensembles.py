@@ -7,7 +7,6 @@ learn something (tuned threshold, stacking); test sets are only ever evaluated.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from spineseg.metrics import dice, per_image
 from spineseg.models import parameter_count
 from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, STACKING, TUNED, TWO_STAGE, rule_name
 from spineseg.predict import Segmenter, ensemble_forward
+from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage3_final import ensemble_members, trained_crop_model
@@ -112,9 +112,8 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     if two_stage is not None:
         choice = two_stage.compete(choice, validation)
     atomic.write_csv(layout.threshold_tuning, tuning)
-    atomic.write_json(layout.learned, {"tuned_threshold": tuned_threshold, "stacker": stacker.to_dict(),
-                                       "temperatures": dict(zip(validation.names, temperatures)),
-                                       "models": validation.names, "trained_on": "d1 validation", **choice})
+    Learned(tuned_threshold, stacker.to_dict(), dict(zip(validation.names, temperatures)), validation.names,
+            **choice).save(layout.learned)
     frames, ablations, checks, identified = [], [], [], []
     for dataset, split in available_eval_sets(data):
         inputs = ensemble_inputs(study, data, dataset, split)
@@ -257,8 +256,8 @@ def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
     seconds = mean_seconds(ensemble_step(models, image, cfg.threshold), cfg.timing_repeats, cfg.timing_warmup)
     rows.append({"what": "Ensemble (forwards + 5 rules)", "models": len(models),
                  "params_millions": sum(r["params_millions"] for r in rows), "ms_per_image": 1000 * seconds})
-    learned = json.loads(study.layout.learned.read_text()) if study.layout.learned.is_file() else {}
-    two_stage = TwoStage.load(study, data, learned["two_stage_locator"]) if "two_stage_locator" in learned else None
+    locator = Learned.load(study.layout.learned).two_stage_locator if study.layout.learned.is_file() else None
+    two_stage = TwoStage.load(study, data, locator) if locator else None
     if two_stage is not None:  # on a real radiograph: on noise the locator may find nothing, and the crop model not run
         radiograph = torch.from_numpy(np.array(load_split(data.d1, "test", size).images[:1, None])).to(device)
         step = two_stage.timing_step(models, members_validation_dsc(study, specs), radiograph)

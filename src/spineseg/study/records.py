@@ -1,0 +1,74 @@
+"""The study's decisions as typed records: what stage 2 selected, and what stage 4 learned on validation.
+
+Each is written and read only through its class, so a reader never guesses a key (`Layout` says where
+each file lives). A missing file is a stage that has not run; a file without a field the record needs
+was written by another version of the study and is one error naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+from spineseg import atomic
+from spineseg.errors import StageOrderError
+
+
+def _read(path: Path, stage: str) -> dict:
+    return atomic.read_json_object(path, StageOrderError, f"run {stage}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The candidates stage 2 chose on validation, best first: (encoder, target) pairs."""
+
+    candidates: tuple[tuple[str, str], ...]
+
+    STAGE = "stage 2 (02_backbone_selection)"
+
+    def save(self, path: Path) -> None:
+        atomic.write_json(path, {"candidates": [{"encoder": e, "target": t} for e, t in self.candidates]})
+
+    @classmethod
+    def load(cls, path: Path) -> Selection:
+        values = _read(path, cls.STAGE)
+        try:
+            return cls(tuple((c["encoder"], c.get("target", "binary")) for c in values["candidates"]))
+        except (KeyError, TypeError):
+            raise StageOrderError(f"{path} does not list candidates with an encoder each; rerun {cls.STAGE}") from None
+
+    @property
+    def encoders(self) -> list[str]:
+        """The encoders, once each, best first (a level-aware twin counts as its encoder)."""
+        return list(dict.fromkeys(encoder for encoder, _ in self.candidates))
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What stage 4 fitted and chose on dataset-1 validation."""
+
+    tuned_threshold: float
+    stacker: dict
+    temperatures: dict[str, float]  # per member, for calibrated soft voting
+    models: list[str]  # the members, as the tables name them
+    best_model: str
+    best_rule: str  # `two_stage` when the crop model behind `two_stage_locator` won
+    validation_dsc: dict  # {"models": {name: DSC}, "rules": {rule: DSC}}
+    trained_on: str = "d1 validation"
+    two_stage_locator: str | None = None  # the rule in front of the crop model, when the study trained one
+
+    STAGE = "stage 4 (04_ensembles)"
+
+    def save(self, path: Path) -> None:
+        values = asdict(self)
+        if self.two_stage_locator is None:
+            del values["two_stage_locator"]
+        atomic.write_json(path, values)
+
+    @classmethod
+    def load(cls, path: Path) -> Learned:
+        values = _read(path, cls.STAGE)
+        absent = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
+        if absent:
+            raise StageOrderError(f"{path} has no {', '.join(absent)}: it was written by another version; rerun {cls.STAGE}")
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})

@@ -1,0 +1,48 @@
+"""The study's decisions as typed records: written and read only through `Selection` and `Learned`."""
+
+import json
+
+import pytest
+
+from spineseg.errors import StageOrderError
+from spineseg.study.records import Learned, Selection
+
+LEARNED = Learned(tuned_threshold=0.45, stacker={"coef": [1.0]}, temperatures={"A": 1.2}, models=["A"], best_model="A",
+                  best_rule="two_stage", validation_dsc={"models": {"A": 0.8}, "rules": {"soft": 0.8, "two_stage": 0.85}},
+                  two_stage_locator="max")
+
+
+def test_a_selection_round_trips_and_names_each_encoder_once(tmp_path):
+    selection = Selection((("EfficientNetLite0", "levels"), ("MobileNetV2", "binary"), ("EfficientNetLite0", "binary")))
+    selection.save(tmp_path / "selection.json")
+    assert Selection.load(tmp_path / "selection.json") == selection
+    assert selection.encoders == ["EfficientNetLite0", "MobileNetV2"]
+    assert json.loads((tmp_path / "selection.json").read_text())["candidates"][0] == {"encoder": "EfficientNetLite0",
+                                                                                       "target": "levels"}
+
+
+def test_learned_round_trips_with_and_without_a_crop_model(tmp_path):
+    LEARNED.save(tmp_path / "learned.json")
+    assert Learned.load(tmp_path / "learned.json") == LEARNED
+    without = Learned(**{**LEARNED.__dict__, "two_stage_locator": None, "best_rule": "soft"})
+    without.save(tmp_path / "plain.json")
+    assert "two_stage_locator" not in json.loads((tmp_path / "plain.json").read_text())
+    assert Learned.load(tmp_path / "plain.json") == without
+
+
+def test_a_missing_record_names_the_stage_that_writes_it(tmp_path):
+    with pytest.raises(StageOrderError, match="selection.json is missing: run stage 2"):
+        Selection.load(tmp_path / "selection.json")
+    with pytest.raises(StageOrderError, match="learned.json is missing: run stage 4"):
+        Learned.load(tmp_path / "learned.json")
+
+
+def test_a_record_without_a_field_it_needs_names_the_field(tmp_path):
+    values = json.loads(json.dumps(LEARNED.__dict__))
+    del values["best_rule"]
+    (tmp_path / "learned.json").write_text(json.dumps(values))
+    with pytest.raises(StageOrderError, match="has no best_rule.*rerun stage 4"):
+        Learned.load(tmp_path / "learned.json")
+    (tmp_path / "selection.json").write_text(json.dumps({"encoders": ["A"]}))
+    with pytest.raises(StageOrderError, match="does not list candidates"):
+        Selection.load(tmp_path / "selection.json")
