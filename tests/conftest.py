@@ -121,3 +121,23 @@ def column_samples(n: int, height: int = 96, width: int = 32, seed: int = 0, pre
             top += 8
         samples.append(Sample(id=f"{prefix}{i:03d}", image=image, mask=region_mask(labels), labels=labels))
     return samples
+
+
+def write_dicom(path: Path, pixels: np.ndarray, monochrome1: bool = False, slope: float = 1.0, intercept: float = 0.0,
+                modality: str = "DX") -> None:
+    """A 12-bit grayscale DICOM of `pixels` with the given rescale, photometric interpretation and modality."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = modality, "test"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)

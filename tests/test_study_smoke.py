@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import subprocess
+import sys
+import zipfile
 from itertools import combinations
 from pathlib import Path
 
@@ -9,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import write_dicom
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
 from spineseg.study.artifacts import read_table
@@ -193,29 +197,11 @@ def test_the_analysis_shows_the_article_and_the_differences(project):
         assert text in html, text
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, monochrome1: bool, slope: float, intercept: float) -> None:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "test"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 12, 11, 0
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(project, tmp_path):
     from PIL import Image
 
     from spineseg.data.radiographs import read_radiograph
-    from spineseg.study.apply import predict_radiographs
+    from spineseg.study.apply import InferenceOptions, predict_radiographs
     from spineseg.study.session import open_study
 
     inputs = tmp_path / "in"
@@ -223,7 +209,7 @@ def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(pr
     source = np.asarray(Image.open(next((project / "runs/smoke/data/d2/images").glob("*.png"))))
     Image.fromarray(source).save(inputs / "a.png")
     Image.fromarray(source).save(inputs / "ward" / "b.jpg", quality=95)
-    _write_dicom(inputs / "c.dcm", 4095 - source.astype(np.uint16) * 16, monochrome1=True, slope=1.0, intercept=0.0)
+    write_dicom(inputs / "c.dcm", 4095 - source.astype(np.uint16) * 16, monochrome1=True, slope=1.0, intercept=0.0)
     (inputs / "broken.png").write_bytes(b"not an image")
     # MONOCHROME1 is inverted back: the DICOM reads as the same picture as the PNG
     assert np.corrcoef(read_radiograph(inputs / "c.dcm").ravel(), source.ravel())[0, 1] > 0.99
@@ -231,7 +217,8 @@ def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(pr
     study = open_study("smoke", project_dir=project)
     out = tmp_path / "out"
     said = []
-    report = predict_radiographs(study, inputs, out, rule="soft", tta=True, probabilities=True, log=said.append)
+    options = InferenceOptions(study.cfg.device, study.cfg.precision, tta=True, threshold=study.cfg.stage4.threshold)
+    report = predict_radiographs(study, inputs, out, options, rule="soft", probabilities=True, log=said.append)
     assert sorted(report.written) == ["a", "c", "ward__b"] and list(report.failed) == [str(inputs / "broken.png")]
     table = pd.read_csv(out / "predictions.csv", dtype={"id": str})
     assert table["id"].tolist() == ["a", "c", "ward__b"] and (table["height"] == source.shape[0]).all()
@@ -240,8 +227,8 @@ def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(pr
         assert mask.shape == source.shape and set(np.unique(mask)) <= {0, 255}
         assert (out / "overlays" / f"{key}.png").is_file() and (out / "probabilities" / f"{key}.png").is_file()
     assert table.loc[0, "area_px"] == int((np.asarray(Image.open(out / "masks/a.png")) > 0).sum())
-    assert "3 written, 0 skipped (already done), 1 failed" in said[-1]
-    again = predict_radiographs(study, inputs, out, rule="soft", tta=True, probabilities=True, log=said.append)
+    assert said[-1].startswith("3 written") and "0 skipped (already done), 1 failed" in said[-1]
+    again = predict_radiographs(study, inputs, out, options, rule="soft", probabilities=True, log=said.append)
     assert sorted(again.skipped) == ["a", "c", "ward__b"] and not again.written
     assert pd.read_csv(out / "predictions.csv", dtype={"id": str})["id"].tolist() == ["a", "c", "ward__b"]
 
@@ -255,6 +242,7 @@ def test_predict_before_the_study_has_run_says_what_to_do(tmp_path):
     (tmp_path / "x.png").write_bytes(b"")
     with pytest.raises(StageOrderError, match="spineseg run --profile smoke"):
         predict_radiographs(open_study("smoke", project_dir=fresh), tmp_path / "x.png", tmp_path / "out")
+    assert not (fresh / "runs/smoke/data").exists()  # predict never makes the study's data
 
 
 def test_the_threshold_explorer_works_offline_in_the_rendered_analysis(project):
@@ -380,6 +368,51 @@ def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path
     without = open_study("smoke", {"two_stage.enabled": False}, project_dir=project)
     with pytest.raises(ConfigError, match="two_stage.enabled is false"):
         apply.predict_radiographs(without, tmp_path / "in", out, rule="max", two_stage=True)
+
+
+def _spineseg(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spineseg", *arguments], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_an_exported_bundle_predicts_anywhere_what_the_study_predicts(project, tmp_path):
+    from PIL import Image
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    stored = sorted((project / "runs/smoke/data/d2/images").glob("*.png"))[:2]
+    for path in stored:
+        shutil.copy(path, inputs / path.name)
+    tall = np.asarray(Image.open(stored[0]))
+    Image.fromarray(np.kron(tall, np.ones((3, 1), dtype=np.uint8))).save(inputs / "tall.png")  # not the stored size
+    made = _spineseg("export", "--profile", "smoke", "--out", str(tmp_path / "made/smoke.zip"), cwd=project)
+    assert made.returncode == 0, made.stderr
+    elsewhere = tmp_path / "elsewhere"  # no project at or above it
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "made/smoke.zip", elsewhere / "smoke.zip")
+    with zipfile.ZipFile(elsewhere / "smoke.zip") as bundle:
+        names = set(bundle.namelist())
+        card = bundle.read("MODEL_CARD.md").decode()
+    members = json.loads((project / "runs/smoke/stage4/learned.json").read_text())["models"]
+    assert {"bundle.json", "learned.json", "provenance.json", "MODEL_CARD.md"} <= names
+    assert sum(name.startswith("members/") and name.endswith("/model.json") for name in names) == len(members)
+    for heading in ("## Data and splits", "95 % bootstrap CI", "## Intended use", "## Known failure modes"):
+        assert heading in card, heading
+
+    inside = _spineseg("predict", "--profile", "smoke", "--input", str(inputs), "--out", str(tmp_path / "inside"), cwd=project)
+    outside = _spineseg("predict", "--model", "smoke.zip", "--input", str(inputs), "--out", "predicted", cwd=elsewhere)
+    assert inside.returncode == 0 and outside.returncode == 0, inside.stderr + outside.stderr
+    keys = sorted(path.name for path in (tmp_path / "inside/masks").glob("*.png"))
+    assert len(keys) == 3 and keys == sorted(path.name for path in (elsewhere / "predicted/masks").glob("*.png"))
+    for key in keys:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "inside/masks" / key)),
+                              np.asarray(Image.open(elsewhere / "predicted/masks" / key))), key
+    columns = ["id", "rule", "threshold", "area_px", "disagreement"]
+    assert pd.read_csv(tmp_path / "inside/predictions.csv")[columns].equals(pd.read_csv(elsewhere / "predicted/predictions.csv")[columns])
+    project_run = _spineseg("predict", "--profile", "smoke", "--input", str(inputs), "--out", "x", cwd=elsewhere)
+    assert project_run.returncode == 2 and "--project DIR" in project_run.stderr and "--model" in project_run.stderr
+    named = _spineseg("predict", "--profile", "smoke", "--project", str(project), "--input", str(inputs), "--out", "x",
+                      cwd=elsewhere)
+    assert named.returncode == 0, named.stderr
 
 
 def test_pretrained_encoders_are_compared_with_their_from_scratch_twins(project):

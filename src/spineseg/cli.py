@@ -1,4 +1,5 @@
-"""Command line: ``spineseg data synth|aasce``, ``spineseg run``, ``spineseg predict``, ``spineseg bench``."""
+"""Command line: ``spineseg data synth|aasce``, ``spineseg run``, ``spineseg predict``, ``spineseg export``,
+``spineseg report``, ``spineseg bench``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spineseg.errors import SpinesegError
+from spineseg.errors import ConfigError, SpinesegError
 
 
 def _size(text: str):
@@ -44,16 +45,39 @@ def _run(args) -> None:
     run_study(find_project(), args.profile, parse_stages(args.stages), overrides)
 
 
-def _predict(args) -> int:
-    from spineseg.study.apply import predict_radiographs
+def _study(args):
+    """The profile's study in --project (or the project this command runs in)."""
     from spineseg.study.session import find_project, open_study
 
-    study = open_study(args.profile, project_dir=find_project())
-    report = predict_radiographs(study, args.input, args.out, rule=args.rule, threshold=args.threshold, tta=args.tta,
-                                 probabilities=args.probabilities, batch_size=args.batch_size, two_stage=args.two_stage)
-    for source, reason in report.failed.items():
-        print(f"spineseg: could not read {source}: {reason}", file=sys.stderr)
+    try:
+        project = find_project(args.project)
+    except ConfigError as exc:
+        bundle = ", or predict with a bundle: --model FILE.zip" if args.command == "predict" else ""
+        raise ConfigError(f"{exc}; name the project with --project DIR{bundle}") from None
+    return open_study(args.profile or "quick", project_dir=project)
+
+
+def _predict(args) -> int:
+    from contextlib import nullcontext
+
+    from spineseg.study.apply import InferenceOptions, predict_with
+    from spineseg.study.bundle import open_bundle, study_ensemble
+
+    if args.model and (args.profile or args.project):
+        raise ConfigError("--model runs a bundle on its own: leave out --profile and --project")
+    study = None if args.model else _study(args)
+    with open_bundle(args.model) if args.model else nullcontext(study_ensemble(study)) as found:
+        device = args.device or (study.cfg.device if study else "auto")
+        threshold = found.threshold if args.threshold is None else args.threshold
+        options = InferenceOptions(device, found.precision, args.tta, args.batch_size, threshold, args.any_modality)
+        report = predict_with(found, args.input, args.out, options, args.rule, args.probabilities, args.two_stage)
     return 1 if report.failed and not (report.written or report.skipped) else 0  # nothing usable came of it
+
+
+def _export(args) -> None:
+    from spineseg.study.bundle import export_bundle
+
+    print(export_bundle(_study(args), args.out, force=args.force))
 
 
 def _report(args) -> None:
@@ -98,18 +122,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile value, e.g. stage2.repeats=3")
     run.set_defaults(func=_run)
 
-    predict = commands.add_parser("predict", help="segment Th8–Th11 on new radiographs with a study's ensemble")
-    predict.add_argument("--profile", default="quick", help="the study whose stage-3 models to use (run it first)")
+    predict = commands.add_parser("predict", help="segment Th8–Th11 on new radiographs with a study's ensemble or a bundle")
+    predict.add_argument("--model", type=Path, help="a bundle from `spineseg export` (.zip or its unpacked folder): "
+                                                    "runs anywhere, without the project")
+    predict.add_argument("--profile", help="the study whose stage-3 models to use (default quick; run it first)")
+    predict.add_argument("--project", type=Path, help="the project folder of --profile (default: the one this runs in)")
     predict.add_argument("--input", required=True, type=Path, help="a PNG, JPEG or DICOM file, or a folder of them")
     predict.add_argument("--out", required=True, type=Path)
     predict.add_argument("--rule", help="ensemble rule (default soft voting; with --two-stage, the locator stage 4 chose)")
-    predict.add_argument("--threshold", type=float, help="T (default: the profile's stage4.threshold)")
+    predict.add_argument("--threshold", type=float, help="T (default: the study's stage4.threshold)")
     predict.add_argument("--tta", action="store_true", help="also predict each mirror image, and average")
     predict.add_argument("--probabilities", action="store_true", help="also write 16-bit probability maps")
     predict.add_argument("--batch-size", type=int, default=4)
     predict.add_argument("--two-stage", action="store_true",
                          help="let the study's crop model outline the region in a box around the rule's mask")
+    predict.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the profile's; auto for a bundle)")
+    predict.add_argument("--any-modality", action="store_true",
+                         help="also read DICOMs that are not projection radiographs (CR, DX, RG)")
     predict.set_defaults(func=_predict)
+
+    export = commands.add_parser("export", help="write a study's ensemble as a bundle that `predict --model` runs anywhere")
+    export.add_argument("--profile", default="quick")
+    export.add_argument("--project", type=Path, help="the project folder (default: the one this runs in)")
+    export.add_argument("--out", required=True, type=Path, help="the bundle, a .zip file")
+    export.add_argument("--force", action="store_true", help="replace an existing --out file")
+    export.set_defaults(func=_export)
 
     report = commands.add_parser("report", help="the rendered study as HTML without code, for readers")
     report.add_argument("--profile", default="quick")

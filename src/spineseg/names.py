@@ -55,6 +55,11 @@ OPTIMIZER_NAMES = ("adam", "rmsprop", "adamax")
 # Arithmetic of training and inference (`spineseg.device.autocast`).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+
+def is_device(name: str) -> bool:
+    """Whether `name` is a device a profile or a command may ask for: auto, cpu, cuda or cuda:<index>."""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+
 DATASET_NAMES = MappingProxyType({"d1": "Dataset 1", "d2": "Dataset 2"})
 
 

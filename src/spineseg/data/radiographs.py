@@ -2,7 +2,11 @@
 
 DICOM pixel data get the modality rescale (slope and intercept) and, for MONOCHROME1 (bone dark),
 an inversion, so bone is bright as in the training images; the result is scaled by its own range.
-PNG and JPEG read as the dataset loader reads them (16-bit PNGs by the bits they use).
+PNG and JPEG read as the dataset loader reads them (16-bit PNGs by the bits they use). A DICOM whose
+modality is not a projection radiograph (a CT slice, an MR image, ...) is refused unless asked for.
+
+`model_input` is the one way a radiograph becomes a model's input, for the study's loader and for
+``spineseg predict`` alike.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from spineseg.data.dataset import read_image
+from spineseg.data.dataset import Size, as_hw, read_image
+from spineseg.data.dataset import _resize as resize  # the study loader's resize, so that predict feeds what it validated
 from spineseg.errors import DatasetError
 
+PROJECTION_MODALITIES = ("CR", "DX", "RG")  # computed, digital and film radiography
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
@@ -32,26 +38,48 @@ def find_radiographs(source: str | Path) -> list[Path]:
     return found
 
 
-def read_radiograph(path: Path) -> np.ndarray:
-    """One radiograph as float64 [H, W] in [0, 1]; a clear `DatasetError` when it cannot be read."""
+def model_input(image: np.ndarray, size: Size) -> np.ndarray:
+    """An image [H, W] in [0, 1] as a model of input `size` sees it: PIL's bilinear resize (area-aware when
+    shrinking, as the study's loader resizes its stored images), clipped to [0, 1], float32."""
+    return np.clip(resize(image, as_hw(size), nearest=False), 0.0, 1.0).astype(np.float32)
+
+
+def read_radiograph(path: Path, any_modality: bool = False) -> np.ndarray:
+    """One radiograph as float64 [H, W] in [0, 1]; a clear `DatasetError` when it cannot be read.
+
+    A DICOM of another modality than `PROJECTION_MODALITIES` is refused unless `any_modality`."""
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
-        return _read_dicom(path)
+        return _read_dicom(path, any_modality)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return read_image(path)
     raise DatasetError(f"{path}: not a PNG, JPEG or DICOM file")
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+DICOM_PROBLEMS = (AttributeError, ValueError, RuntimeError, OSError, NotImplementedError)
+
+
+def _unreadable(path: Path, exc: Exception) -> DatasetError:
+    return DatasetError(f"{path}: unreadable DICOM ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+
+
+def _read_dicom(path: Path, any_modality: bool) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_rescale
 
     try:
         dataset = pydicom.dcmread(path)
+    except (InvalidDicomError, *DICOM_PROBLEMS) as exc:
+        raise _unreadable(path, exc) from None
+    modality = str(getattr(dataset, "Modality", "") or "none")
+    if not any_modality and modality not in PROJECTION_MODALITIES:  # refused before its pixels are decoded
+        raise DatasetError(f"{path}: DICOM modality {modality}, not a projection radiograph "
+                           f"({', '.join(PROJECTION_MODALITIES)}); --any-modality reads it anyway")
+    try:
         pixels = np.asarray(apply_rescale(dataset.pixel_array, dataset), dtype=np.float64)
-    except (InvalidDicomError, AttributeError, ValueError, RuntimeError, OSError, NotImplementedError) as exc:
-        raise DatasetError(f"{path}: unreadable DICOM ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    except DICOM_PROBLEMS as exc:
+        raise _unreadable(path, exc) from None
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         pixels = pixels[..., :3].mean(axis=-1)
     if pixels.ndim != 2:

@@ -1,23 +1,26 @@
-"""Using a study's ensemble on new radiographs: ``spineseg predict`` and `predict_radiographs`.
+"""Using an ensemble on new radiographs: ``spineseg predict`` and `predict_radiographs`.
 
-The stage-3 models the study selected are loaded once (nothing is retrained). Each image is read
-(PNG, JPEG or DICOM), every member predicts at its own input size, the probabilities are resampled to
-the image's own size and combined by the chosen rule (with ``--two-stage``, the study's crop model then
-outlines the region in a box around that mask). For each image the output folder gets a mask
-(0/255 PNG at the image's size), an overlay, optionally the probability map, and a row of
-``predictions.csv``. Reading the next batch and writing the last one overlap the forward passes.
-Every file is written atomically; a rerun skips images whose outputs exist; an unreadable file is
-reported and skipped.
+The ensemble is a study's (its selected stage-3 models, found from its records: no data are read or
+made) or a bundle's (`spineseg.study.bundle`); either way each member loads from its self-describing
+model folder, once. Each image is read (PNG, JPEG or DICOM), resized as the study resized its images
+(`spineseg.data.radiographs.model_input`: to the stored grid, then to each member's input size), every
+member predicts, the probabilities are resampled to the image's own size and combined by the chosen
+rule (with ``--two-stage``, the crop model then outlines the region in a box around that mask). For each
+image the output folder gets a mask (0/255 PNG at the image's size), an overlay, optionally the
+probability map, and a row of ``predictions.csv``, which is rewritten after every batch. Reading the next
+batch and writing the last one overlap the forward passes. Every file is written atomically; a rerun
+skips images whose outputs exist; a file that cannot be read is reported once and skipped; an empty mask
+is reported per image and counted in the summary.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +31,16 @@ from tqdm.auto import tqdm
 
 from spineseg import atomic
 from spineseg.crops import CropGeometry, refine
-from spineseg.data.dataset import stored_size
-from spineseg.data.radiographs import find_radiographs, read_radiograph
+from spineseg.data.radiographs import find_radiographs, model_input, read_radiograph
 from spineseg.device import pick_device
 from spineseg.ensemble import combine, disagreement
 from spineseg.errors import ConfigError, SpinesegError, StageOrderError
-from spineseg.names import EXTRA_RULES, RULES
+from spineseg.names import EXTRA_RULES, PRECISIONS, RULES, is_device
 from spineseg.predict import predict, resample
+from spineseg.saved_models import load_model
+from spineseg.study.artifacts import read_table
+from spineseg.study.bundle import EnsembleFolders, study_ensemble
 from spineseg.study.session import Study
-from spineseg.study.stage0_data import prepare_data
-from spineseg.study.stage3_final import ensemble_members, trained_crop_model
-from spineseg.study.stage4_ensembles import members_validation_dsc
-from spineseg.study.store import load_trained
 
 MASKS, OVERLAYS, PROBABILITIES, TABLE = "masks", "overlays", "probabilities", "predictions.csv"
 TWO_STAGE_SUFFIX = "+crop"  # a rule's name in predictions.csv when the crop model outlined its mask
@@ -56,9 +57,114 @@ class PredictionReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # source file → reason
+    empty: list[str] = field(default_factory=list)  # written with an all-empty mask
 
     def summary(self) -> str:
-        return f"{len(self.written)} written, {len(self.skipped)} skipped (already done), {len(self.failed)} failed"
+        empty = f" ({len(self.empty)} with an empty mask: {', '.join(self.empty)})" if self.empty else ""
+        return f"{len(self.written)} written{empty}, {len(self.skipped)} skipped (already done), {len(self.failed)} failed"
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How an ensemble runs, as one value from the command line (or a notebook) to every forward pass."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    tta: bool = False  # also predict each mirror image, and average
+    batch_size: int = 4
+    threshold: float = 0.5
+    any_modality: bool = False  # read DICOMs that are not projection radiographs too
+
+    def __post_init__(self) -> None:
+        if not is_device(self.device):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:<index>")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"--threshold {self.threshold}: a probability threshold lies in [0, 1]")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of the ensemble, with the input size it was trained at."""
+
+    name: str
+    model: object
+    image_size: tuple[int, int]
+    weight: float = 1.0  # its best validation DSC, for weighted voting
+
+
+@dataclass(frozen=True)
+class CropModel:
+    """The crop model of the two-stage variant, how it cuts its boxes, and the grid its crops came from."""
+
+    model: object
+    geometry: CropGeometry
+    grid: tuple[int, int]  # dataset 1's stored size: a radiograph is cut there, as in training
+
+    def outline(self, at_grid: np.ndarray, located: np.ndarray, device) -> np.ndarray:
+        """The crop model's probabilities [H, W] around a located mask [H, W], at the mask's size."""
+        where = resample(located[None].astype(np.float32), self.grid, nearest=True) > 0.5
+        return np.clip(resample(refine(self.model, at_grid[None], where, self.geometry, device), located.shape)[0], 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """What `predict_files` applies: the members, the crop model if asked for, and how radiographs reach them."""
+
+    members: list[Member]
+    grid: tuple[int, int] | None = None  # the stored size of the study's images: a radiograph is resized there first
+    crop: CropModel | None = None
+
+    def inputs(self, image: np.ndarray) -> np.ndarray:
+        """A radiograph as the study stored its images (at the grid), from which each member's input is resized."""
+        return image.astype(np.float32) if self.grid is None else model_input(image, self.grid)
+
+
+def load_ensemble(found: EnsembleFolders, device, two_stage: bool = False) -> Ensemble:
+    """The models of a study or a bundle, each from its model folder; the crop model only when asked for."""
+    loaded = [(load_model(folder, device), weight) for folder, weight in found.members]
+    grids = {description.grid for (description, _), _ in loaded}
+    if len(grids) != 1:
+        raise ConfigError(f"the members of {found.origin} were trained on images stored at different sizes {sorted(map(str, grids))}")
+    members = [Member(description.name, model, description.input_size, weight) for (description, model), weight in loaded]
+    crop = None
+    if two_stage:
+        if found.crop is None:
+            raise ConfigError(f"--two-stage: {found.origin} has no trained crop model (two_stage.enabled is false, "
+                              f"stage 3 has not trained it, or, in a bundle, the two-stage variant did not win on validation)")
+        description, model = load_model(found.crop, device)
+        if description.crop is None or description.grid is None:
+            raise ConfigError(f"--two-stage: {found.crop} is not a crop model with the grid its crops were cut from")
+        crop = CropModel(model, description.crop, description.grid)
+    return Ensemble(members, grids.pop(), crop)
+
+
+def predict_radiographs(study: Study, source: str | Path, out: str | Path, options: InferenceOptions | None = None,
+                        rule: str | None = None, probabilities: bool = False, two_stage: bool = False,
+                        log=print) -> PredictionReport:
+    """Segment Th8–Th11 on every radiograph at `source` (a file or a folder) with the study's ensemble.
+
+    `options` default to the profile's device, precision and stage-4 threshold."""
+    found = study_ensemble(study)
+    options = options or InferenceOptions(study.cfg.device, found.precision, threshold=found.threshold)
+    return predict_with(found, source, out, options, rule, probabilities, two_stage, log)
+
+
+def predict_with(found: EnsembleFolders, source: str | Path, out: str | Path, options: InferenceOptions,
+                 rule: str | None = None, probabilities: bool = False, two_stage: bool = False,
+                 log=print) -> PredictionReport:
+    """`predict_files` with a study's or a bundle's models. With `two_stage`, the rule's mask (by default the
+    rule stage 4 chose as the locator on validation) is where the crop model outlines the region; otherwise
+    the rule defaults to soft voting."""
+    if two_stage and rule is None and found.locator is None:
+        raise StageOrderError(f"--two-stage without --rule: {found.origin} has no locating rule chosen by stage 4; "
+                              f"run stage 4 first, or give --rule")
+    rule = check_rule(rule or (found.locator if two_stage else "soft"))  # before the models load
+    device = pick_device(options.device)
+    return predict_files(load_ensemble(found, device, two_stage), source, out, options, rule, probabilities, log)
 
 
 def image_id(path: Path, root: Path) -> str:
@@ -87,31 +193,6 @@ def overlay(image: np.ndarray, mask: np.ndarray, made_by: str) -> np.ndarray:
     return np.asarray(drawn)
 
 
-def predict_radiographs(study: Study, source: str | Path, out: str | Path, rule: str | None = None,
-                        threshold: float | None = None, tta: bool = False, probabilities: bool = False,
-                        batch_size: int = 4, two_stage: bool = False, log=print) -> PredictionReport:
-    """Segment Th8–Th11 on every radiograph at `source` (a file or a folder) with the study's ensemble.
-
-    With `two_stage`, the rule's mask (by default the rule stage 4 chose as the locator on validation)
-    is where the study's crop model outlines the region; otherwise the rule defaults to soft voting.
-    """
-    threshold = study.cfg.stage4.threshold if threshold is None else float(threshold)
-    rule = rule or (_learned_locator(study) if two_stage else "soft")
-    check_arguments(rule, threshold, batch_size)  # before the models load
-    device = pick_device(study.cfg.device)
-    crop = _crop_model(study, device) if two_stage else None
-    return predict_files(_members(study), source, out, device, rule, threshold, tta, probabilities, batch_size,
-                         study.cfg.precision, log, crop)
-
-
-def check_arguments(rule: str, threshold: float, batch_size: int) -> None:
-    check_rule(rule)
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"--threshold {threshold}: a probability threshold lies in [0, 1]")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-
-
 def _keys(files: list[Path], source: Path) -> dict[str, Path]:
     """Each file's output id; two files that would write the same outputs are refused."""
     keys: dict[str, Path] = {}
@@ -128,133 +209,100 @@ def _same_settings(row: dict, rule: str, threshold: float, tta: bool) -> bool:
     return row["rule"] == rule and np.isclose(float(row["threshold"]), threshold) and str(row.get("tta")) == str(tta)
 
 
-def predict_files(members: list[Member], source: str | Path, out: str | Path, device, rule: str = "soft",
-                  threshold: float = 0.5, tta: bool = False, probabilities: bool = False, batch_size: int = 4,
-                  precision: str = "auto", log=print, crop: CropModel | None = None) -> PredictionReport:
-    """The pipeline behind `predict_radiographs`, for any members (the benchmark times it with untrained ones)."""
-    check_arguments(rule, threshold, batch_size)
-    label = f"{rule}{TWO_STAGE_SUFFIX}" if crop else rule  # how predictions.csv names what made each mask
-    weights = np.array([member.weight for member in members]) if rule == "weighted" else None
+def _inputs_below(source: Path, out: Path) -> list[Path]:
+    """The radiographs at `source`, less anything under `out` (a rerun must not read its own outputs back)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder for the masks, overlays and predictions.csv")
+    outputs = out.resolve()
+    return [path for path in find_radiographs(source) if not path.resolve().is_relative_to(outputs)]
+
+
+def predict_files(ensemble: Ensemble, source: str | Path, out: str | Path, options: InferenceOptions,
+                  rule: str = "soft", probabilities: bool = False, log=print) -> PredictionReport:
+    """The pipeline behind `predict_radiographs`, for any ensemble (the benchmark times it with untrained members)."""
+    check_rule(rule)
+    device = pick_device(options.device)
+    label = f"{rule}{TWO_STAGE_SUFFIX}" if ensemble.crop else rule  # how predictions.csv names what made each mask
+    weights = np.array([member.weight for member in ensemble.members]) if rule == "weighted" else None
     source, out = Path(source), Path(out)
-    files = _keys(find_radiographs(source), source)
-    done = pd.read_csv(out / TABLE, dtype={"id": str}) if (out / TABLE).is_file() else pd.DataFrame(columns=COLUMNS)
-    rows = {row["id"]: row for row in done.to_dict(orient="records")}
+    files = _keys(_inputs_below(source, out), source)
+    rows = {row["id"]: row for row in read_table(out / TABLE).to_dict(orient="records")} if (out / TABLE).is_file() else {}
     report = PredictionReport()
     todo = []
     for key, path in files.items():
-        finished = (key in rows and _same_settings(rows[key], label, threshold, tta)
+        finished = (key in rows and _same_settings(rows[key], label, options.threshold, options.tta)
                     and all((out / folder / f"{key}.png").is_file() for folder in _folders(probabilities)))
         (report.skipped.append(key) if finished else todo.append((key, path)))
     with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(todo), desc="predicting", unit="image") as bar:
-        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-        reading: Future | None = pool.submit(_read_batch, batches[0]) if batches else None
+        batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+        read = partial(_read_batch, ensemble, options.any_modality)
+        reading: Future | None = pool.submit(read, batches[0]) if batches else None
         writing: list[Future] = []
         for index in range(len(batches)):
             images, failures = reading.result()
-            reading = pool.submit(_read_batch, batches[index + 1]) if index + 1 < len(batches) else None
-            report.failed |= failures
-            per_member = [_member_probabilities(member, [image for _, _, image in images], device, tta, precision)
-                          for member in members]
-            for k, (key, path, image) in enumerate(images):
+            reading = pool.submit(read, batches[index + 1]) if index + 1 < len(batches) else None
+            for path, reason in failures.items():
+                report.failed[path] = reason
+                log(f"skipped {path}: {reason}")
+                bar.update(1)
+            per_member = [_member_probabilities(member, images, device, options) for member in ensemble.members]
+            for k, (key, path, image, at_grid) in enumerate(images):
                 probs = np.stack([member_probs[k] for member_probs in per_member])
-                mask, probability = combine(probs, rule, threshold, weights=weights), probs.mean(axis=0)
-                if crop is not None:
-                    probability = crop.outline(image, mask, device)
-                    mask = probability > threshold
-                rows[key] = _row(key, path, image, mask, label, threshold, tta, float(disagreement(probs, threshold)[1]))
-                writing.append(pool.submit(_write, out, key, image, mask, f"{label}, T = {threshold:g}",
+                mask, probability = combine(probs, rule, options.threshold, weights=weights), probs.mean(axis=0)
+                if ensemble.crop is not None:
+                    probability = ensemble.crop.outline(at_grid, mask, device)
+                    mask = probability > options.threshold
+                if not mask.any():
+                    report.empty.append(key)
+                    log(f"warning: {key}: empty mask (nothing reached T = {options.threshold:g}); see its overlay")
+                rows[key] = _row(key, path, image, mask, label, options.threshold, options.tta,
+                                 float(disagreement(probs, options.threshold)[1]))
+                writing.append(pool.submit(_write, out, key, image, mask, f"{label}, T = {options.threshold:g}",
                                            probability if probabilities else None))
                 report.written.append(key)
                 bar.update(1)
-            for failed in failures:
-                bar.update(1)
-                log(f"skipped {failed}: {failures[failed]}")
+            _write_table(out, rows)  # after each batch, so that a rerun after Ctrl-C resumes where this one stopped
         for job in writing:
             job.result()
-    atomic.write_csv(out / TABLE, pd.DataFrame(list(rows.values()), columns=COLUMNS).sort_values("id"))
+    _write_table(out, rows)
     log(f"{report.summary()} → {out}")
     return report
+
+
+def _write_table(out: Path, rows: dict[str, dict]) -> None:
+    atomic.write_csv(out / TABLE, pd.DataFrame(list(rows.values()), columns=COLUMNS).sort_values("id"))
 
 
 def _folders(probabilities: bool) -> tuple[str, ...]:
     return (MASKS, OVERLAYS, PROBABILITIES) if probabilities else (MASKS, OVERLAYS)
 
 
-@dataclass(frozen=True)
-class Member:
-    """One model of the ensemble, with the input size it was trained at."""
-
-    name: str
-    model: object
-    image_size: tuple[int, int]
-    weight: float = 1.0  # its best validation DSC, for weighted voting
-
-
-def _members(study: Study) -> list[Member]:
-    try:
-        specs = ensemble_members(study, prepare_data(study))
-    except StageOrderError as exc:
-        raise StageOrderError(f"the study `{study.name}` has no trained ensemble yet ({exc}); "
-                              f"run `spineseg run --profile {study.name}` first") from None
-    device = pick_device(study.cfg.device)
-    missing = [spec.folder_name() for spec in specs if not spec.files(study.layout.store).done.is_file()]
-    if missing:
-        raise StageOrderError(f"stage 3 of `{study.name}` has not finished ({', '.join(missing)}); "
-                              f"run `spineseg run --profile {study.name} --stages 3` first")
-    weights = members_validation_dsc(study, specs)
-    return [Member(spec.candidate, load_trained(study.layout.store, spec, device), spec.image_size, float(weight))
-            for spec, weight in zip(specs, weights)]
-
-
-@dataclass(frozen=True)
-class CropModel:
-    """The crop model of the two-stage variant, how it cuts its boxes, and the grid its crops came from."""
-
-    model: object
-    geometry: CropGeometry
-    grid: tuple[int, int]  # dataset 1's stored size: a radiograph is cut there, as in training
-
-    def outline(self, image: np.ndarray, located: np.ndarray, device) -> np.ndarray:
-        """The crop model's probabilities [H, W] around a located mask, at the image's own size."""
-        small = resample(image[None].astype(np.float32), self.grid)
-        where = resample(located[None].astype(np.float32), self.grid, nearest=True) > 0.5
-        return np.clip(resample(refine(self.model, small, where, self.geometry, device), image.shape)[0], 0.0, 1.0)
-
-
-def _crop_model(study: Study, device) -> CropModel:
-    data = prepare_data(study)
-    trained = trained_crop_model(study, data, device)
-    if trained is None:
-        raise ConfigError(f"--two-stage: the profile `{study.name}` has no crop model (two_stage.enabled is false)")
-    return CropModel(*trained, stored_size(data.d1, "train"))
-
-
-def _learned_locator(study: Study) -> str:
-    """The rule stage 4 put in front of the crop model, chosen on validation."""
-    learned = json.loads(study.layout.learned.read_text()) if study.layout.learned.is_file() else {}
-    if "two_stage_locator" not in learned:
-        raise StageOrderError(f"--two-stage without --rule: stage 4 of `{study.name}` has not chosen the locating rule; "
-                              f"run `spineseg run --profile {study.name} --stages 4` first, or give --rule")
-    return learned["two_stage_locator"]
-
-
-def _member_probabilities(member: Member, images: list[np.ndarray], device, tta: bool, precision: str) -> list[np.ndarray]:
-    """One member's Th8–Th11 probabilities for a batch of images of any sizes, each back at its own size."""
+def _member_probabilities(member: Member, images: list[tuple], device, options: InferenceOptions) -> list[np.ndarray]:
+    """One member's Th8–Th11 probabilities for a batch of images of any sizes, each back at its image's size."""
     if not images:
         return []
-    small = np.concatenate([resample(image[None].astype(np.float32), member.image_size) for image in images])
-    region = predict(member.model, small, device, batch_size=len(images), hflip=tta, precision=precision).region
-    return [np.clip(resample(r[None], image.shape), 0.0, 1.0)[0] for r, image in zip(region, images)]
+    small = np.stack([model_input(at_grid, member.image_size) for _, _, _, at_grid in images])
+    region = predict(member.model, small, device, batch_size=len(images), hflip=options.tta, precision=options.precision).region
+    return [np.clip(resample(r[None], image.shape), 0.0, 1.0)[0] for r, (_, _, image, _) in zip(region, images)]
 
 
-def _read_batch(batch: Iterable[tuple[str, Path]]) -> tuple[list[tuple[str, Path, np.ndarray]], dict[str, str]]:
+def _read_batch(ensemble: Ensemble, any_modality: bool, batch: Iterable[tuple[str, Path]]) -> tuple[list[tuple], dict[str, str]]:
+    """(id, path, image, image at the grid) of each readable file; the reason for each other one."""
     images, failures = [], {}
     for key, path in batch:
         try:
-            images.append((key, path, read_radiograph(path)))
-        except SpinesegError as exc:
-            failures[str(path)] = str(exc)
+            image = read_radiograph(path, any_modality)
+            images.append((key, path, image, ensemble.inputs(image)))
+        except (SpinesegError, Image.DecompressionBombError, MemoryError) as exc:
+            failures[str(path)] = _reason(path, exc)
     return images, failures
+
+
+def _reason(path: Path, exc: Exception) -> str:
+    """What went wrong with a file, without its path: the line that reports it names the path once."""
+    text = str(exc).replace(f"'{path}'", "").replace(str(path), "")
+    text = re.sub(r"\(\s*\)", "", re.sub(r"\s+\)", ")", re.sub(r"\s+", " ", text))).strip(" :")
+    return text if isinstance(exc, SpinesegError) else f"{type(exc).__name__}: {text or 'too large to decode'}"
 
 
 def _row(key: str, path: Path, image: np.ndarray, mask: np.ndarray, rule: str, threshold: float, tta: bool,

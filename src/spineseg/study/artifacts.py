@@ -16,10 +16,12 @@
         report/               the rendered notebooks as HTML without code (`spineseg report`)
     runs/bench/               report.md, report.json
     figures/<profile>/        <name>.png (300 dpi) and <name>.pdf
+    <any>.zip                 `spineseg export`: the ensemble as a bundle that predicts anywhere (`BundleFiles`)
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +212,38 @@ class Layout:
 
     def figure(self, name: str, suffix: str) -> Path:
         return self.figures_dir / f"{name}.{suffix}"
+
+
+@dataclass(frozen=True)
+class BundleFiles:
+    """The files of an exported ensemble (`spineseg.study.bundle`), under the zip's root or its unpacked folder."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        """How the parts fit: the members and their validation DSC, the crop model, T, the locating rule."""
+        return self.root / "bundle.json"
+
+    @property
+    def learned(self) -> Path:
+        return self.root / "learned.json"
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
+
+    @property
+    def card(self) -> Path:
+        return self.root / "MODEL_CARD.md"
+
+    def member(self, index: int, name: str) -> Path:
+        """A member's model folder (model.json, best.pt), numbered in the study's order."""
+        return self.root / "members" / f"{index}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}"
+
+    @property
+    def crop_model(self) -> Path:
+        return self.root / "crop_model"
 
 
 def bench_dir(project: Path) -> Path:

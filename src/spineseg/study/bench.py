@@ -163,7 +163,7 @@ def predict_bench(encoders: list[str], device: torch.device, size: int, n_images
 
     from PIL import Image
 
-    from spineseg.study.apply import Member, predict_files
+    from spineseg.study.apply import Ensemble, InferenceOptions, Member, predict_files
 
     models = [Segmenter(build_model(name)).to(device).eval() for name in encoders]
     members = [Member(name, model, (size, size)) for name, model in zip(encoders, models)]
@@ -177,7 +177,7 @@ def predict_bench(encoders: list[str], device: torch.device, size: int, n_images
         forwards = [ensemble_step([m], batch[k:k + 4], rules=()) for m in models for k in range(0, n_images, 4)]
         forward_s = mean_seconds(lambda: [f() for f in forwards], 1)
         started = time.perf_counter()
-        predict_files(members, inputs, Path(folder) / "out", device, log=lambda message: None)
+        predict_files(Ensemble(members), inputs, Path(folder) / "out", InferenceOptions(str(device)), log=lambda message: None)
         pipeline_s = time.perf_counter() - started
     return {"images": n_images, "models": len(models), "image_size": size, "forwards_s": forward_s,
             "predict_s": pipeline_s, "throughput_ratio": forward_s / pipeline_s, "target_ratio": 0.90}

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from spineseg.encoders import PAPER_ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder, has_imagenet_weights
 from spineseg.errors import ConfigError
-from spineseg.names import EXTRA_RULES, OPTIMIZER_NAMES, PRECISIONS, RULES, TARGETS
+from spineseg.names import EXTRA_RULES, OPTIMIZER_NAMES, PRECISIONS, RULES, TARGETS, is_device
 
 
 def _yaml_float(value: Any) -> Any:
@@ -39,7 +39,7 @@ def _unique(values: list) -> list:
 
 
 def _device(name: str) -> str:
-    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+    if is_device(name):
         return name
     raise ValueError("must be auto, cpu, cuda or cuda:<index>")
 
