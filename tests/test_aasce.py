@@ -396,6 +396,19 @@ def test_a_non_empty_output_folder_is_refused_unless_forced(src: Path, tmp_path:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
 
 
+@pytest.mark.parametrize("out_of", [lambda src: src, lambda src: src.parent, lambda src: src / "converted"],
+                         ids=["the source", "its parent", "inside it"])
+def test_an_output_folder_overlapping_the_source_is_refused_even_with_force(src: Path, out_of, capsys) -> None:
+    from spineseg.cli import main
+
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    out = out_of(src)
+    assert main(["data", "aasce", "--src", str(src), "--out", str(out), "--force", "--size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the output folder {out}" in err and f"the source {src}" in err
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # not a file lost, none added
+
+
 def test_a_truncated_source_image_stops_the_conversion_before_anything_changes(src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = convert(src, out, size=32)["training"]

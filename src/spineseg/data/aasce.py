@@ -44,6 +44,7 @@ from spineseg.data.dataset import (
     as_hw,
     fresh_output,
     read_manifest,
+    refuse_overlap,
     twins_between,
     write_dataset,
 )
@@ -285,11 +286,12 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
     different case numbers joined into one patient first; ``test`` becomes a test-only dataset.
     Every annotation and every source image of every split is read and checked before the first file is
     written, and the datasets are written beside ``out`` and moved into place when complete; a
-    non-empty ``out`` is refused unless ``force``. ``limit`` keeps the first images of each split, for
-    quick checks. Prints the summary it writes to ``out/conversion_summary.txt``. Returns the dataset
-    folder of each converted split.
+    non-empty ``out`` is refused unless ``force``, and an ``out`` that is, holds or lies in ``src``
+    always. ``limit`` keeps the first images of each split, for quick checks. Prints the summary it writes
+    to ``out/conversion_summary.txt``. Returns the dataset folder of each converted split.
     """
     src = Path(src)
+    refuse_overlap(out, src)
     unknown = [s for s in splits if s not in TEST_ONLY]
     if unknown:
         raise DatasetError(f"unknown AASCE split(s) {unknown}; the distribution has {list(TEST_ONLY)}")

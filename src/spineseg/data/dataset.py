@@ -164,6 +164,15 @@ def write_dataset(root: str | Path, name: str, samples: Iterable[Sample], *, tes
     return folder
 
 
+def refuse_overlap(out: str | Path, source: str | Path) -> None:
+    """Writing ``out`` replaces it: refuse when it is, holds or lies inside ``source``, which would be lost."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if out == source or out in source.parents or source in out.parents:
+        where = "is" if out == source else "holds" if out in source.parents else "lies inside"
+        raise DatasetError(f"the output folder {out} {where} the source {source}: writing it would delete or "
+                           f"mix with the source data; choose an output folder outside the source")
+
+
 @contextmanager
 def fresh_output(out: str | Path, force: bool = False) -> Iterator[Path]:
     """A temporary folder beside `out` to write datasets into, renamed to `out` when the block succeeds.
