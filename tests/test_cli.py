@@ -53,3 +53,21 @@ def test_sizes_on_the_command_line():
     assert _size("512") == 512 and _size("512x192") == (512, 192)
     with pytest.raises(argparse.ArgumentTypeError, match="HEIGHTxWIDTH"):
         _size("tall")
+
+
+def _project_with_shipped_profiles(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "params", tmp_path / "params")
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+
+
+def test_a_slurm_executor_without_sbatch_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    _project_with_shipped_profiles(tmp_path, monkeypatch)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert main(["run", "--profile", "smoke", "--set", "executor.kind=dask", "--set", "executor.cluster=slurm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spineseg: error: executor.cluster = 'slurm' but sbatch is not on PATH") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

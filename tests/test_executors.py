@@ -122,3 +122,13 @@ def test_the_executor_is_chosen_and_validated_in_the_profile(tmp_path):
     with pytest.raises(ConfigError, match="executor.slurm.gpus.*raise slurm.jobs"):
         load_profile(path, {"executor.slurm.gpus": 2})
     assert torch.get_num_threads() == 1
+
+
+def test_a_slurm_cluster_without_sbatch_is_refused_at_once(tmp_path, monkeypatch):
+    from spineseg.errors import ConfigError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    section = ExecutorSection(kind="dask", cluster="slurm")
+    with pytest.raises(ConfigError, match="executor.cluster = 'slurm' but sbatch is not on PATH"):
+        DaskExecutor(section)
+    DaskExecutor(section.model_copy(update={"address": "tcp://10.0.0.5:8786"}))  # a running scheduler needs no sbatch

@@ -11,6 +11,7 @@ import spineseg.study.store as store_module
 from conftest import write_rectangles
 from spineseg.crops import CropGeometry
 from spineseg.data import DatasetError, write_dataset
+from spineseg.errors import ConfigError
 from spineseg.study import stage0_data
 from spineseg.study.session import open_study
 from spineseg.study.stage0_data import StudyData, data_summary, prepare_data
@@ -55,6 +56,29 @@ def test_folder_source_without_manifest_names_it(tmp_path):
     _project(tmp_path, {"source": "folder", "d1": "mydata/empty"})
     with pytest.raises(DatasetError, match="manifest"):
         prepare_data(open_study("mine", project_dir=tmp_path))
+
+
+@pytest.mark.parametrize("data", [{"source": "aasce", "aasce_src": "runs/mine/data/boostnet_labeldata"},
+                                  {"source": "aasce", "aasce_src": "runs/mine"},
+                                  {"source": "folder", "d1": "runs/mine/data/d1"}], ids=["aasce inside", "aasce above", "folder"])
+def test_a_data_source_where_stage_0_writes_is_refused_before_anything_is_deleted(tmp_path, data):
+    _project(tmp_path, data)
+    source = tmp_path / (data.get("aasce_src") or data["d1"]) / "precious.jpg"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"a radiograph")
+    key = "data.aasce_src" if "aasce_src" in data else "data.d1"
+    with pytest.raises(ConfigError, match=f"{key} = .*overlaps .*runs/mine/data, the folder stage 0 writes"):
+        prepare_data(open_study("mine", project_dir=tmp_path))
+    assert source.read_bytes() == b"a radiograph"
+
+
+def test_a_missing_weights_file_is_refused_before_stage_0_writes(tmp_path):
+    _project(tmp_path, {"source": "synthetic", "d1_count": 20, "d2_count": 4, "size": 32})
+    profile = tmp_path / "params/mine.yaml"
+    profile.write_text(profile.read_text() + "stage1: {weights_path: nowhere.pt}\n")
+    with pytest.raises(ConfigError, match=f"stage1.weights_path: {tmp_path / 'nowhere.pt'} does not exist"):
+        prepare_data(open_study("mine", project_dir=tmp_path))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):

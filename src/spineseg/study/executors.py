@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -76,10 +77,19 @@ def _in_worker(fn: Callable, item: Any, threads: int, gpus: int) -> Any:
         return _Raised(exc)
 
 
+def check_executor(section: ExecutorSection) -> None:
+    """Refuse a cluster that cannot start here: without ``sbatch`` a SLURM cluster's jobs are never submitted,
+    and Dask would wait for their workers forever without a word."""
+    if section.kind == "dask" and not section.address and section.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("executor.cluster = 'slurm' but sbatch is not on PATH: run on a SLURM login node, give "
+                          "executor.address of a running Dask scheduler, or use executor.cluster: local")
+
+
 class DaskExecutor:
     """Each item one Dask task; the bar counts runs as they finish."""
 
     def __init__(self, section: ExecutorSection, desc: str = "runs"):
+        check_executor(section)
         self.section = section
         self.desc = desc
 

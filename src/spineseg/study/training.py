@@ -10,7 +10,7 @@ import pandas as pd
 
 from spineseg import atomic
 from spineseg.encoders import has_imagenet_weights
-from spineseg.errors import ConfigError, StageOrderError
+from spineseg.errors import StageOrderError
 from spineseg.study.artifacts import read_table
 from spineseg.study.config import Training
 from spineseg.study.executors import make_executor
@@ -28,18 +28,15 @@ def run_spec(study: Study, data: StudyData, stage: str, encoder: str, seed: int,
     """One run of `section`'s settings; the hyperparameters are read by name, declared only in the config.
 
     The encoder-less U-Net has no ImageNet weights: it trains from scratch beside pretrained encoders,
-    as in the article. `weights_path` (relative to the project) replaces the ImageNet download.
+    as in the article. `weights_path` (relative to the project; stage 0 checked that it exists) replaces
+    the ImageNet download.
     """
     values = {name: getattr(section, name) for name in _SETTINGS if hasattr(section, name)}
     train = TrainSettings(**{**values, "augment": augment, "seed": seed, "target": target,
                              "precision": study.cfg.precision, "optimizer": optimizer})
-    if weights_path:
-        path = (study.project / weights_path).resolve()
-        if not path.is_file():
-            raise ConfigError(f"{stage}.weights_path for {encoder}: {path} does not exist")
-        weights_path = str(path)
     return RunSpec(stage=stage, encoder=encoder, image_size=section.image_size, train=train, architecture=architecture,
-                   pretrained=pretrained if has_imagenet_weights(encoder) else "none", weights_path=weights_path or None,
+                   pretrained=pretrained if has_imagenet_weights(encoder) else "none",
+                   weights_path=str((study.project / weights_path).resolve()) if weights_path else None,
                    init=init, attention=attention, data=data.fingerprint)
 
 
