@@ -71,3 +71,16 @@ def test_a_slurm_executor_without_sbatch_is_one_line_before_any_work(tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("spineseg: error: executor.cluster = 'slurm' but sbatch is not on PATH") and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_profile_is_a_name_in_params_never_a_path(tmp_path, capsys, monkeypatch):
+    _project_with_shipped_profiles(tmp_path / "project", monkeypatch)
+    (tmp_path / "outside.yaml").write_text("description: outside\n")
+    for name in (str(tmp_path / "outside"), "../outside", "smoke/../smoke"):
+        for command in (["run", "--profile", name], ["report", "--profile", name]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert err == (f"spineseg: error: profile {name!r} is not a profile name: a profile is the name of a file in "
+                           f"{tmp_path / 'project/params'} without .yaml, never a path: aasce, paper, quick, smoke\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside.yaml", "project"]
+    assert not (tmp_path / "project/runs").exists()

@@ -146,3 +146,57 @@ def test_weights_per_encoder_and_scratch_twins(tmp_path):
                              ({"encoder_weights": {"EfficientNetLite0": "ImageNet"}}, "encoder_weights")]:
         with pytest.raises(ConfigError, match=fragment):
             load_profile(_write(tmp_path, {"stage2": {**stage2, **change}}))
+
+
+def _integer_keys(schema: dict, node: dict | None = None, prefix: str = "") -> list[str]:
+    """Every integer setting of the schema, as dotted keys (optional ones too)."""
+    node = schema if node is None else node
+    keys = []
+    for name, prop in node.get("properties", {}).items():
+        if "$ref" in prop:
+            keys += _integer_keys(schema, schema["$defs"][prop["$ref"].split("/")[-1]], f"{prefix}{name}.")
+        elif "integer" in {prop.get("type"), *(option.get("type") for option in prop.get("anyOf", []))}:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_every_integer_setting_has_an_upper_bound_that_the_error_names(tmp_path):
+    keys = _integer_keys(Profile.model_json_schema())
+    assert {"stage1.repeats", "stage2.batch_size", "data.d1_count", "analysis.n_boot", "executor.slurm.jobs"} <= set(keys)
+    for key in keys:
+        with pytest.raises(ConfigError) as info:
+            load_profile(_write(tmp_path, {}), {key: 10**10})
+        message = str(info.value)
+        assert message.startswith(f"--set {key}=10000000000: {key} = 10000000000: ") and len(message) < 200, message
+        assert "less than or equal to" in message or key == "executor.slurm.gpus", message
+    with pytest.raises(ConfigError, match=r"stage2.image_size = 100000: each side must be at most 8192 pixels"):
+        load_profile(_write(tmp_path, {"stage2": {"image_size": 100000}}))
+
+
+def test_a_yaml_merge_key_shares_settings_and_keys_given_twice_are_still_refused(tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text("stage1: &training\n  repeats: 2\n  max_epochs: 3\nstage3:\n  <<: *training\n  repeats: 1\n")
+    cfg = load_profile(path)
+    assert (cfg.stage1.repeats, cfg.stage1.max_epochs, cfg.stage3.repeats, cfg.stage3.max_epochs) == (2, 3, 1, 3)
+    path.write_text("stage1: &training\n  repeats: 2\nstage3:\n  <<: *training\n  repeats: 1\n  repeats: 4\n")
+    with pytest.raises(ConfigError, match="line 6: key 'repeats' is given twice"):
+        load_profile(path)
+
+
+def test_a_profile_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("description: Radiographies du thorax, série B\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 39 is 0xe9\); save it as UTF-8"):
+        load_profile(path)
+
+
+def test_an_alias_bomb_gives_a_short_message(tmp_path):
+    lines = ["stage2:", "  encoders:", "    - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"    - &l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, 6)]  # 9⁶ lols, 3.7 MB written out
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_profile(path)
+    message = str(info.value)
+    assert "stage2.encoders.0 = ['lol', 'lol', 'lol', 'lol', ...]: Input should be a valid string" in message
+    assert message.endswith("and 1 more") and len(message) < 1200

@@ -27,9 +27,27 @@ from pathlib import Path
 
 import pandas as pd
 
+from spineseg.errors import ConfigError
+
 TRAINING_STAGES = ("stage1", "stage2", "stage3")
 SCRATCH_TWINS = "stage2_scratch"  # the from-scratch copies of ImageNet-initialised stage-2 encoders
 TEXT_COLUMNS = {"id": str, "patient": str, "group": str, "encoder": str, "removed": str, "dataset": str}
+
+
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a file name in params/, never a path
+
+
+def known_profiles(project: Path) -> str:
+    """The profiles a project offers, for error messages: the names of its params/*.yaml."""
+    return ", ".join(sorted(path.stem for path in (Path(project) / "params").glob("*.yaml"))) or "none"
+
+
+def check_profile_name(project: Path, profile: str) -> str:
+    """A profile names its run folder, so a path (``/abs``, ``../x``) would write outside the project: refuse it."""
+    if not PROFILE_NAME.fullmatch(profile):
+        raise ConfigError(f"profile {profile[:80]!r} is not a profile name: a profile is the name of a file in "
+                          f"{Path(project) / 'params'} without .yaml, never a path: {known_profiles(project)}")
+    return profile
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -109,6 +127,9 @@ class Layout:
 
     project: Path
     profile: str
+
+    def __post_init__(self) -> None:
+        check_profile_name(self.project, self.profile)
 
     @property
     def run_dir(self) -> Path:

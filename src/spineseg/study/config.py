@@ -9,6 +9,7 @@ the ``--set``), before anything runs. Torch-free, so that validating a profile i
 from __future__ import annotations
 
 import copy
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,7 +35,7 @@ def _yaml_float(value: Any) -> Any:
 def _unique(values: list) -> list:
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
-        raise ValueError(f"lists {repeated} more than once")
+        raise ValueError(f"lists {shown(repeated)} more than once")
     return values
 
 
@@ -50,7 +51,7 @@ def _pair(value: Any) -> Any:
         return (value, value)
     if isinstance(value, (list, tuple)) and len(value) == 2:
         return tuple(value)
-    raise ValueError(f"must be a number or [height, width], got {value!r}")
+    raise ValueError("must be a number or [height, width]")
 
 
 def _at_least(minimum: int):
@@ -61,17 +62,36 @@ def _at_least(minimum: int):
     return check
 
 
+MAX_SIDE = 8192  # pixels: a typo beyond this would exhaust memory before it taught anything
+
+
+def _at_most_max_side(size: tuple[int, int]) -> tuple[int, int]:
+    if max(size) > MAX_SIDE:
+        raise ValueError(f"each side must be at most {MAX_SIDE} pixels, got {list(size)}")
+    return size
+
+
 def _multiple_of_32(size: tuple[int, int]) -> tuple[int, int]:
     if any(side % 32 for side in size):
         raise ValueError(f"each side must be a multiple of 32 (five U-Net downsamplings), got {list(size)}")
     return size
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
+def _count(low: int, high: int) -> Any:
+    """An integer setting in [low, high]: a slip like ``repeats=1000000000`` is refused, not run for years."""
+    return Annotated[int, Field(ge=low, le=high)]
+
+
+Repeats = _count(1, 1000)
+Epochs = _count(1, 10_000)
+BatchSize = _count(1, 1024)
+Threads = _count(0, 1024)
+Seed = _count(0, 2**32 - 1)  # numpy's seeds
 Fraction = Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, le=1)]
 LearningRate = Annotated[float, BeforeValidator(_yaml_float), Field(gt=0, lt=1)]
-StoredSize = Annotated[tuple[int, int], BeforeValidator(_pair), AfterValidator(_at_least(16))]
-TrainingSize = Annotated[tuple[int, int], BeforeValidator(_pair), AfterValidator(_at_least(32)), AfterValidator(_multiple_of_32)]
+StoredSize = Annotated[tuple[int, int], BeforeValidator(_pair), AfterValidator(_at_least(16)), AfterValidator(_at_most_max_side)]
+TrainingSize = Annotated[tuple[int, int], BeforeValidator(_pair), AfterValidator(_at_least(32)),
+                         AfterValidator(_at_most_max_side), AfterValidator(_multiple_of_32)]
 Target = Literal[TARGETS]  # type: ignore[valid-type]
 EncoderName = Annotated[str, AfterValidator(canonical_encoder)]
 ArchitectureName = Annotated[str, AfterValidator(canonical_architecture)]
@@ -88,10 +108,10 @@ class Section(BaseModel):
 
 class DataSection(Section):
     source: Literal["synthetic", "aasce", "folder"] = "synthetic"
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     size: StoredSize = 512  # stored image size, one side or [height, width] (synthetic, aasce)
-    d1_count: PositiveInt = 183
-    d2_count: PositiveInt = 58
+    d1_count: _count(1, 100_000) = 183
+    d2_count: _count(1, 100_000) = 58
     aasce_src: str = ""  # the boostnet_labeldata folder, relative to the project
     d1: str = ""  # source: folder — dataset folders, relative to the project
     d2: str = ""
@@ -110,14 +130,14 @@ class DataSection(Section):
 class Training(Section):
     """What every training stage sets: the run grid and the optimisation."""
 
-    repeats: PositiveInt
+    repeats: Repeats
     image_size: TrainingSize  # one side or [height, width]
-    batch_size: PositiveInt = 4
+    batch_size: BatchSize = 4
     lr: LearningRate
-    max_epochs: PositiveInt
-    patience: PositiveInt
+    max_epochs: Epochs
+    patience: Epochs
     coordinates: bool = False  # row and column planes as two more input channels
-    crop_height: Annotated[int, Field(ge=0)] = 0  # train on random full-width crops this tall (0: whole images)
+    crop_height: _count(0, MAX_SIDE) = 0  # train on random full-width crops this tall (0: whole images)
     tta_hflip: bool = False  # predict each image and its mirror image, and average
 
     @model_validator(mode="after")
@@ -132,11 +152,11 @@ class Stage1(Training):
     """U-Net with one encoder, with and without augmentation."""
 
     encoder: EncoderName = "VGG16"
-    repeats: PositiveInt = 50
+    repeats: Repeats = 50
     image_size: TrainingSize = 256
     lr: LearningRate = 1e-4
-    max_epochs: PositiveInt = 100
-    patience: PositiveInt = 10
+    max_epochs: Epochs = 100
+    patience: Epochs = 10
     pretrained: Pretrained = "imagenet"
     weights_path: str = ""  # a local encoder state dict instead of the ImageNet download
 
@@ -149,11 +169,11 @@ class Stage2(Training):
     # what each encoder learns: the article's binary mask, and/or every vertebra's level (`spineseg.objectives`)
     targets: Annotated[list[Target], AfterValidator(_unique)] = Field(default_factory=lambda: ["binary"], min_length=1)
     architecture: ArchitectureName = "unet"
-    repeats: PositiveInt = 10
+    repeats: Repeats = 10
     image_size: TrainingSize = 256
     lr: LearningRate = 1e-4
-    max_epochs: PositiveInt = 300
-    patience: PositiveInt = 25
+    max_epochs: Epochs = 300
+    patience: Epochs = 25
     augment: bool = True
     pretrained: Pretrained = "imagenet"
     # encoder → its weights, over `pretrained`: e.g. ImageNet for the EfficientNet-Lite encoders, whose
@@ -163,7 +183,7 @@ class Stage2(Training):
     # ImageNet-initialised encoders also trained from scratch with the same settings and budget: compared
     # in 05's pre-trained vs from-scratch table, never selected
     scratch_twins: Annotated[list[EncoderName], AfterValidator(_unique)] = Field(default_factory=list)
-    top_k: PositiveInt = 10
+    top_k: _count(1, 1000) = 10
     min_val_dsc: Fraction = 0.915
 
     def weights_of(self, encoder: str) -> str:
@@ -186,11 +206,11 @@ class Stage2(Training):
 class Stage3(Training):
     """The selected encoders retrained at the final size (architecture, augmentation, weights as stage 2)."""
 
-    repeats: PositiveInt = 1
+    repeats: Repeats = 1
     image_size: TrainingSize = 512
     lr: LearningRate = 1e-5
-    max_epochs: PositiveInt = 300
-    patience: PositiveInt = 25
+    max_epochs: Epochs = 300
+    patience: Epochs = 25
     init_from: Literal["imagenet", "stage2"] = "imagenet"  # the article does not say; see stage3_final
 
 
@@ -200,18 +220,18 @@ class TwoStage(Training):
 
     enabled: bool = False
     encoder: EncoderName = "EfficientNetB0"
-    repeats: PositiveInt = 1
+    repeats: Repeats = 1
     image_size: TrainingSize = (192, 96)  # the crop as the crop model sees it: [height, width]
-    batch_size: PositiveInt = 8
+    batch_size: BatchSize = 8
     lr: LearningRate = 1e-3
-    max_epochs: PositiveInt = 14
-    patience: PositiveInt = 6
+    max_epochs: Epochs = 14
+    patience: Epochs = 6
     augment: bool = True
     pretrained: Pretrained = "imagenet"
     margin: Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, le=4)] = 1.0  # vertebrae above and below
     jitter: Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, le=2)] = 0.4  # training shift, in vertebrae
     scale_jitter: Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, lt=1)] = 0.1  # training size change
-    copies: PositiveInt = 2  # jittered crops of each training image
+    copies: _count(1, 100) = 2  # jittered crops of each training image
 
     @model_validator(mode="after")
     def _crops_only(self) -> TwoStage:
@@ -228,13 +248,13 @@ class Stage4(Section):
     methods: Annotated[list[Rule], AfterValidator(_unique)] = Field(default_factory=lambda: list(RULES), min_length=1)
     extra_methods: Annotated[list[ExtraRule], AfterValidator(_unique)] = Field(default_factory=lambda: list(EXTRA_RULES))
     timing_size: StoredSize = 512
-    timing_repeats: PositiveInt = 10
-    timing_warmup: Annotated[int, Field(ge=0)] = 2
+    timing_repeats: _count(1, 1000) = 10
+    timing_warmup: _count(0, 100) = 2
 
 
 class Analysis(Section):
-    n_boot: Annotated[int, Field(ge=100)] = 2000
-    dpi: PositiveInt = 300
+    n_boot: _count(100, 100_000) = 2000
+    dpi: _count(1, 1200) = 300
     # add F1 as scikit-learn 1.3's f1_score(zero_division=1) scored it: does it explain the article's F1 ≠ DSC?
     paper_style_f1: bool = False
 
@@ -255,15 +275,15 @@ class Architectures(Section):
         default_factory=lambda: list(OPTIMIZER_NAMES), min_length=1)
     attention: bool = True  # also train the best pair with scSE attention in its decoder
     pruning: Annotated[list[PruningFraction], AfterValidator(_unique)] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
-    finetune_epochs: PositiveInt = 10
+    finetune_epochs: Epochs = 10
     finetune_lr_factor: Annotated[float, BeforeValidator(_yaml_float), Field(gt=0, le=1)] = 0.1
     timing_size: StoredSize = 512
-    repeats: PositiveInt | None = None
+    repeats: Repeats | None = None
     image_size: TrainingSize | None = None
-    batch_size: PositiveInt | None = None
+    batch_size: BatchSize | None = None
     lr: LearningRate | None = None
-    max_epochs: PositiveInt | None = None
-    patience: PositiveInt | None = None
+    max_epochs: Epochs | None = None
+    patience: Epochs | None = None
 
 
 def _one_gpu_per_job(gpus: int) -> int:
@@ -279,13 +299,13 @@ class Slurm(Section):
     queue: str = ""  # the partition
     account: str = ""
     walltime: str = "04:00:00"
-    cores: PositiveInt = 4
+    cores: _count(1, 1024) = 4
     memory: str = "16GB"
     # GPUs each job's worker offers (`--gres` goes in job_extra_directives): 0 or 1, since a task trains on the
     # worker's one GPU; for more GPUs ask for more jobs
     gpus: Annotated[int, AfterValidator(_one_gpu_per_job)] = 1
     job_extra_directives: list[str] = Field(default_factory=list)  # e.g. ["--gres=gpu:1"]
-    jobs: PositiveInt = 1
+    jobs: _count(1, 1000) = 1
 
 
 class ExecutorSection(Section):
@@ -294,10 +314,10 @@ class ExecutorSection(Section):
     kind: Literal["local", "dask"] = "local"
     address: str = ""  # a running Dask scheduler, e.g. tcp://10.0.0.5:8786; empty: start a cluster
     cluster: Literal["local", "slurm"] = "local"  # the cluster to start when there is no address
-    workers: Annotated[int, Field(ge=0)] = 0  # local cluster: processes (0: one per GPU, else 1)
-    threads_per_worker: PositiveInt = 1  # torch threads inside each task
-    gpus_per_task: Annotated[int, Field(ge=0)] = 1  # on workers that offer GPUs
-    retries: Annotated[int, Field(ge=0)] = 2  # a task lost with its worker runs again, resuming its checkpoint
+    workers: _count(0, 1024) = 0  # local cluster: processes (0: one per GPU, else 1)
+    threads_per_worker: _count(1, 1024) = 1  # torch threads inside each task
+    gpus_per_task: _count(0, 64) = 1  # on workers that offer GPUs
+    retries: _count(0, 100) = 2  # a task lost with its worker runs again, resuming its checkpoint
     slurm: Slurm = Field(default_factory=Slurm)
 
 
@@ -308,7 +328,7 @@ class Profile(Section):
     device: Annotated[str, AfterValidator(_device)] = "auto"
     # arithmetic: auto = fp16 autocast on CUDA (as the article), fp32 on a CPU; bf16 on request
     precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]
-    threads: Annotated[int, Field(ge=0)] = 0  # torch intra-op threads; 0 = every core
+    threads: Threads = 0  # torch intra-op threads; 0 = every core
     data: DataSection = Field(default_factory=DataSection)
     stage1: Stage1 = Field(default_factory=Stage1)
     stage2: Stage2 = Field(default_factory=Stage2)
@@ -329,11 +349,16 @@ class Profile(Section):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+    """A YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently).
+
+    Merge keys (``<<: *defaults``) work as in YAML 1.1: the mapping's own keys override the merged ones.
+    """
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
@@ -341,15 +366,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+ECHO_CHARS = 120  # the most of a value an error message repeats
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxlist, _ECHO.maxdict, _ECHO.maxstring, _ECHO.maxother = 2, 4, 4, 60, 60
+
+
+def shown(value: Any) -> str:
+    """A value as an error message repeats it: its repr, cut short, so a huge or self-repeating
+    value (a YAML alias bomb) never makes a megabyte line."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}…"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``stage2.repeats=3`` → ("stage2.repeats", 3); the value is read as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
+        raise ConfigError(f"override {shown(text)} must look like key.sub=value")
     key, raw = text.split("=", 1)
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override {shown(text)}: the value is not valid YAML ({_one_line(exc)})") from None
+
+
+def _one_line(exc: Exception, limit: int = 240) -> str:
+    """A parser's message on one line, cut short: PyYAML's quotes the offending text."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else f"{text[:limit]}…"
 
 
 def _nest(dotted: Mapping[str, Any]) -> dict:
@@ -387,12 +430,15 @@ def _known_keys(loc: tuple) -> list[str]:
 def _explain(error: dict, path: Path, overrides: Mapping[str, Any]) -> str:
     """One line: where the value came from, the dotted key, what is wrong, and the value."""
     key = ".".join(str(part) for part in error["loc"])
-    origin = next((f"--set {name}={value!r}" for name, value in overrides.items()
+    origin = next((f"--set {name}={shown(value)}" for name, value in overrides.items()
                    if key == name or key.startswith(f"{name}.") or name.startswith(f"{key}.")), str(path))
     if error["type"] == "extra_forbidden":
         return f"{origin}: unknown key {key}; known: {', '.join(_known_keys(error['loc']))}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{origin}: {key} = {error['input']!r}: {message}"
+    return f"{origin}: {key} = {shown(error['input'])}: {message}"
+
+
+MAX_ERRORS = 5  # mistakes named in one message; the rest are counted
 
 
 def load_profile(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Profile:
@@ -401,9 +447,11 @@ def load_profile(path: str | Path, overrides: Mapping[str, Any] | None = None) -
     if not path.is_file():
         raise ConfigError(f"profile file {path} does not exist")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(exc)})") from None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not isinstance(raw, Mapping):
@@ -412,4 +460,6 @@ def load_profile(path: str | Path, overrides: Mapping[str, Any] | None = None) -
     try:
         return Profile.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError("; ".join(_explain(error, path, overrides) for error in exc.errors())) from None
+        errors = exc.errors()
+        more = f"; and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
+        raise ConfigError("; ".join(_explain(error, path, overrides) for error in errors[:MAX_ERRORS]) + more) from None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from spineseg.errors import ConfigError
-from spineseg.study.artifacts import Layout
+from spineseg.study.artifacts import Layout, check_profile_name, known_profiles
 from spineseg.study.config import Profile, load_profile
 
 
@@ -38,7 +38,11 @@ def find_project(start: Path | None = None) -> Path:
 
 
 def profile_path(project: Path, profile: str) -> Path:
-    return Path(project) / "params" / f"{profile}.yaml"
+    """``params/<profile>.yaml``; a profile is the plain name of one of the files there, never a path."""
+    path = Path(project) / "params" / f"{check_profile_name(project, profile)}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"profile {profile!r}: {path} does not exist; the profiles: {known_profiles(project)}")
+    return path
 
 
 def open_study(profile: str = "quick", overrides: Mapping[str, Any] | None = None,
