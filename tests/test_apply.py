@@ -179,3 +179,15 @@ def test_an_overlay_outlines_the_mask_and_says_what_made_it():
     text = drawn[:30].astype(int)  # the rule and T, top left, yellow on black
     assert ((text[..., 0] > 200) & (text[..., 2] < 100)).sum() > 50 and (text == 0).all(axis=2).sum() > 50
     assert (overlay(image, mask, "soft, T = 0.5")[:30] != drawn[:30]).any()  # the text is what was asked
+
+
+def test_an_image_too_large_to_decode_is_one_line_and_the_run_goes_on(members, tmp_path, monkeypatch):
+    inputs = _folder(tmp_path / "in", ["huge.png"])
+    Image.fromarray(np.full((30, 30), 128, dtype=np.uint8)).save(inputs / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 80 x 48 is over twice the limit, as 180 MP is by default
+    said = []
+    report = predict_files(members, inputs, tmp_path / "out", CPU, log=said.append)
+    huge = str(inputs / "huge.png")
+    assert report.written == ["small"] and list(report.failed) == [huge]
+    assert report.failed[huge].startswith("DecompressionBombError: ")
+    assert [line for line in said if huge in line] == [f"skipped {huge}: {report.failed[huge]}"]
