@@ -265,6 +265,17 @@ def test_duplicate_ids_in_manifest_are_named(tiny_dataset):
     assert "duplicate" in message and dup in message and _names(message, tiny_dataset / MANIFEST)
 
 
+def test_an_id_pandas_would_read_as_missing_is_a_name_and_a_blank_id_is_refused(tiny_dataset):
+    frame = _manifest(tiny_dataset)
+    frame.loc[frame["split"] == "test", "id"] = ["NA", "nan", "null", "None"]
+    _write_manifest(tiny_dataset, frame)
+    assert load_split(tiny_dataset, "test", 64).ids == ("NA", "nan", "null", "None")
+    frame.loc[5, "id"] = " "
+    _write_manifest(tiny_dataset, frame)
+    message = _error(tiny_dataset)
+    assert "line(s) [7] have no id" in message and _names(message, tiny_dataset / MANIFEST)
+
+
 def test_write_dataset_refuses_duplicate_ids(tmp_path):
     samples = rectangle_samples(3)
     samples.append(samples[1])

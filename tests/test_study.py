@@ -81,6 +81,31 @@ def test_a_missing_weights_file_is_refused_before_stage_0_writes(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_ids_pandas_would_read_as_missing_survive_every_study_table(tmp_path):
+    """Stage 6's pruning resumes from its metrics.csv: image 'NA' must come back as 'NA', or Table 17 loses it."""
+    from spineseg.study import stage6_architectures as stage6
+    from spineseg.study.artifacts import read_table
+
+    write_rectangles(tmp_path / "mydata", "d1", 20)
+    _project(tmp_path, {"source": "folder", "d1": "mydata/d1"})
+    profile = tmp_path / "params/mine.yaml"
+    profile.write_text(profile.read_text() + "architectures: {pruning: []}\n")
+    study = open_study("mine", project_dir=tmp_path)
+    baseline = RunSpec(stage="stage6_decoders", encoder="MobileNetV2", image_size=(32, 32), data="x",
+                       train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=2, patience=2, augment=False, seed=0))
+    arch = study.cfg.architectures
+    settings = replace(baseline.train, lr=baseline.train.lr * arch.finetune_lr_factor, max_epochs=arch.finetune_epochs,
+                       patience=arch.finetune_epochs, seed=0)
+    finished = study.layout.stage_dir(stage6.PRUNING) / stage6._Pruned(baseline, 0.0, settings).folder_name
+    finished.mkdir(parents=True)
+    ids = ["NA", "nan", "null", "None", "N/A", "a"]
+    (finished / "metrics.csv").write_text("dataset,id,patient,dsc\n" + "".join(f"d1,{i},{i},0.5\n" for i in ids))
+    (finished / "summary.json").write_text(json.dumps({"fraction": 0.0, "group": "unpruned"}))
+    stage6.run_pruning(study, prepare_data(study), baseline)  # resumes: nothing to train
+    table = read_table(study.layout.stage_metrics(stage6.PRUNING))
+    assert list(table["id"]) == ids and list(table["patient"]) == ids and table["dsc"].notna().all()
+
+
 def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
     d1 = write_rectangles(tmp_path, "d1", 20)
     d2 = write_rectangles(tmp_path, "d2", 5, seed=1, test_only=True)

@@ -216,6 +216,9 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
         raise DatasetError(f"{path}: missing column(s) {missing}; expected at least {list(REQUIRED_COLUMNS)}")
     if frame.empty:
         raise DatasetError(f"{path}: the dataset is empty")
+    blank = [int(row) + 2 for row in np.flatnonzero(frame["id"].str.strip() == "")]  # file lines: header first, from 1
+    if blank:
+        raise DatasetError(f"{path}: line(s) {blank[:5]} have no id; every image needs one ('NA' is a name too)")
     dupes = sorted(set(frame.loc[frame["id"].duplicated(), "id"]))
     if dupes:
         raise DatasetError(f"{path}: duplicate id(s) {dupes}")

@@ -51,8 +51,11 @@ def check_profile_name(project: Path, profile: str) -> str:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """Read one of the study's CSV files: only empty cells are missing ('None', the plain U-Net, is a name)."""
-    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=TEXT_COLUMNS)
+    """Read one of the study's CSV files. Names (`TEXT_COLUMNS`) are text exactly as written: an image id
+    'NA', 'nan' or 'null' and 'None' (the plain U-Net) are names, never missing. Elsewhere only an empty
+    cell is missing."""
+    numbers = [column for column in pd.read_csv(path, nrows=0).columns if column not in TEXT_COLUMNS]
+    return pd.read_csv(path, keep_default_na=False, na_values={column: [""] for column in numbers}, dtype=TEXT_COLUMNS)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from spineseg.device import pick_device
 from spineseg.encoders import ARCHITECTURES, combination_problem
 from spineseg.names import METRICS
 from spineseg.stats import PATIENT_KEYS, format_wilcoxon, one_vs_rest, wilcoxon_family
+from spineseg.study.artifacts import read_table
 from spineseg.study.config import Stage2
 from spineseg.study.figures import save
 from spineseg.study.session import Study
@@ -149,7 +150,7 @@ def run_pruning(study: Study, data: StudyData, baseline: RunSpec) -> list[dict]:
         done = folder / "summary.json"
         if done.is_file():
             rows.append(json.loads(done.read_text()))
-            frames.append(pd.read_csv(folder / "metrics.csv", dtype={"id": str, "patient": str}))
+            frames.append(read_table(folder / "metrics.csv"))
             continue
         model = load_trained(study.layout.store, baseline, device)
         pruning.prune(model, fraction, val.images, model.objective.targets(val), device, baseline.train.batch_size)
