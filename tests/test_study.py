@@ -106,6 +106,31 @@ def test_ids_pandas_would_read_as_missing_survive_every_study_table(tmp_path):
     assert list(table["id"]) == ids and list(table["patient"]) == ids and table["dsc"].notna().all()
 
 
+def test_each_stage_records_its_own_provenance_and_a_partial_run_rewrites_only_its_stages(tmp_path):
+    from spineseg.study.session import start
+
+    write_rectangles(tmp_path / "mydata", "d1", 20)
+    _project(tmp_path, {"source": "folder", "d1": "mydata/d1"})
+    path = tmp_path / "runs/mine/provenance.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"profile": "mine", "overrides": {}, "time": "2024", "packages": {}}))  # before sections
+    start("mine", {"stage3.max_epochs": 2}, str(tmp_path), notebook="03_final_training")  # the full run
+    start("mine", {"stage1.repeats": 1}, str(tmp_path), notebook="00_data")  # a later `--stages 0` with other overrides
+    sections = json.loads(path.read_text())
+    assert set(sections) == {"00_data", "03_final_training"}
+    assert sections["03_final_training"]["overrides"] == {"stage3.max_epochs": 2}
+    assert sections["00_data"]["overrides"] == {"stage1.repeats": 1}
+
+
+def test_opening_a_study_leaves_torch_threads_alone(tmp_path, torch_single_thread):
+    import torch
+
+    _project(tmp_path, {"source": "folder", "d1": "mydata/d1"})
+    profile = tmp_path / "params/mine.yaml"
+    profile.write_text(profile.read_text().replace("threads: 1", "threads: 2"))
+    assert open_study("mine", project_dir=tmp_path).cfg.threads == 2 and torch.get_num_threads() == 1
+
+
 def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
     d1 = write_rectangles(tmp_path, "d1", 20)
     d2 = write_rectangles(tmp_path, "d2", 5, seed=1, test_only=True)

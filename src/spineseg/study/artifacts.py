@@ -1,7 +1,8 @@
 """Every file the study writes, named in one place.
 
     runs/<profile>/
-        provenance.json       what produced the results: code, packages, machine, overrides, time
+        provenance.json       what produced each stage's results, by notebook: code, packages, machine,
+                              overrides, time
         data/                 stage 0: the datasets (made or converted), source.json, checked_<dataset>.json,
                               twins_d1_d2.json
         train/<run>/          one folder per training run (`RunFiles`): model.json and best.pt describe and hold
@@ -140,7 +141,7 @@ class Layout:
 
     @property
     def provenance(self) -> Path:
-        """Code, packages, machine, profile and overrides of the last `spineseg run`."""
+        """Code, packages, machine, profile and overrides that last executed each stage notebook, by notebook."""
         return self.run_dir / "provenance.json"
 
     @property

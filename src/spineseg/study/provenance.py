@@ -1,20 +1,24 @@
 """What produced a study's results: code version, packages, machine, profile and overrides, time.
 
-`spineseg run` records it in ``runs/<profile>/provenance.json`` before the first notebook, and every
-rendered notebook starts with the same facts, so a reader of a table knows where it came from.
+Each stage notebook records the facts of its own execution as its section of ``runs/<profile>/provenance.json``
+(keyed by the notebook's name) and shows them at its top, so a reader of a table knows where it came from.
+A partial run (``--stages 0``) rewrites only the sections of the stages it ran: what made the other
+stages' files stays on record.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
-import sys
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from spineseg import atomic
 
@@ -57,13 +61,26 @@ def collect(project: Path, profile: str, overrides: Mapping[str, Any] | None, de
         "machine": f"{platform.machine()}, {platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores",
         "platform": platform.platform(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
     }
 
 
-def record(path: Path, facts: dict) -> dict:
-    atomic.write_json(path, facts)
+def record(path: Path, notebook: str, facts: dict) -> dict:
+    """Set one notebook's section of the provenance file, keeping the others; the lock makes two studies
+    that finish stages at once both land."""
+    with FileLock(path.with_name(f"{path.name}.lock")):
+        sections = _sections(path)
+        sections[notebook] = facts
+        atomic.write_json(path, sections)
     return facts
+
+
+def _sections(path: Path) -> dict:
+    """The recorded sections; a file from before sections (one run's facts, stages unknown) is dropped."""
+    try:
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    return {key: value for key, value in found.items() if isinstance(value, dict) and "time" in value}
 
 
 def markdown(facts: Mapping[str, Any]) -> str:

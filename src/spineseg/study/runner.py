@@ -18,7 +18,6 @@ from typing import Any
 
 from spineseg import atomic
 from spineseg.errors import ConfigError, NotebookFailed, StageOrderError
-from spineseg.study import provenance
 from spineseg.study.artifacts import Layout
 from spineseg.study.config import load_profile
 from spineseg.study.session import Study, profile_path
@@ -171,10 +170,8 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
 
     project = Path(project).resolve()
     layout = Layout(project, profile)
-    # Fail before anything runs: the profile, then every file of every split.
-    cfg = load_profile(profile_path(project, profile), overrides)
-    prepare_data(Study(cfg, layout))
-    provenance.record(layout.provenance, provenance.collect(project, profile, overrides, cfg.device, cfg.threads))
+    # Fail before anything runs: the profile, what it names (stage 0's checks), then every file of every split.
+    prepare_data(Study(load_profile(profile_path(project, profile), overrides), layout))
     # The kernel must be this interpreter, whatever `python` means on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     rendered = []

@@ -47,27 +47,26 @@ def profile_path(project: Path, profile: str) -> Path:
 
 def open_study(profile: str = "quick", overrides: Mapping[str, Any] | None = None,
                project_dir: str | Path | None = None) -> Study:
-    """Validate the profile (with overrides) and set torch's thread count from it."""
-    from spineseg.device import configure_threads
-
+    """Validate the profile (with overrides). Changes nothing: the entry points (a notebook's `start`, the
+    command line) set torch's thread count from ``study.cfg.threads``."""
     project = Path(project_dir).resolve() if project_dir else find_project()
-    study = Study(load_profile(profile_path(project, profile), overrides), Layout(project, profile))
-    configure_threads(study.cfg.threads)
-    return study
+    return Study(load_profile(profile_path(project, profile), overrides), Layout(project, profile))
 
 
-def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | None):
-    """The first cell of every notebook: open the study, locate its data, and say what runs."""
+def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | None, notebook: str):
+    """The first cell of every stage notebook: open the study, locate its data, and say what runs;
+    `notebook`'s section of the provenance file records this execution."""
     from IPython.display import Markdown, display
 
+    from spineseg.device import configure_threads
     from spineseg.study import provenance
     from spineseg.study.stage0_data import prepare_data
 
     study = open_study(profile, overrides, project_dir or None)
+    configure_threads(study.cfg.threads)
     data = prepare_data(study)
     facts = provenance.collect(study.project, study.name, overrides, study.cfg.device, study.cfg.threads)
-    if not study.layout.provenance.is_file():  # executed outside `spineseg run`
-        provenance.record(study.layout.provenance, facts)
+    provenance.record(study.layout.provenance, notebook, facts)
     display(Markdown(f"**Profile `{study.name}`** — {study.cfg.description}  \nArtifacts: `{study.layout.run_dir}`"))
     display(Markdown(provenance.markdown(facts)))
     return study, data
