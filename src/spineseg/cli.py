@@ -46,7 +46,8 @@ def _run(args) -> None:
 
 
 def _study(args):
-    """The profile's study in --project (or the project this command runs in)."""
+    """The profile's study in --project (or the project this command runs in), at its thread count."""
+    from spineseg.device import configure_threads
     from spineseg.study.session import find_project, open_study
 
     try:
@@ -54,7 +55,9 @@ def _study(args):
     except ConfigError as exc:
         bundle = ", or predict with a bundle: --model FILE.zip" if args.command == "predict" else ""
         raise ConfigError(f"{exc}; name the project with --project DIR{bundle}") from None
-    return open_study(args.profile or "quick", project_dir=project)
+    study = open_study(args.profile or "quick", project_dir=project)
+    configure_threads(study.cfg.threads)  # this entry point's one setting of torch's threads
+    return study
 
 
 def _predict(args) -> int:
