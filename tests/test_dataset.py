@@ -348,6 +348,25 @@ def test_edited_manifest_is_reread_not_served_from_cache(tiny_dataset):
     assert len(after) == 18 and len(before) == 4
 
 
+def test_an_image_replaced_in_place_is_read_again(tiny_dataset):
+    before = load_split(tiny_dataset, "test", 64)
+    assert load_split(tiny_dataset, "test", 64) is before  # unchanged files: kept in memory
+    _save_png(tiny_dataset / _first(tiny_dataset, "test")["image"], np.full((64, 64), 255))
+    after = load_split(tiny_dataset, "test", 64)
+    assert after.images[0].min() == 1.0 and before.images[0].min() < 1.0
+
+
+def test_loaded_splits_are_kept_within_a_memory_budget(tiny_dataset, monkeypatch):
+    def nbytes(split):
+        return split.images.nbytes + split.masks.nbytes
+
+    test, val = load_split(tiny_dataset, "test", 64), load_split(tiny_dataset, "val", 64)
+    monkeypatch.setattr(dataset_module, "SPLIT_CACHE_BYTES", nbytes(test) + nbytes(val))  # room for these two
+    assert load_split(tiny_dataset, "val", 64) is val and load_split(tiny_dataset, "test", 64) is test
+    load_split(tiny_dataset, "test", 32)  # one more: the least recently used (val) makes room
+    assert load_split(tiny_dataset, "test", 64) is test and load_split(tiny_dataset, "val", 64) is not val
+
+
 # ---------------------------------------------------------------------------------------------
 # the full check before any training, and the content fingerprint
 

@@ -15,10 +15,11 @@ import io
 import json
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -388,45 +389,94 @@ def stored_size(folder: str | Path, split: str) -> tuple[int, int]:
     return sizes.pop()
 
 
-@lru_cache(maxsize=16)
-def _load_split_cached(folder: str, split: str, size: tuple[int, int] | None, labels: bool, stamp: int) -> Split:
-    frame = read_manifest(folder)
-    rows = frame[frame["split"] == split]
+SPLIT_CACHE_BYTES = 2 * 2**30  # the most memory loaded splits keep between calls
+
+
+class _SplitCache:
+    """Loaded splits, least recently used dropped first beyond `SPLIT_CACHE_BYTES`, keyed by what was read:
+    the size and modification time of the manifest and of every file, so a file replaced in place is read again."""
+
+    def __init__(self) -> None:
+        self._splits: OrderedDict[tuple, tuple[tuple, Split]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, files: tuple) -> Split | None:
+        with self._lock:
+            found = self._splits.get(key)
+            if found is None or found[0] != files:
+                return None
+            self._splits.move_to_end(key)
+            return found[1]
+
+    def put(self, key: tuple, files: tuple, split: Split) -> None:
+        with self._lock:
+            self._splits[key] = (files, split)
+            self._splits.move_to_end(key)
+            while self._splits and sum(_nbytes(kept) for _, kept in self._splits.values()) > SPLIT_CACHE_BYTES:
+                self._splits.popitem(last=False)
+
+
+def _nbytes(split: Split) -> int:
+    return sum(array.nbytes for array in (split.images, split.masks, split.labels) if array is not None)
+
+
+_SPLITS = _SplitCache()
+
+
+def _read_split(folder: Path, rows: pd.DataFrame, split: str, size: tuple[int, int] | None, labels: bool) -> Split:
     if rows.empty:
-        raise DatasetError(f"{Path(folder) / MANIFEST}: split {split!r} is empty")
+        raise DatasetError(f"{folder / MANIFEST}: split {split!r} is empty")
     size = size or stored_size(folder, split)
-    labels = labels and "labels" in rows.columns and rows["labels"].astype(bool).all()
     images = np.empty((len(rows), *size), dtype=np.float32)
     masks = np.empty((len(rows), *size), dtype=np.uint8)
     label_maps = np.empty((len(rows), *size), dtype=np.uint8) if labels else None
     for k, row in enumerate(rows.itertuples()):
-        image_path, mask_path = Path(folder) / row.image, Path(folder) / row.mask
+        image_path, mask_path = folder / row.image, folder / row.mask
         image, mask = read_image(image_path), read_mask(mask_path)
         if image.shape != mask.shape:
             raise DatasetError(f"size mismatch: {image_path} is {image.shape[::-1]} but {mask_path} is {mask.shape[::-1]}")
         images[k] = np.clip(_resize(image, size, nearest=False), 0.0, 1.0)
         masks[k] = _resize(mask.astype(np.float32), size, nearest=True) > 0.5
         if label_maps is not None:
-            label_maps[k] = _resize(read_labels(Path(folder) / row.labels), size, nearest=True)
+            label_maps[k] = _resize(read_labels(folder / row.labels), size, nearest=True)
     for array in (images, masks, label_maps):
         if array is not None:
             array.flags.writeable = False  # shared by every caller through the cache
     patients = rows["patient"] if "patient" in rows.columns else rows["id"]
     patients = tuple(p or i for p, i in zip(patients, rows["id"]))
-    return Split(Path(folder).name, split, tuple(rows["id"]), images, masks, label_maps, patients)
+    return Split(folder.name, split, tuple(rows["id"]), images, masks, label_maps, patients)
+
+
+def _file_stamps(folder: Path, rows: pd.DataFrame, columns: list[str]) -> tuple:
+    """Size and modification time of the manifest and of every file a split reads: what its cache entry is valid for."""
+    paths = [folder / MANIFEST, *(folder / relative for column in columns for relative in rows[column])]
+    try:
+        return tuple((stat.st_size, stat.st_mtime_ns) for stat in map(Path.stat, paths))
+    except FileNotFoundError as exc:
+        raise DatasetError(f"missing file {exc.filename}") from None
 
 
 def load_split(folder: str | Path, split: str, size: Size | None = None, labels: bool = False) -> Split:
     """Load one split into memory, resized to ``size`` (a side or (height, width); None: as stored).
 
     Images are resized bilinearly, masks and label maps by nearest neighbour. ``labels`` also loads the
-    label maps, when every image of the split has one. Cached per process.
+    label maps, when every image of the split has one. Kept in memory (up to `SPLIT_CACHE_BYTES`) while
+    none of the files it was read from changes.
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of {list(SPLITS)}")
-    manifest = Path(folder) / MANIFEST
-    stamp = manifest.stat().st_mtime_ns if manifest.is_file() else 0
-    return _load_split_cached(str(Path(folder).resolve()), split, None if size is None else as_hw(size), bool(labels), stamp)
+    folder = Path(folder).resolve()
+    rows = read_manifest(folder)
+    rows = rows[rows["split"] == split]
+    labels = bool(labels) and "labels" in rows.columns and not rows.empty and rows["labels"].astype(bool).all()
+    size = None if size is None else as_hw(size)
+    key = (str(folder), split, size, labels)
+    files = _file_stamps(folder, rows, ["image", "mask", "labels"] if labels else ["image", "mask"])
+    cached = _SPLITS.get(key, files)
+    if cached is None:
+        cached = _read_split(folder, rows, split, size, labels)
+        _SPLITS.put(key, files, cached)
+    return cached
 
 
 def twins_between(first: str | Path, second: str | Path, threshold: float = TWIN_THRESHOLD) -> list[Twin]:
