@@ -337,6 +337,12 @@ def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
     stage4 = pd.read_csv(project / "runs/smoke/stage4/metrics_test.csv")
     assert set(stage4.loc[stage4["group"] == "two_stage", "dataset"]) == {"d1", "d2"}
     assert rule_name("two_stage") in pd.read_csv(project / "runs/smoke/tables/table10.csv", index_col=0).index
+    # its baseline: the best single model behind the same crop model, a row and a test, never a competitor
+    assert set(stage4.loc[stage4["group"] == "single_crop", "dataset"]) == {"d1", "d2"} and "single_crop" not in rules
+    assert rule_name("single_crop") in pd.read_csv(project / "runs/smoke/tables/table10.csv", index_col=0).index
+    tests = pd.read_csv(project / "runs/smoke/tables/wilcoxon.csv")
+    split = tests[tests["family"] == "two-stage: ensemble vs single locator"]
+    assert set(zip(split["a"], split["b"])) == {(rule_name("two_stage"), rule_name("single_crop"))}
     timing = pd.read_csv(project / "runs/smoke/stage4/timing.csv")
     assert timing["what"].str.startswith("Two-stage").sum() == 1
     crop_runs = list((project / "runs/smoke/train").glob("stage3-EfficientNetLite0-crop-imagenet-64x32px-s0-*/DONE"))

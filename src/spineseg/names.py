@@ -25,8 +25,10 @@ EXTRA_RULES = ("geometric", "majority", "weighted", "staple")
 TUNED = "tuned_soft"
 STACKING = "stacking"
 CALIBRATED = "calibrated_soft"
-# The two-stage variant: the validation-best rule locates Th8–Th11, a crop model outlines it.
+# The two-stage variant: the validation-best rule locates Th8–Th11, a crop model outlines it; and its baseline,
+# the validation-best single model behind the same crop model (two-stage vs it = the ensemble's share of the gain).
 TWO_STAGE = "two_stage"
+SINGLE_CROP = "single_crop"
 RULE_NAMES = MappingProxyType({
     "max": "Max",
     "min": "Min",
@@ -41,6 +43,7 @@ RULE_NAMES = MappingProxyType({
     STACKING: "Stacking (logistic)",
     CALIBRATED: "Calibrated soft voting",
     TWO_STAGE: "Two-stage (best rule + crop model)",
+    SINGLE_CROP: "Best single model + crop model",
 })
 
 # Stage 1's two arms, keyed by whether augmentation was on.

@@ -25,7 +25,7 @@ from spineseg.errors import StageOrderError
 from spineseg.identification import identification_table, level_accuracy, panoptic_quality
 from spineseg.metrics import dice, per_image
 from spineseg.models import parameter_count
-from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, STACKING, TUNED, TWO_STAGE, rule_name
+from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, SINGLE_CROP, STACKING, TUNED, TWO_STAGE, rule_name
 from spineseg.predict import Segmenter, ensemble_forward
 from spineseg.study.records import Learned
 from spineseg.study.session import Study
@@ -123,6 +123,8 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
         masks[CALIBRATED] = combine(calibrated(inputs.probs, temperatures), "soft", threshold)
         if two_stage is not None:
             masks[TWO_STAGE] = two_stage.masks(inputs)
+            best_model = inputs.probs[inputs.names.index(choice["best_model"])]
+            masks[SINGLE_CROP] = two_stage.outline(best_model > threshold, inputs.images)
         checks.append(rule_checks(inputs, masks, threshold, dataset))
         for rule, mask in masks.items():
             frames.append(_scored(mask, inputs, rule, dataset))
@@ -162,8 +164,11 @@ class TwoStage:
         return combine(probs, self.locator, self.threshold, weights=weights if self.locator == "weighted" else None)
 
     def masks(self, inputs: EnsembleInputs) -> np.ndarray:
-        located = self.locate(inputs.probs, inputs.val_dsc)
-        return refine(self.model, inputs.images, located, self.geometry, self.device) > self.threshold
+        return self.outline(self.locate(inputs.probs, inputs.val_dsc), inputs.images)
+
+    def outline(self, located: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """The crop model's masks [N, H, W] in boxes around `located` regions."""
+        return refine(self.model, images, located, self.geometry, self.device) > self.threshold
 
     def timing_step(self, members: list[Segmenter], weights: np.ndarray, image: torch.Tensor) -> Callable[[], np.ndarray]:
         """What one image costs: the members' forwards, the locating rule, then the crop model."""

@@ -23,6 +23,7 @@ from spineseg.names import (
     EXTRA_RULES,
     METRICS,
     RULES,
+    SINGLE_CROP,
     STACKING,
     TARGETS,
     TUNED,
@@ -59,7 +60,7 @@ STAGE_TABLES = {
 }
 SUMMARY_TABLES = {"table4": "table6", "table5": "table7"}  # min / max / mean over the models
 BOUNDARY_TABLES = {"table10": "d1", "table11": "d2"}
-ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING, CALIBRATED, TWO_STAGE]
+ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING, CALIBRATED, TWO_STAGE, SINGLE_CROP]
 # Encoder tables: the article's encoders in its order, each followed by its level-aware variant.
 # the article's encoders in its order, then the others (VGG16, the offline pre-trained EfficientNet-Lite, ...)
 CANDIDATE_ORDER = [candidate_name(encoder, target) for encoder in (*PAPER_ENCODERS, *EXTRA_ENCODERS) for target in TARGETS]
@@ -362,6 +363,10 @@ def wilcoxon_tests(study: Study) -> pd.DataFrame:
         soft = rule_name("soft")
         if extras:
             families.append(wilcoxon_family(named, one_vs_rest(soft, extras), family="new rules vs soft voting", **by_patient))
+        two_stage, single_crop = rule_name(TWO_STAGE), rule_name(SINGLE_CROP)
+        if {two_stage, single_crop} <= set(named["group"]):  # the same crop model behind the ensemble or one model
+            families.append(wilcoxon_family(named, [(two_stage, single_crop)], family="two-stage: ensemble vs single locator",
+                                            **by_patient))
         if stage3 is not None:
             both = pd.concat([named[named["group"] == soft], stage3], ignore_index=True)
             families.append(wilcoxon_family(both, one_vs_rest(soft, sorted(set(stage3["group"]))),
