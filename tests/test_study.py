@@ -290,3 +290,41 @@ def test_a_crop_model_trains_on_crops_around_the_region_and_leaves_scoring_to_st
     (train, val), = seen
     assert train.images.shape[1:] == val.images.shape[1:] == (64, 32)
     assert len(train) == 3 * 14 and len(val) == 2 and train.ids[:2] == (f"{train.ids[0][:-2]}#0", f"{train.ids[0][:-2]}#1")
+
+
+def test_overrides_that_change_results_get_their_own_run_folder(tmp_path):
+    from spineseg.study.artifacts import Layout, variant_name
+
+    assert variant_name("quick", {}) == "quick"
+    assert variant_name("quick", {"executor.kind": "dask", "threads": 1, "device": "cpu"}) == "quick"  # how, not what
+    threshold = variant_name("quick", {"stage4.threshold": 0.3, "threads": 1})
+    assert threshold.startswith("quick+") and threshold == variant_name("quick", {"stage4.threshold": 0.3})
+    assert threshold != variant_name("quick", {"stage4.threshold": 0.4})
+    layout = Layout.of(tmp_path, "quick", {"stage4.threshold": 0.3})
+    assert layout.run_dir == tmp_path / "runs" / threshold and layout.figures_dir == tmp_path / "figures" / threshold
+    assert layout.store == tmp_path / "runs/quick/train" and layout.data_dir == tmp_path / "runs/quick/data"  # shared
+    assert Layout.of(tmp_path, "quick", {"data.seed": 3}).data_dir == tmp_path / "runs" / variant_name("quick", {"data.seed": 3}) / "data"
+    assert Layout.of(tmp_path, "quick", {"stage4.threshold": 0.3}, in_place=True).run_dir == tmp_path / "runs/quick"
+
+
+def test_a_variant_starts_from_the_profiles_stages_before_the_first_it_changes(tmp_path):
+    from spineseg.study.session import seed_variant
+
+    _project(tmp_path, {"source": "synthetic", "size": 64, "d1_count": 20, "d2_count": 4})
+    base = open_study("mine", project_dir=tmp_path).layout
+    for folder in ("stage1", "stage2", "stage2_scratch", "stage3", "stage4"):
+        (base.stage_dir(folder)).mkdir(parents=True)
+        (base.stage_dir(folder) / "metrics_test.csv").write_text(f"{folder}\n")
+    overrides = {"stage3.max_epochs": 1}
+    study = open_study("mine", overrides, project_dir=tmp_path)
+    seed_variant(study, overrides)
+    variant = study.layout
+    assert variant.run_dir != base.run_dir
+    assert [f for f in ("stage1", "stage2", "stage2_scratch", "stage3", "stage4") if variant.stage_dir(f).is_dir()] == [
+        "stage1", "stage2", "stage2_scratch"]  # stage 3 and after are the variant's own to make
+    assert (variant.stage_dir("stage2") / "metrics_test.csv").read_text() == "stage2\n"
+    record = json.loads(variant.variant.read_text())
+    assert record["overrides"] == overrides and record["stages_copied"] == ["stage1", "stage2", "stage2_scratch"]
+    (base.stage_dir("stage2") / "metrics_test.csv").write_text("changed later\n")
+    seed_variant(study, overrides)  # copied once, when the variant is made
+    assert (variant.stage_dir("stage2") / "metrics_test.csv").read_text() == "stage2\n"

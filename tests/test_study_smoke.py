@@ -439,3 +439,29 @@ def test_pretrained_encoders_are_compared_with_their_from_scratch_twins(project)
     assert len(tests) == 4 and set(tests["family"]) == {"pre-trained vs from scratch"}  # 2 targets x 2 datasets
     rendered = (run_dir / "notebooks/05_analysis.ipynb").read_text()
     assert "Pre-trained vs from scratch" in rendered and "EfficientNetLite0 · ImageNet" in rendered
+
+
+def test_a_notebook_rerun_with_other_settings_leaves_the_study_as_it_was(project, tmp_path):
+    """The README's papermill call with an override writes a variant folder; runs/smoke is not touched."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from spineseg.study.artifacts import variant_name
+
+    def snapshot() -> dict:
+        folders = [project / "runs/smoke/stage4", project / "runs/smoke/tables"]
+        return {path: hashlib.sha1(path.read_bytes()).hexdigest() for folder in folders for path in sorted(folder.rglob("*"))
+                if path.is_file()}
+
+    before = snapshot()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([sys.executable, "-m", "papermill", "notebooks/04_ensembles.ipynb", str(tmp_path / "out.ipynb"),
+                    "-p", "profile", "smoke", "-y", "overrides: {stage4.threshold: 0.3}"],
+                   cwd=project, env=env, check=True, capture_output=True)
+    assert snapshot() == before
+    variant = project / "runs" / variant_name("smoke", {"stage4.threshold": 0.3})
+    assert (variant / "stage4/metrics_test.csv").is_file() and (variant / "stage3/metrics_test.csv").is_file()
+    assert json.loads((variant / "variant.json").read_text())["overrides"] == {"stage4.threshold": 0.3}
+    assert json.loads((variant / "provenance.json").read_text())["04_ensembles"]["overrides"] == {"stage4.threshold": 0.3}

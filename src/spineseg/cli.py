@@ -42,7 +42,7 @@ def _run(args) -> None:
     from spineseg.study.session import find_project
 
     overrides = dict(parse_override(text) for text in args.set or [])
-    run_study(find_project(), args.profile, parse_stages(args.stages), overrides)
+    run_study(find_project(), args.profile, parse_stages(args.stages), overrides, in_place=args.in_place)
 
 
 def _study(args):
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="quick")
     run.add_argument("--stages", help="e.g. 2,3 or 1-4 (default: all)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile value, e.g. stage2.repeats=3")
+    run.add_argument("--in-place", action="store_true",
+                     help="write into runs/<profile> even when --set changes results (default: runs/<profile>+<hash>)")
     run.set_defaults(func=_run)
 
     predict = commands.add_parser("predict", help="segment Th8–Th11 on new radiographs with a study's ensemble or a bundle")

@@ -15,16 +15,24 @@
         tables/               tableN.csv/.md/.tex, wilcoxon.csv, wilcoxon_readable.*
         notebooks/            the rendered notebooks, their HTML copies and <name>.timing.json
         report/               the rendered notebooks as HTML without code (`spineseg report`)
+    runs/<profile>+<hash>/    a variant: a run whose overrides change results (`variant_name`), with variant.json,
+                              its own stage folders (those before the first stage it changes copied from
+                              runs/<profile>/), tables, notebooks and provenance; trained runs stay in
+                              runs/<profile>/train, data in runs/<profile>/data unless it overrides data.*
     runs/bench/               report.md, report.json
-    figures/<profile>/        <name>.png (300 dpi) and <name>.pdf
+    figures/<profile>/        <name>.png (at analysis.dpi) and <name>.pdf; a variant's in figures/<profile>+<hash>/
     <any>.zip                 `spineseg export`: the ensemble as a bundle that predicts anywhere (`BundleFiles`)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -125,19 +133,67 @@ class RunFiles:
         return [(path.stem.split("_")[1], path) for path in sorted(self.folder.glob(f"metrics_*_{split}.csv"))]
 
 
+# Overrides of how a study runs, not of what it finds: with only these, a run writes into the profile's own folder.
+HOW_NOT_WHAT = ("executor", "threads", "device", "description")
+# The first stage whose results an override of a section changes; the stages before it are copied from the profile's run.
+FIRST_STAGE_CHANGED = {"data": 0, "precision": 1, "stage1": 1, "stage2": 2, "stage3": 3, "two_stage": 3, "stage4": 4,
+                       "analysis": 5, "architectures": 6}
+STAGE_FOLDERS = {"stage1": 1, "stage2": 2, SCRATCH_TWINS: 2, "stage3": 3, "stage4": 4}  # a stage's own results
+
+
+def result_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The overrides that change what a study finds (`HOW_NOT_WHAT` aside)."""
+    return {key: value for key, value in (overrides or {}).items() if key.split(".")[0] not in HOW_NOT_WHAT}
+
+
+def variant_name(profile: str, overrides: Mapping[str, Any] | None) -> str:
+    """The run folder's name: the profile, or ``<profile>+<hash>`` for overrides that change results, so a rerun
+    with other settings never rewrites the tables, figures and stage files of the profile's own run."""
+    changed = result_overrides(overrides)
+    if not changed:
+        return profile
+    digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{profile}+{digest}"
+
+
+def first_stage_changed(overrides: Mapping[str, Any] | None) -> int:
+    """The earliest stage the overrides change (7: none)."""
+    return min((FIRST_STAGE_CHANGED.get(key.split(".")[0], 0) for key in result_overrides(overrides)), default=7)
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Where one profile's artifacts live under a project folder."""
+    """Where one profile's artifacts live under a project folder: ``runs/<profile>/``, or a variant's
+    ``runs/<profile>+<hash>/`` (`variant_name`). Trained runs are shared: their folders are keyed by everything
+    that defines them. A variant keeps its own data only when it overrides the data settings."""
 
     project: Path
     profile: str
+    run: str = ""  # the run folder's name; empty: the profile's own
+    own_data: bool = False
 
     def __post_init__(self) -> None:
         check_profile_name(self.project, self.profile)
 
+    @classmethod
+    def of(cls, project: Path, profile: str, overrides: Mapping[str, Any] | None = None, in_place: bool = False) -> Layout:
+        """The layout a run with `overrides` writes to; `in_place` writes into the profile's own folder anyway."""
+        run = profile if in_place else variant_name(profile, overrides)
+        return cls(project, profile, run, own_data=run != profile and first_stage_changed(overrides) == 0)
+
+    @property
+    def base(self) -> Layout:
+        """The profile's own run, whose finished stages a variant starts from."""
+        return Layout(self.project, self.profile)
+
     @property
     def run_dir(self) -> Path:
-        return self.project / "runs" / self.profile
+        return self.project / "runs" / (self.run or self.profile)
+
+    @property
+    def variant(self) -> Path:
+        """In a variant's folder: the overrides that made it and the run it started from."""
+        return self.run_dir / "variant.json"
 
     @property
     def provenance(self) -> Path:
@@ -146,7 +202,7 @@ class Layout:
 
     @property
     def data_dir(self) -> Path:
-        return self.run_dir / "data"
+        return (self.run_dir if self.own_data else self.base.run_dir) / "data"
 
     @property
     def data_source(self) -> Path:
@@ -164,7 +220,7 @@ class Layout:
 
     @property
     def store(self) -> Path:
-        return self.run_dir / "train"
+        return self.base.run_dir / "train"
 
     @property
     def tables_dir(self) -> Path:
@@ -176,7 +232,7 @@ class Layout:
 
     @property
     def figures_dir(self) -> Path:
-        return self.project / "figures" / self.profile
+        return self.project / "figures" / (self.run or self.profile)
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage

@@ -20,7 +20,7 @@ from spineseg import atomic
 from spineseg.errors import ConfigError, NotebookFailed, StageOrderError
 from spineseg.study.artifacts import Layout
 from spineseg.study.config import load_profile
-from spineseg.study.session import Study, profile_path
+from spineseg.study.session import open_study, profile_path, seed_variant
 
 NOTEBOOKS = (
     "00_data",
@@ -72,9 +72,10 @@ def _kernel_manager_class():
     return QuietKernelManager
 
 
-def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, project: Path) -> dict[str, Any]:
+def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, project: Path, in_place: bool = False) -> dict[str, Any]:
     """What every stage notebook is called with (its parameters cell declares exactly these)."""
-    return {"profile": profile, "overrides": dict(overrides or {}), "project_dir": str(project), "interactive": False}
+    return {"profile": profile, "overrides": dict(overrides or {}), "project_dir": str(project), "in_place": in_place,
+            "interactive": False}
 
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # a live widget: in a page, tqdm's bar as plain text
@@ -156,9 +157,10 @@ def write_report(project: Path, profile: str) -> list[Path]:
 
 
 def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
-              overrides: Mapping[str, Any] | None = None, log=print, progress=sys.stderr) -> list[Path]:
+              overrides: Mapping[str, Any] | None = None, log=print, progress=sys.stderr, in_place: bool = False) -> list[Path]:
     """Validate the profile and check the data, then execute the chosen stage notebooks in order.
 
+    Overrides that change results write to a variant's own run folder (`Layout.of`) unless `in_place`.
     A notebook that raises, or whose kernel dies, stops the run with a `NotebookFailed` naming it;
     Ctrl-C stops it with KeyboardInterrupt. Either way a rerun resumes.
     """
@@ -169,9 +171,14 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
     from spineseg.study.stage0_data import prepare_data
 
     project = Path(project).resolve()
-    layout = Layout(project, profile)
+    study = open_study(profile, overrides, project, in_place)
+    layout = study.layout
+    if layout.run_dir != layout.base.run_dir:
+        log(f"[{profile}] these overrides change results: this run writes to {layout.run_dir} "
+            f"(--in-place writes to {layout.base.run_dir})")
+    seed_variant(study, overrides)
     # Fail before anything runs: the profile, what it names (stage 0's checks), then every file of every split.
-    prepare_data(Study(load_profile(profile_path(project, profile), overrides), layout))
+    prepare_data(study)
     # The kernel must be this interpreter, whatever `python` means on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     rendered = []
@@ -185,7 +192,7 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
             papermill.execute_notebook(
                 str(source), str(target), kernel_name="python3", cwd=str(source.parent), progress_bar=False,
                 stderr_file=progress,  # the notebooks' tqdm bars, live on the console
-                parameters=notebook_parameters(profile, overrides, project),
+                parameters=notebook_parameters(profile, overrides, project, in_place),
                 kernel_manager_class=_kernel_manager_class(),
             )
         except PapermillExecutionError as exc:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spineseg import atomic
 from spineseg.errors import ConfigError
-from spineseg.study.artifacts import Layout, check_profile_name, known_profiles
+from spineseg.study.artifacts import (
+    STAGE_FOLDERS,
+    Layout,
+    check_profile_name,
+    first_stage_changed,
+    known_profiles,
+    result_overrides,
+)
 from spineseg.study.config import Profile, load_profile
 
 
@@ -46,14 +55,34 @@ def profile_path(project: Path, profile: str) -> Path:
 
 
 def open_study(profile: str = "quick", overrides: Mapping[str, Any] | None = None,
-               project_dir: str | Path | None = None) -> Study:
-    """Validate the profile (with overrides). Changes nothing: the entry points (a notebook's `start`, the
-    command line) set torch's thread count from ``study.cfg.threads``."""
+               project_dir: str | Path | None = None, in_place: bool = False) -> Study:
+    """Validate the profile (with overrides). Overrides that change results make a variant with its own run
+    folder (`Layout.of`) unless `in_place`. Changes nothing: the entry points (a notebook's `start`, the
+    command line) set torch's thread count from ``study.cfg.threads`` and seed a new variant."""
     project = Path(project_dir).resolve() if project_dir else find_project()
-    return Study(load_profile(profile_path(project, profile), overrides), Layout(project, profile))
+    return Study(load_profile(profile_path(project, profile), overrides), Layout.of(project, profile, overrides, in_place))
 
 
-def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | None, notebook: str):
+def seed_variant(study: Study, overrides: Mapping[str, Any] | None) -> None:
+    """A new variant starts from the profile's own finished stages before the first one its overrides change
+    (copied once, when the variant is made; `variant.json` says what and from where)."""
+    layout = study.layout
+    if layout.run_dir == layout.base.run_dir or layout.variant.is_file():
+        return
+    first = first_stage_changed(overrides)
+    copied = []
+    for folder, stage in STAGE_FOLDERS.items():
+        source = layout.base.stage_dir(folder)
+        if stage < first and source.is_dir():
+            shutil.copytree(source, layout.stage_dir(folder), dirs_exist_ok=True)
+            copied.append(folder)
+    atomic.write_json(layout.variant, {"profile": study.name, "overrides": result_overrides(overrides),
+                                       "copied_from": str(layout.base.run_dir), "stages_copied": copied,
+                                       "shared": [str(layout.store)] + ([] if layout.own_data else [str(layout.data_dir)])})
+
+
+def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | None, notebook: str,
+          in_place: bool = False):
     """The first cell of every stage notebook: open the study, locate its data, and say what runs;
     `notebook`'s section of the provenance file records this execution."""
     from IPython.display import Markdown, display
@@ -62,7 +91,8 @@ def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | 
     from spineseg.study import provenance
     from spineseg.study.stage0_data import prepare_data
 
-    study = open_study(profile, overrides, project_dir or None)
+    study = open_study(profile, overrides, project_dir or None, in_place)
+    seed_variant(study, overrides)
     configure_threads(study.cfg.threads)
     data = prepare_data(study)
     facts = provenance.collect(study.project, study.name, overrides, study.cfg.device, study.cfg.threads)
