@@ -345,6 +345,8 @@ def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
     assert set(zip(split["a"], split["b"])) == {(rule_name("two_stage"), rule_name("single_crop"))}
     timing = pd.read_csv(project / "runs/smoke/stage4/timing.csv")
     assert timing["what"].str.startswith("Two-stage").sum() == 1
+    assert timing["what"].is_unique and "EfficientNetLite0 (levels)" in set(timing["what"])  # binary and levels apart
+    assert "process_peak_rss_mb" in timing and "peak_memory_mb" not in timing  # on a CPU: one process peak, said so
     crop_runs = list((project / "runs/smoke/train").glob("stage3-EfficientNetLite0-crop-imagenet-64x32px-s0-*/DONE"))
     assert len(crop_runs) == 1
 
