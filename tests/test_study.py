@@ -328,3 +328,17 @@ def test_a_variant_starts_from_the_profiles_stages_before_the_first_it_changes(t
     (base.stage_dir("stage2") / "metrics_test.csv").write_text("changed later\n")
     seed_variant(study, overrides)  # copied once, when the variant is made
     assert (variant.stage_dir("stage2") / "metrics_test.csv").read_text() == "stage2\n"
+
+
+def test_a_notebook_shows_the_profiles_description_as_text(tmp_path, monkeypatch):
+    import IPython.display
+
+    from spineseg.study.session import start
+
+    _project(tmp_path, {"source": "synthetic", "size": 64, "d1_count": 20, "d2_count": 4})
+    profile = tmp_path / "params/mine.yaml"
+    profile.write_text(profile.read_text() + 'description: "<script>alert(1)</script> & co"\n')
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objects: shown.extend(o.data for o in objects))
+    start("mine", {}, str(tmp_path), notebook="00_data")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in shown[0] and "<script>" not in shown[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | 
     data = prepare_data(study)
     facts = provenance.collect(study.project, study.name, overrides, study.cfg.device, study.cfg.threads)
     provenance.record(study.layout.provenance, notebook, facts)
-    display(Markdown(f"**Profile `{study.name}`** — {study.cfg.description}  \nArtifacts: `{study.layout.run_dir}`"))
+    # the description is the profile author's text, shown as text: its HTML (a <script>) never runs in the page
+    display(Markdown(f"**Profile `{study.name}`** — {html.escape(study.cfg.description)}  \nArtifacts: `{study.layout.run_dir}`"))
     display(Markdown(provenance.markdown(facts)))
     return study, data
