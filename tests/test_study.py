@@ -114,12 +114,12 @@ def test_each_stage_records_its_own_provenance_and_a_partial_run_rewrites_only_i
     path = tmp_path / "runs/mine/provenance.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"profile": "mine", "overrides": {}, "time": "2024", "packages": {}}))  # before sections
-    start("mine", {"stage3.max_epochs": 2}, str(tmp_path), notebook="03_final_training")  # the full run
-    start("mine", {"stage1.repeats": 1}, str(tmp_path), notebook="00_data")  # a later `--stages 0` with other overrides
+    start("mine", {"threads": 1}, str(tmp_path), notebook="03_final_training")  # the full run
+    start("mine", {"device": "cpu"}, str(tmp_path), notebook="00_data")  # a later `--stages 0`, other overrides
     sections = json.loads(path.read_text())
     assert set(sections) == {"00_data", "03_final_training"}
-    assert sections["03_final_training"]["overrides"] == {"stage3.max_epochs": 2}
-    assert sections["00_data"]["overrides"] == {"stage1.repeats": 1}
+    assert sections["03_final_training"]["overrides"] == {"threads": 1}
+    assert sections["00_data"]["overrides"] == {"device": "cpu"}
 
 
 def test_opening_a_study_leaves_torch_threads_alone(tmp_path, torch_single_thread):
@@ -201,7 +201,6 @@ torch.set_num_threads(1)
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.store import RunSpec, run_all
 from spineseg.train import TrainSettings
-from test_twins import radiograph, samples
 d1, store, log = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 import spineseg.study.store as S
 real = S._train

@@ -20,6 +20,7 @@ from spineseg.study.artifacts import (
     result_overrides,
 )
 from spineseg.study.config import Profile, load_profile
+from spineseg.study.executors import check_executor
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,38 @@ def open_study(profile: str = "quick", overrides: Mapping[str, Any] | None = Non
     return Study(load_profile(profile_path(project, profile), overrides), Layout.of(project, profile, overrides, in_place))
 
 
+def _weights_files(study: Study) -> dict[str, Path]:
+    """Every local encoder weights file the profile names, by the key that names it."""
+    named = {"stage1.weights_path": study.cfg.stage1.weights_path}
+    named.update({f"stage2.weights_path for {encoder}": path for encoder, path in study.cfg.stage2.weights_path.items()})
+    return {key: (study.project / path).resolve() for key, path in named.items() if path}
+
+
+def check_before_any_stage(study: Study) -> None:
+    """What the profile names beyond its settings, checked before stage 0 writes or deletes anything.
+
+    No data source may lie in the folder stage 0 replaces (``runs/<profile>/data``), every encoder
+    weights file must exist, and the executor must be able to start: a mistake here would otherwise
+    surface only hours later, or cost the user's radiographs.
+    """
+    cfg, data_dir = study.cfg.data, study.layout.data_dir.resolve()
+    sources = {"folder": {"data.d1": cfg.d1, "data.d2": cfg.d2}, "aasce": {"data.aasce_src": cfg.aasce_src}}
+    for key, relative in sources.get(cfg.source, {}).items():
+        path = (study.project / relative).resolve() if relative else None
+        if path is not None and (path == data_dir or data_dir in path.parents or path in data_dir.parents):
+            raise ConfigError(f"{key} = {relative!r}: {path} overlaps {data_dir}, the folder stage 0 writes and "
+                              f"replaces; keep source data outside runs/")
+    for key, path in _weights_files(study).items():
+        if not path.is_file():
+            raise ConfigError(f"{key}: {path} does not exist")
+    check_executor(study.cfg.executor)
+
+
 def seed_variant(study: Study, overrides: Mapping[str, Any] | None) -> None:
     """A new variant starts from the profile's own finished stages before the first one its overrides change
-    (copied once, when the variant is made; `variant.json` says what and from where)."""
+    (copied once, when the variant is made; `variant.json` says what and from where). Only for a run that can
+    start: `check_before_any_stage` first."""
+    check_before_any_stage(study)
     layout = study.layout
     if layout.run_dir == layout.base.run_dir or layout.variant.is_file():
         return

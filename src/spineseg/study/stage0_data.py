@@ -18,9 +18,8 @@ from spineseg import atomic
 from spineseg.data import read_manifest
 from spineseg.data.dataset import check_dataset, twins_between
 from spineseg.data.twins import TWIN_THRESHOLD
-from spineseg.errors import ConfigError, StageOrderError
-from spineseg.study.executors import check_executor
-from spineseg.study.session import Study
+from spineseg.errors import StageOrderError
+from spineseg.study.session import Study, check_before_any_stage
 
 
 @dataclass(frozen=True)
@@ -70,33 +69,6 @@ def cross_twins(study: Study, data: StudyData) -> list[dict]:
         known = {"fingerprint": data.fingerprint, "threshold": TWIN_THRESHOLD, "twins": twins}
         atomic.write_json(path, known)
     return known["twins"]
-
-
-def _weights_files(study: Study) -> dict[str, Path]:
-    """Every local encoder weights file the profile names, by the key that names it."""
-    named = {"stage1.weights_path": study.cfg.stage1.weights_path}
-    named.update({f"stage2.weights_path for {encoder}": path for encoder, path in study.cfg.stage2.weights_path.items()})
-    return {key: (study.project / path).resolve() for key, path in named.items() if path}
-
-
-def check_before_any_stage(study: Study) -> None:
-    """What the profile names beyond its settings, checked before stage 0 writes or deletes anything.
-
-    No data source may lie in the folder stage 0 replaces (``runs/<profile>/data``), every encoder
-    weights file must exist, and the executor must be able to start: a mistake here would otherwise
-    surface only hours later, or cost the user's radiographs.
-    """
-    cfg, data_dir = study.cfg.data, study.layout.data_dir.resolve()
-    sources = {"folder": {"data.d1": cfg.d1, "data.d2": cfg.d2}, "aasce": {"data.aasce_src": cfg.aasce_src}}
-    for key, relative in sources.get(cfg.source, {}).items():
-        path = (study.project / relative).resolve() if relative else None
-        if path is not None and (path == data_dir or data_dir in path.parents or path in data_dir.parents):
-            raise ConfigError(f"{key} = {relative!r}: {path} overlaps {data_dir}, the folder stage 0 writes and "
-                              f"replaces; keep source data outside runs/")
-    for key, path in _weights_files(study).items():
-        if not path.is_file():
-            raise ConfigError(f"{key}: {path} does not exist")
-    check_executor(study.cfg.executor)
 
 
 def prepare_data(study: Study) -> StudyData:
