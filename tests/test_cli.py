@@ -84,3 +84,11 @@ def test_a_profile_is_a_name_in_params_never_a_path(tmp_path, capsys, monkeypatc
                            f"{tmp_path / 'project/params'} without .yaml, never a path: aasce, paper, quick, smoke\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outside.yaml", "project"]
     assert not (tmp_path / "project/runs").exists()
+
+
+def test_a_missing_weights_file_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    _project_with_shipped_profiles(tmp_path, monkeypatch)
+    assert main(["run", "--profile", "smoke", "--set", "stage1.weights_path=nowhere.pt"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"spineseg: error: stage1.weights_path: {tmp_path / 'nowhere.pt'} does not exist\n")
+    assert not (tmp_path / "runs").exists()  # not even the variant folder those overrides would make
