@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from conftest import write_rectangles
+from spineseg.encoders import PACKAGED_IMAGENET
 from spineseg.errors import ConfigError
 from spineseg.models import build_model
 from spineseg.study.session import open_study
@@ -67,3 +68,18 @@ def test_weights_path_per_encoder_through_a_profile(tmp_path):
     (tmp_path / "mobilenet_encoder.pt").unlink()
     with pytest.raises(ConfigError, match=r"stage2.weights_path for MobileNetV2: .*mobilenet_encoder.pt does not exist"):
         stage2_specs(study, prepare_data(study))
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "aasce"])
+def test_the_cpu_profiles_ask_imagenet_only_of_what_installs_offline(profile, block_network, tmp_path, monkeypatch):
+    """Their ensembles are of pre-trained networks, and every ImageNet weight they ask for is on disk: the
+    models build with the network refused and empty hub caches."""
+    for cache in ("HF_HOME", "HF_HUB_CACHE", "TORCH_HOME"):
+        monkeypatch.setenv(cache, str(tmp_path / cache))
+    study = open_study(profile, project_dir=ROOT)
+    specs = stage2_specs(study, StudyData(Path("unused"), fingerprint="x"))
+    pretrained = {spec.encoder for spec in specs if spec.pretrained == "imagenet"}
+    assert pretrained and pretrained <= set(PACKAGED_IMAGENET)
+    for encoder in pretrained:
+        build_model(encoder, pretrained="imagenet", in_channels=3 if study.cfg.stage2.coordinates else 1)
+    assert not block_network  # nothing even tried to connect
