@@ -191,3 +191,14 @@ def test_an_image_too_large_to_decode_is_one_line_and_the_run_goes_on(members, t
     assert report.written == ["small"] and list(report.failed) == [huge]
     assert report.failed[huge].startswith("DecompressionBombError: ")
     assert [line for line in said if huge in line] == [f"skipped {huge}: {report.failed[huge]}"]
+
+
+@pytest.mark.parametrize("content", [None, b"not a zip"])
+def test_a_model_that_is_no_bundle_is_one_error_naming_it(tmp_path, content):
+    from spineseg.study.bundle import open_bundle
+
+    path = tmp_path / "x.zip"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"--model {path}( does not exist|: not a bundle)"), open_bundle(path):
+        pass

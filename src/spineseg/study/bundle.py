@@ -213,6 +213,8 @@ Run it: `spineseg predict --model THIS.zip --input my_xrays/ --out predictions/`
 def open_bundle(path: str | Path) -> Iterator[EnsembleFolders]:
     """A bundle's models (a zip is unpacked to a temporary folder for as long as the context lasts)."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--model {path} does not exist")
     if path.is_dir():
         yield _read_manifest(path, path)
         return
