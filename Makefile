@@ -5,7 +5,7 @@ PROFILE ?= quick
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spineseg-installed
 
-.PHONY: install study smoke test lint report bench lab clean-runs
+.PHONY: install study smoke test check lint report bench lab clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,11 @@ study: install  ## run every stage notebook for PROFILE (default: quick) with pa
 smoke: install
 	$(BIN)/spineseg run --profile smoke
 
-test: install  ## unit tests and the smoke study end to end
+test: install  ## every test, the smoke study end to end included (what CI runs)
 	$(BIN)/python -m pytest
+
+check: install  ## the tests a developer runs while editing: all but the slow ones (smoke study, Dask, bench)
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install  ## ruff, and the import contract (the library never imports spineseg.study)
 	$(BIN)/ruff check src tests

@@ -3,11 +3,14 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from spineseg.names import EXTRA_RULES, RULES
 from spineseg.study.artifacts import Layout
 from spineseg.study.bench import _ensemble_encoders, run_bench
 
 
+@pytest.mark.slow  # it trains, times and runs a Dask grid
 def test_bench_writes_report_with_every_section(tmp_path, capsys):
     import shutil
 

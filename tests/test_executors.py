@@ -21,7 +21,8 @@ from spineseg.study.stage0_data import StudyData
 from spineseg.study.store import RunSpec, run_all
 from spineseg.train import TrainSettings
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")  # the workers run one thread each, so must we
+pytestmark = [pytest.mark.usefixtures("torch_single_thread"),  # the workers run one thread each, so must we
+              pytest.mark.slow, pytest.mark.dask]
 COMPARED = ["best_val_dsc", "best_epoch", "epochs_run", "stopped_early", "folder"]
 
 

@@ -20,7 +20,7 @@ from spineseg.study.runner import NOTEBOOKS, run_study
 from spineseg.study.tables import CANDIDATE_ORDER, METRIC_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def _copy_project(root: Path) -> Path:

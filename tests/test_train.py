@@ -31,6 +31,8 @@ SETTINGS = TrainSettings(batch_size=4, lr=3e-3, max_epochs=4, patience=10, augme
 CPU = torch.device("cpu")
 SRC = Path(__file__).resolve().parents[1] / "src"
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
