@@ -202,3 +202,12 @@ def test_a_model_that_is_no_bundle_is_one_error_naming_it(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(ConfigError, match=f"--model {path}( does not exist|: not a bundle)"), open_bundle(path):
         pass
+
+
+def test_two_stage_without_a_crop_model_says_so_before_any_model_loads(tmp_path):
+    from spineseg.study.apply import predict_with
+    from spineseg.study.bundle import EnsembleFolders
+
+    found = EnsembleFolders([(tmp_path / "never-read", 0.9)], None, 0.5, "auto", None, "the bundle x.zip")
+    with pytest.raises(ConfigError, match="--two-stage: the bundle x.zip has no trained crop model"):
+        predict_with(found, tmp_path, tmp_path / "out", CPU, two_stage=True)

@@ -124,7 +124,7 @@ class Ensemble:
 
 
 def load_ensemble(found: EnsembleFolders, device, two_stage: bool = False) -> Ensemble:
-    """The models of a study or a bundle, each from its model folder; the crop model only when asked for."""
+    """The models of a study or a bundle, each from its model folder; the crop model only when asked for (and found)."""
     loaded = [(load_model(folder, device), weight) for folder, weight in found.members]
     grids = {description.grid for (description, _), _ in loaded}
     if len(grids) != 1:
@@ -132,9 +132,6 @@ def load_ensemble(found: EnsembleFolders, device, two_stage: bool = False) -> En
     members = [Member(description.name, model, description.input_size, weight) for (description, model), weight in loaded]
     crop = None
     if two_stage:
-        if found.crop is None:
-            raise ConfigError(f"--two-stage: {found.origin} has no trained crop model (two_stage.enabled is false, "
-                              f"stage 3 has not trained it, or, in a bundle, the two-stage variant did not win on validation)")
         description, model = load_model(found.crop, device)
         if description.crop is None or description.grid is None:
             raise ConfigError(f"--two-stage: {found.crop} is not a crop model with the grid its crops were cut from")
@@ -159,6 +156,9 @@ def predict_with(found: EnsembleFolders, source: str | Path, out: str | Path, op
     """`predict_files` with a study's or a bundle's models. With `two_stage`, the rule's mask (by default the
     rule stage 4 chose as the locator on validation) is where the crop model outlines the region; otherwise
     the rule defaults to soft voting."""
+    if two_stage and found.crop is None:
+        raise ConfigError(f"--two-stage: {found.origin} has no trained crop model (two_stage.enabled is false, "
+                          f"stage 3 has not trained it, or, in a bundle, the two-stage variant did not win on validation)")
     if two_stage and rule is None and found.locator is None:
         raise StageOrderError(f"--two-stage without --rule: {found.origin} has no locating rule chosen by stage 4; "
                               f"run stage 4 first, or give --rule")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -172,10 +173,12 @@ def model_card(study: Study, learned: Learned, manifest: dict) -> str:
     two_stage = (f"The two-stage variant won on validation: `--two-stage` lets the crop model outline the region "
                  f"that `{manifest['two_stage_locator']}` locates." if manifest["crop_model"] else
                  "The two-stage variant did not win on validation (or was not trained): it is not in this bundle.")
+    commit = manifest["code_version"]["git_commit"]
+    commit = commit[:12] if re.fullmatch("[0-9a-f]{40}", commit) else commit
     return f"""# Spine region Th8–Th11: an ensemble of U-Nets (profile `{study.name}`)
 
-Exported {manifest['exported']} by spineseg {manifest['code_version']['spineseg']} (commit
-{manifest['code_version']['git_commit'][:12]}). {study.cfg.description}
+Exported {manifest['exported']} by spineseg {manifest['code_version']['spineseg']} (commit {commit}).
+{study.cfg.description}
 
 ## Members
 {members}
