@@ -171,3 +171,14 @@ def test_identification_intervals_resample_patients_not_images():
     assert (row["Identified"], row["Identified CI low"], row["Identified CI high"]) == (50, 0, 100)
     assert (row["DSC CI low"], row["DSC CI high"], row["Patients"]) == (50, 90, 2)
     assert "Identified CI low" not in tables.identification_summary(frame).columns  # no n_boot, no interval
+
+
+def test_captions_say_which_candidates_started_from_imagenet(tmp_path):
+    from spineseg.study.deviations import run_setting
+
+    stage2 = {"encoders": ["MobileNetV2", "EfficientNetLite0"], "pretrained": "none",
+              "encoder_weights": {"EfficientNetLite0": "imagenet"}}
+    study = Study(Profile.model_validate({"stage2": stage2}), Layout(tmp_path, "mixed"))
+    assert run_setting(study, "stage2").weights == "ImageNet weights for EfficientNetLite0, the others from scratch"
+    every = Study(Profile.model_validate({"stage2": {**stage2, "pretrained": "imagenet"}}), Layout(tmp_path, "all"))
+    assert run_setting(every, "stage2").weights == "ImageNet weights"

@@ -376,6 +376,12 @@ def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarr
     return np.asarray(img.resize(size[::-1], method), dtype=np.float32)
 
 
+def model_input(image: np.ndarray, size: Size) -> np.ndarray:
+    """An image [H, W] in [0, 1] as a model of input `size` sees it, in the study's loader and in `predict`
+    alike: PIL's bilinear resize (area-aware when shrinking), clipped to [0, 1], float32."""
+    return np.clip(_resize(image, as_hw(size), nearest=False), 0.0, 1.0).astype(np.float32)
+
+
 def stored_size(folder: str | Path, split: str) -> tuple[int, int]:
     """The common size of a split's stored images; a clear error where they differ."""
     frame = read_manifest(folder)
@@ -435,7 +441,7 @@ def _read_split(folder: Path, rows: pd.DataFrame, split: str, size: tuple[int, i
         image, mask = read_image(image_path), read_mask(mask_path)
         if image.shape != mask.shape:
             raise DatasetError(f"size mismatch: {image_path} is {image.shape[::-1]} but {mask_path} is {mask.shape[::-1]}")
-        images[k] = np.clip(_resize(image, size, nearest=False), 0.0, 1.0)
+        images[k] = model_input(image, size)
         masks[k] = _resize(mask.astype(np.float32), size, nearest=True) > 0.5
         if label_maps is not None:
             label_maps[k] = _resize(read_labels(folder / row.labels), size, nearest=True)

@@ -5,8 +5,7 @@ an inversion, so bone is bright as in the training images; the result is scaled 
 PNG and JPEG read as the dataset loader reads them (16-bit PNGs by the bits they use). A DICOM whose
 modality is not a projection radiograph (a CT slice, an MR image, ...) is refused unless asked for.
 
-`model_input` is the one way a radiograph becomes a model's input, for the study's loader and for
-``spineseg predict`` alike.
+What a model then sees of it is `spineseg.data.dataset.model_input`, the study loader's own resize.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spineseg.data.dataset import Size, as_hw, read_image
-from spineseg.data.dataset import _resize as resize  # the study loader's resize, so that predict feeds what it validated
+from spineseg.data.dataset import read_image
 from spineseg.errors import DatasetError
 
 PROJECTION_MODALITIES = ("CR", "DX", "RG")  # computed, digital and film radiography
@@ -36,12 +34,6 @@ def find_radiographs(source: str | Path) -> list[Path]:
     if not found:
         raise DatasetError(f"no PNG, JPEG or DICOM files under {source}")
     return found
-
-
-def model_input(image: np.ndarray, size: Size) -> np.ndarray:
-    """An image [H, W] in [0, 1] as a model of input `size` sees it: PIL's bilinear resize (area-aware when
-    shrinking, as the study's loader resizes its stored images), clipped to [0, 1], float32."""
-    return np.clip(resize(image, as_hw(size), nearest=False), 0.0, 1.0).astype(np.float32)
 
 
 def read_radiograph(path: Path, any_modality: bool = False) -> np.ndarray:

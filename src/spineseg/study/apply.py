@@ -3,7 +3,7 @@
 The ensemble is a study's (its selected stage-3 models, found from its records: no data are read or
 made) or a bundle's (`spineseg.study.bundle`); either way each member loads from its self-describing
 model folder, once. Each image is read (PNG, JPEG or DICOM), resized as the study resized its images
-(`spineseg.data.radiographs.model_input`: to the stored grid, then to each member's input size), every
+(`spineseg.data.dataset.model_input`: to the stored grid, then to each member's input size), every
 member predicts, the probabilities are resampled to the image's own size and combined by the chosen
 rule (with ``--two-stage``, the crop model then outlines the region in a box around that mask). For each
 image the output folder gets a mask (0/255 PNG at the image's size), an overlay, optionally the
@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from spineseg import atomic
 from spineseg.crops import CropGeometry, refine
-from spineseg.data.radiographs import find_radiographs, model_input, read_radiograph
+from spineseg.data.dataset import model_input
+from spineseg.data.radiographs import find_radiographs, read_radiograph
 from spineseg.device import pick_device
 from spineseg.ensemble import combine, disagreement
 from spineseg.errors import ConfigError, SpinesegError, StageOrderError

@@ -5,13 +5,13 @@ The README's section of the same name says the same in general; here the counts 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pandas as pd
 
 from spineseg.study.article import published
 from spineseg.study.artifacts import read_table
+from spineseg.study.records import Selection
 from spineseg.study.session import Study
 
 
@@ -42,6 +42,15 @@ ARTICLE_SETTINGS = {
 }
 
 
+def _stage2_weights(study: Study) -> str:
+    """What the candidates started from: one of `WEIGHTS`, or ImageNet for some encoders and nothing for the rest."""
+    s2 = study.cfg.stage2
+    pretrained = [encoder for encoder in s2.encoders if s2.weights_of(encoder) == "imagenet"]
+    if len(pretrained) in (0, len(s2.encoders)):
+        return WEIGHTS["imagenet" if pretrained else "none"]
+    return f"{WEIGHTS['imagenet']} for {', '.join(pretrained)}, the others {WEIGHTS['none']}"
+
+
 def run_setting(study: Study, stage: str) -> Setting:
     """This run's data, weights, epochs, input size and trainings in a training stage (stage1–stage3)."""
     cfg = study.cfg
@@ -51,11 +60,11 @@ def run_setting(study: Study, stage: str) -> Setting:
                        f"{cfg.stage1.repeats} training(s) per arm")
     if stage == "stage2":
         candidates = len(cfg.stage2.encoders) * len(cfg.stage2.targets)
-        return Setting(data, WEIGHTS[cfg.stage2.pretrained], cfg.stage2.max_epochs, cfg.stage2.image_size,
+        return Setting(data, _stage2_weights(study), cfg.stage2.max_epochs, cfg.stage2.image_size,
                        f"{candidates} candidate(s) × {cfg.stage2.repeats} training(s)")
     selection = study.layout.selection
-    selected = len(json.loads(selection.read_text())["candidates"]) if selection.is_file() else 0
-    weights = WEIGHTS[cfg.stage2.pretrained] + (", continued from stage 2" if cfg.stage3.init_from == "stage2" else "")
+    selected = len(Selection.load(selection).candidates) if selection.is_file() else 0
+    weights = _stage2_weights(study) + (", continued from stage 2" if cfg.stage3.init_from == "stage2" else "")
     return Setting(data, weights, cfg.stage3.max_epochs, cfg.stage3.image_size, f"the {selected} selected model(s)")
 
 

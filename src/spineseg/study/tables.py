@@ -6,7 +6,6 @@ Every table value is a percentage with two decimals: the mean over images of a p
 
 from __future__ import annotations
 
-import json
 import unicodedata
 
 import pandas as pd
@@ -44,6 +43,7 @@ from spineseg.stats import (
 from spineseg.study.article import article_tables, caption, published
 from spineseg.study.artifacts import read_table
 from spineseg.study.deviations import against_article
+from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.store import candidate_name
 from spineseg.study.training import load_stage_metrics
@@ -270,8 +270,8 @@ def best_vs_single(study: Study) -> pd.DataFrame:
     set, their difference, and the Wilcoxon test by patient."""
     if not study.layout.learned.is_file():
         return pd.DataFrame()
-    learned = json.loads(study.layout.learned.read_text())
-    rule, model = rule_name(learned["best_rule"]), learned["best_model"]
+    learned = Learned.load(study.layout.learned)
+    rule, model = rule_name(learned.best_rule), learned.best_model
     n_boot = study.cfg.analysis.n_boot
     stage3, stage4 = _try("stage3", study), _try("stage4", study)
     if stage3 is None or stage4 is None:
@@ -288,7 +288,7 @@ def best_vs_single(study: Study) -> pd.DataFrame:
         row["Δ DSC (pp)"] = row["DSC rule"] - row["DSC model"]
         if identified is not None:
             part = identified[identified["dataset"] == test.dataset]
-            for label, kind, group in (("Identified rule", "rule", learned["best_rule"]), ("Identified model", "model", model)):
+            for label, kind, group in (("Identified rule", "rule", learned.best_rule), ("Identified model", "model", model)):
                 found = part[(part["kind"] == kind) & (part["group"] == group)]
                 row |= _with_ci(label, found["identified"].astype(bool), found["patient"], n_boot)
         row |= {"patients": test.n, "images": test.n_images, "p (Wilcoxon, by patient)": format_p(test.p)}
