@@ -323,7 +323,8 @@ def _write(out: Path, key: str, image: np.ndarray, mask: np.ndarray, made_by: st
 
 
 def check_rule(rule: str) -> str:
-    """The rules `predict` can apply: every stage-4 rule (weighted voting weighs members by validation DSC)."""
+    """The rules `predict` can apply: the article's and the extra ones (weighted voting weighs members by validation
+    DSC); not the stage-4 results that learned on validation (tuned T, stacking, calibration)."""
     usable = [*RULES, *EXTRA_RULES]
     if rule not in usable:
         raise ConfigError(f"--rule {rule!r}: use one of {', '.join(usable)}")
