@@ -15,7 +15,7 @@ import pytest
 from conftest import write_dicom
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
-from spineseg.study.artifacts import read_table
+from spineseg.study.artifacts import read_table, variant_name
 from spineseg.study.runner import NOTEBOOKS, run_study
 from spineseg.study.tables import CANDIDATE_ORDER, METRIC_COLUMNS
 
@@ -183,7 +183,7 @@ def test_the_paper_profile_in_miniature_trains_the_plain_unet_offline_and_stops_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no weights cached here, and no network
     fresh = _copy_project(tmp_path)
     run_study(fresh, "paper", stages=[0, 2], overrides=PAPER_IN_MINIATURE, log=lambda message: None)
-    ranking = read_table(fresh / "runs/paper/stage2/ranking.csv")
+    ranking = read_table(fresh / "runs" / variant_name("paper", PAPER_IN_MINIATURE) / "stage2/ranking.csv")  # its own run
     assert ranking["encoder"].tolist() == ["None"] and ranking["selected"].all()
     with pytest.raises(NotebookFailed) as info:  # stage 1's VGG16 wants ImageNet weights
         run_study(fresh, "paper", stages=[1], overrides=PAPER_IN_MINIATURE, log=lambda message: None)
@@ -375,7 +375,7 @@ def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path
     assert (np.asarray(Image.open(out / "masks/a.png")) == 255).all()  # the crop model's answer, at the image's size
     assert (np.asarray(Image.open(out / "probabilities/a.png")) == 65535).all()
     assert apply.predict_radiographs(study, tmp_path / "in", out, rule=locator, log=print).written == ["a"]  # redone
-    without = open_study("smoke", {"two_stage.enabled": False}, project_dir=project)
+    without = open_study("smoke", {"two_stage.enabled": False}, project_dir=project, in_place=True)  # the study's models
     with pytest.raises(ConfigError, match="two_stage.enabled is false"):
         apply.predict_radiographs(without, tmp_path / "in", out, rule="max", two_stage=True)
 
@@ -437,7 +437,7 @@ def test_pretrained_encoders_are_compared_with_their_from_scratch_twins(project)
     assert set(table.index) == {f"EfficientNetLite0{target} · {weights}" for target in ("", " (levels)")
                                 for weights in ("ImageNet", "from scratch")}
     assert {"val_dsc", "test_dsc_d1", "test_dsc_d2", "identified_d1", "epochs_to_best", "seconds"} <= set(table.columns)
-    tests = pd.read_csv(run_dir / "tables/pretraining_wilcoxon.csv", index_col=0)
+    tests = pd.read_csv(run_dir / "tables/pretraining_wilcoxon.csv")
     assert len(tests) == 4 and set(tests["family"]) == {"pre-trained vs from scratch"}  # 2 targets x 2 datasets
     rendered = (run_dir / "notebooks/05_analysis.ipynb").read_text()
     assert "Pre-trained vs from scratch" in rendered and "EfficientNetLite0 · ImageNet" in rendered
@@ -449,8 +449,6 @@ def test_a_notebook_rerun_with_other_settings_leaves_the_study_as_it_was(project
     import os
     import subprocess
     import sys
-
-    from spineseg.study.artifacts import variant_name
 
     def snapshot() -> dict:
         folders = [project / "runs/smoke/stage4", project / "runs/smoke/tables"]
