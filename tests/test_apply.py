@@ -3,6 +3,8 @@ and that it feeds each member what the study's loader fed it."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -211,3 +213,17 @@ def test_two_stage_without_a_crop_model_says_so_before_any_model_loads(tmp_path)
     found = EnsembleFolders([(tmp_path / "never-read", 0.9)], None, 0.5, "auto", None, "the bundle x.zip")
     with pytest.raises(ConfigError, match="--two-stage: the bundle x.zip has no trained crop model"):
         predict_with(found, tmp_path, tmp_path / "out", CPU, two_stage=True)
+
+
+def test_options_without_a_threshold_take_the_studys_t(tmp_path, monkeypatch):
+    """`predict_radiographs(study, …, InferenceOptions(tta=True))` predicts at the study's T, not at 0.5."""
+    from spineseg.study import apply
+
+    seen = {}
+    monkeypatch.setattr(apply, "load_ensemble", lambda found, device, two_stage: "ensemble")
+    monkeypatch.setattr(apply, "predict_files", lambda ensemble, source, out, options, *a: seen.update(t=options.threshold))
+    found = SimpleNamespace(crop=None, locator=None, threshold=0.3, origin="a study")
+    apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu", tta=True))
+    assert seen["t"] == 0.3
+    apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu", threshold=0.7))
+    assert seen["t"] == 0.7

@@ -19,7 +19,7 @@ import io
 import re
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from spineseg.study.bundle import EnsembleFolders, study_ensemble
 from spineseg.study.session import Study
 
 MASKS, OVERLAYS, PROBABILITIES, TABLE = "masks", "overlays", "probabilities", "predictions.csv"
+ARTICLE_THRESHOLD = 0.5  # T of the article's ensembles, where no study or bundle says otherwise
 TWO_STAGE_SUFFIX = "+crop"  # a rule's name in predictions.csv when the crop model outlined its mask
 COLUMNS = ["id", "source", "height", "width", "rule", "threshold", "tta", "area_px", "top", "left", "bottom", "right",
            "disagreement"]
@@ -73,7 +74,7 @@ class InferenceOptions:
     precision: str = "auto"
     tta: bool = False  # also predict each mirror image, and average
     batch_size: int = 4
-    threshold: float = 0.5
+    threshold: float | None = None  # None: the T the study's stage 4 used (or the bundle's)
     any_modality: bool = False  # read DICOMs that are not projection radiographs too
 
     def __post_init__(self) -> None:
@@ -81,7 +82,7 @@ class InferenceOptions:
             raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:<index>")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if not 0.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold {self.threshold}: a probability threshold lies in [0, 1]")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
@@ -147,7 +148,7 @@ def predict_radiographs(study: Study, source: str | Path, out: str | Path, optio
 
     `options` default to the profile's device, precision and stage-4 threshold."""
     found = study_ensemble(study)
-    options = options or InferenceOptions(study.cfg.device, found.precision, threshold=found.threshold)
+    options = options or InferenceOptions(study.cfg.device, found.precision)
     return predict_with(found, source, out, options, rule, probabilities, two_stage, log)
 
 
@@ -164,6 +165,8 @@ def predict_with(found: EnsembleFolders, source: str | Path, out: str | Path, op
         raise StageOrderError(f"--two-stage without --rule: {found.origin} has no locating rule chosen by stage 4; "
                               f"run stage 4 first, or give --rule")
     rule = check_rule(rule or (found.locator if two_stage else "soft"))  # before the models load
+    if options.threshold is None:
+        options = replace(options, threshold=found.threshold)
     device = pick_device(options.device)
     return predict_files(load_ensemble(found, device, two_stage), source, out, options, rule, probabilities, log)
 
@@ -220,8 +223,11 @@ def _inputs_below(source: Path, out: Path) -> list[Path]:
 
 def predict_files(ensemble: Ensemble, source: str | Path, out: str | Path, options: InferenceOptions,
                   rule: str = "soft", probabilities: bool = False, log=print) -> PredictionReport:
-    """The pipeline behind `predict_radiographs`, for any ensemble (the benchmark times it with untrained members)."""
+    """The pipeline behind `predict_radiographs`, for any ensemble (the benchmark times it with untrained members);
+    an ensemble that comes without a T is thresholded at the article's 0.5."""
     check_rule(rule)
+    if options.threshold is None:
+        options = replace(options, threshold=ARTICLE_THRESHOLD)
     device = pick_device(options.device)
     label = f"{rule}{TWO_STAGE_SUFFIX}" if ensemble.crop else rule  # how predictions.csv names what made each mask
     weights = np.array([member.weight for member in ensemble.members]) if rule == "weighted" else None
