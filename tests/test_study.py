@@ -268,6 +268,8 @@ def test_specs_without_a_crop_keep_the_keys_they_had_before_crops_existed():
     spec = RunSpec(**{**config, "train": TrainSettings(**config["train"])})
     assert spec.folder_name() == "stage2-MobileNetV2-256x96px-s0-00769a46a5"  # a user's store is not retrained
     assert replace(spec, crop=CropGeometry((64, 32))).key() != spec.key()
+    imagenet = replace(spec, pretrained="imagenet")  # named as before too: the key alone tells the weights apart
+    assert imagenet.folder_name() == f"stage2-MobileNetV2-256x96px-s0-{imagenet.key()}" and imagenet.key() != spec.key()
 
 
 def test_a_crop_model_trains_on_crops_around_the_region_and_leaves_scoring_to_stage_4(tmp_path, monkeypatch):

@@ -347,7 +347,7 @@ def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
     assert timing["what"].str.startswith("Two-stage").sum() == 1
     assert timing["what"].is_unique and "EfficientNetLite0 (levels)" in set(timing["what"])  # binary and levels apart
     assert "process_peak_rss_mb" in timing and "peak_memory_mb" not in timing  # on a CPU: one process peak, said so
-    crop_runs = list((project / "runs/smoke/train").glob("stage3-EfficientNetLite0-crop-imagenet-64x32px-s0-*/DONE"))
+    crop_runs = list((project / "runs/smoke/train").glob("stage3-EfficientNetLite0-crop-64x32px-s0-*/DONE"))
     assert len(crop_runs) == 1
 
 

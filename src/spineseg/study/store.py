@@ -87,9 +87,8 @@ class RunSpec:
 
     def folder_name(self) -> str:
         target = "-crop" if self.crop else "" if self.target == "binary" else f"-{self.target}"
-        weights = "-imagenet" if self.pretrained == "imagenet" else ""  # a from-scratch twin reads apart from it
         height, width = self.image_size
-        return f"{self.stage}-{self.encoder}{target}{weights}-{height}x{width}px-s{self.seed}-{self.key()}"
+        return f"{self.stage}-{self.encoder}{target}-{height}x{width}px-s{self.seed}-{self.key()}"
 
     def files(self, store: Path) -> RunFiles:
         return RunFiles(Path(store) / self.folder_name())
