@@ -327,8 +327,32 @@ def test_a_variant_starts_from_the_profiles_stages_before_the_first_it_changes(t
     record = json.loads(variant.variant.read_text())
     assert record["overrides"] == overrides and record["stages_copied"] == ["stage1", "stage2", "stage2_scratch"]
     (base.stage_dir("stage2") / "metrics_test.csv").write_text("changed later\n")
-    seed_variant(study, overrides)  # copied once, when the variant is made
+    seed_variant(study, overrides)  # what the variant has is its own: never copied over
     assert (variant.stage_dir("stage2") / "metrics_test.csv").read_text() == "stage2\n"
+
+
+def test_a_variant_made_before_the_profile_finished_picks_up_its_stages_later(tmp_path):
+    from spineseg.study.session import seed_variant
+
+    _project(tmp_path, {"source": "synthetic", "size": 64, "d1_count": 20, "d2_count": 4})
+    overrides = {"stage4.threshold": 0.3}
+    study = open_study("mine", overrides, project_dir=tmp_path)
+    seed_variant(study, overrides)
+    assert json.loads(study.layout.variant.read_text())["stages_copied"] == []
+    base = study.layout.base
+    for folder in ("stage2", "stage3"):
+        base.stage_dir(folder).mkdir(parents=True)
+        (base.stage_dir(folder) / "runs.csv").write_text(f"{folder}\n")
+    seed_variant(study, overrides)
+    assert (study.layout.stage_dir("stage3") / "runs.csv").read_text() == "stage3\n"
+    assert json.loads(study.layout.variant.read_text())["stages_copied"] == ["stage2", "stage3"]
+
+
+def test_a_variant_may_not_change_how_the_shared_runs_are_evaluated(tmp_path):
+    _project(tmp_path, {"source": "synthetic", "size": 64, "d1_count": 20, "d2_count": 4})
+    with pytest.raises(ConfigError, match="stage3.tta_hflip.*--in-place"):
+        open_study("mine", {"stage3.tta_hflip": True}, project_dir=tmp_path)
+    assert open_study("mine", {"stage3.tta_hflip": True}, project_dir=tmp_path, in_place=True).layout.run_dir.name == "mine"
 
 
 def test_a_notebook_shows_the_profiles_description_as_text(tmp_path, monkeypatch):

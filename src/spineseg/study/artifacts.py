@@ -179,6 +179,11 @@ class Layout:
     def of(cls, project: Path, profile: str, overrides: Mapping[str, Any] | None = None, in_place: bool = False) -> Layout:
         """The layout a run with `overrides` writes to; `in_place` writes into the profile's own folder anyway."""
         run = profile if in_place else variant_name(profile, overrides)
+        flips = [key for key in result_overrides(overrides) if key.endswith(".tta_hflip")]
+        if run != profile and flips:
+            # flip TTA is how the shared trained runs are evaluated, kept in their folders: a variant would rewrite them
+            raise ConfigError(f"--set {flips[0]}: test-time flipping re-evaluates the trained runs shared with "
+                              f"runs/{profile}/train; change it in the profile, or run with --in-place")
         return cls(project, profile, run, own_data=run != profile and first_stage_changed(overrides) == 0)
 
     @property

@@ -93,19 +93,20 @@ def check_before_any_stage(study: Study) -> None:
 
 
 def seed_variant(study: Study, overrides: Mapping[str, Any] | None) -> None:
-    """A new variant starts from the profile's own finished stages before the first one its overrides change
-    (copied once, when the variant is made; `variant.json` says what and from where). Only for a run that can
-    start: `check_before_any_stage` first."""
-    check_before_any_stage(study)
+    """A variant starts from the profile's own finished stages before the first one its overrides change: each
+    such stage folder the variant lacks and the profile has is copied (so a variant made before the profile
+    finished picks them up later); `variant.json` says what came from where."""
     layout = study.layout
-    if layout.run_dir == layout.base.run_dir or layout.variant.is_file():
+    if layout.run_dir == layout.base.run_dir:
         return
+    check_before_any_stage(study)  # a refused run leaves no folder behind
     first = first_stage_changed(overrides)
-    copied = []
+    copied = (atomic.read_json_object(layout.variant, ConfigError, f"delete {layout.run_dir} to start the variant again")
+              .get("stages_copied", []) if layout.variant.is_file() else [])
     for folder, stage in STAGE_FOLDERS.items():
-        source = layout.base.stage_dir(folder)
-        if stage < first and source.is_dir():
-            shutil.copytree(source, layout.stage_dir(folder), dirs_exist_ok=True)
+        source, target = layout.base.stage_dir(folder), layout.stage_dir(folder)
+        if stage < first and source.is_dir() and not target.exists():
+            shutil.copytree(source, target)
             copied.append(folder)
     atomic.write_json(layout.variant, {"profile": study.name, "overrides": result_overrides(overrides),
                                        "copied_from": str(layout.base.run_dir), "stages_copied": copied,
