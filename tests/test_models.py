@@ -357,3 +357,17 @@ def test_combinations_smp_cannot_build_are_named_before_training():
     assert "no attention" in combination_problem("None", "unet", attention=True)
     assert "no attention" in combination_problem("ResNet34", "linknet", attention=True)
     assert "DeepLabV3+" in combination_problem("HRNetW18", "deeplabv3plus")
+
+
+def test_a_truncated_torch_hub_file_is_named_too(empty_caches, monkeypatch, block_network):
+    """SEResNet34's cached .pth cut short: one line naming it, not a traceback from inside torch."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = timm.models.get_pretrained_cfg(ENCODERS["SEResNet34"][3:])
+    checkpoints = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    damaged = checkpoints / os.path.basename(cfg.url)
+    torch.save(timm.create_model(ENCODERS["SEResNet34"][3:], pretrained=False).state_dict(), damaged)
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    with pytest.raises(WeightsUnavailable, match=f"the cached file {damaged} is unreadable .*delete it"):
+        build_model("SEResNet34", pretrained="imagenet")
+    assert block_network == []

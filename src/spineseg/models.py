@@ -10,6 +10,7 @@ fails at once with a message that says what to do, instead of retrying for half 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -146,9 +147,12 @@ def _pretrained_model(architecture: str, encoder: str, smp_name: str, in_channel
     if cached is not None:
         try:
             return _model_from_cached(architecture, smp_name, cached, in_channels, classes, attention)
-        except SafetensorError as exc:
-            raise WeightsUnavailable(_weights_message(encoder, f"the cached file {cached} is unreadable ({exc}); delete "
-                                                               f"it to download it again")) from None
+        # a damaged file: safetensors' error, or torch's for a truncated or foreign .pth/.bin (zip, pickle, size
+        # mismatch); the file is local, so an OSError here is the file's too
+        except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise WeightsUnavailable(_weights_message(encoder, f"the cached file {cached} is unreadable ({reason}); "
+                                                               f"delete it to download it again")) from None
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise WeightsUnavailable(_weights_message(encoder, "they are not in the local cache and HF_HUB_OFFLINE is set"))
     host = _weights_host(smp_name)
