@@ -227,3 +227,35 @@ def test_options_without_a_threshold_take_the_studys_t(tmp_path, monkeypatch):
     assert seen["t"] == 0.3
     apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu", threshold=0.7))
     assert seen["t"] == 0.7
+
+
+def _bundle_zip(path, manifest: dict, member: bytes = b"weights") -> None:
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("bundle.json", json.dumps(manifest))
+        archive.writestr("members/0-a/best.pt", member)
+
+
+def test_a_damaged_or_odd_bundle_is_one_error_naming_it(tmp_path):
+    from spineseg.study.bundle import FORMAT, open_bundle
+
+    manifest = {"format": FORMAT, "members": [{"folder": "members/0-a", "validation_dsc": 0.9}], "crop_model": 3,
+                "threshold": 0.5, "precision": "auto"}
+    odd = tmp_path / "odd.zip"
+    _bundle_zip(odd, manifest)
+    with pytest.raises(ConfigError, match=f"--model {odd}: 3 is not a folder inside the bundle"), open_bundle(odd):
+        pass
+    empty_crop = tmp_path / "empty_crop.zip"
+    _bundle_zip(empty_crop, {**manifest, "crop_model": ""})
+    with open_bundle(empty_crop) as found:
+        assert found.crop is None
+    damaged = tmp_path / "damaged.zip"
+    _bundle_zip(damaged, {**manifest, "crop_model": None}, member=b"x" * 4000)
+    data = bytearray(damaged.read_bytes())
+    at = data.index(b"x" * 100)
+    data[at:at + 100] = b"y" * 100  # the member's bytes no longer match its CRC
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=f"--model {damaged}: the zip is damaged"), open_bundle(damaged):
+        pass

@@ -60,6 +60,15 @@ def test_a_folder_without_model_json_or_of_another_format_is_one_error_naming_th
         load_model(tmp_path, CPU)
 
 
+@pytest.mark.parametrize("crop, fragment", [({"margin": 1.0}, "crop has no size"), ("box", "crop must be a geometry")])
+def test_a_model_json_with_a_malformed_crop_is_one_error(tmp_path, crop, fragment):
+    _saved(tmp_path)
+    values = json.loads((tmp_path / MODEL_FILE).read_text())
+    (tmp_path / MODEL_FILE).write_text(json.dumps({**values, "crop": crop}))
+    with pytest.raises(ModelError, match=f"{tmp_path / MODEL_FILE}: {fragment}"):
+        load_model(tmp_path, CPU)
+
+
 class Payload:
     """What a crafted weights file could carry: an object, whose unpickling could run code."""
 

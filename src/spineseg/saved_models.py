@@ -53,7 +53,11 @@ class ModelDescription:
         if self.grid is not None:
             object.__setattr__(self, "grid", tuple(int(v) for v in self.grid))
         if isinstance(self.crop, dict):
+            if "size" not in self.crop:
+                raise ValueError("crop has no size")
             object.__setattr__(self, "crop", CropGeometry(**{**self.crop, "size": tuple(self.crop["size"])}))
+        elif self.crop is not None and not isinstance(self.crop, CropGeometry):
+            raise ValueError(f"crop must be a geometry or null, got {self.crop!r}")
 
     @property
     def in_channels(self) -> int:

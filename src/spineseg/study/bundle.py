@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -224,7 +225,10 @@ def open_bundle(path: str | Path) -> Iterator[EnsembleFolders]:
     if not zipfile.is_zipfile(path):
         raise ConfigError(f"--model {path}: not a bundle (a .zip from `spineseg export`, or the folder it unpacks to)")
     with tempfile.TemporaryDirectory() as folder, zipfile.ZipFile(path) as archive:
-        archive.extractall(folder)  # zipfile drops absolute paths and `..`, so nothing lands outside `folder`
+        try:
+            archive.extractall(folder)  # zipfile drops absolute paths and `..`, so nothing lands outside `folder`
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # a damaged member: CRC, truncation
+            raise ConfigError(f"--model {path}: the zip is damaged ({type(exc).__name__}: {exc}); export it again") from None
         yield _read_manifest(Path(folder), path)
 
 
@@ -245,12 +249,14 @@ def _read_manifest(root: Path, shown: Path) -> EnsembleFolders:
         members = [(_inside(root, m["folder"], shown), float(m["validation_dsc"])) for m in members]
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"--model {shown}: {files.manifest.name} lists a member without folder or DSC ({exc})") from None
-    return EnsembleFolders(members, crop and _inside(root, crop, shown), threshold, precision,
+    return EnsembleFolders(members, _inside(root, crop, shown) if crop else None, threshold, precision,
                            manifest.get("two_stage_locator"), f"the bundle {shown}")
 
 
 def _inside(root: Path, relative: str, shown: Path) -> Path:
+    if not isinstance(relative, str) or os.path.isabs(relative):
+        raise ConfigError(f"--model {shown}: {relative!r} is not a folder inside the bundle")
     folder = (root / relative).resolve()
-    if not isinstance(relative, str) or os.path.isabs(relative) or not folder.is_relative_to(root.resolve()):
+    if not folder.is_relative_to(root.resolve()):
         raise ConfigError(f"--model {shown}: {relative!r} lies outside the bundle")
     return folder
