@@ -95,3 +95,24 @@ def test_json_and_csv_helpers_round_trip(tmp_path):
     text = (tmp_path / "m.csv").read_text()
     assert text.splitlines()[0] == "id,dsc"  # no index column
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "m.csv", dtype={"id": str}), frame)
+
+
+def test_a_damaged_cache_reads_as_empty_so_it_is_made_again(tmp_path):
+    from spineseg.atomic import read_json_cache
+
+    path = tmp_path / "cache.json"
+    assert read_json_cache(path) == {}
+    for damaged in (b'{"half": ', b"\xff\xfe", b"[1, 2]"):
+        path.write_bytes(damaged)
+        assert read_json_cache(path) == {}
+    path.write_text('{"fingerprint": "abc"}')
+    assert read_json_cache(path) == {"fingerprint": "abc"}
+
+
+def test_a_damaged_provenance_file_is_replaced_by_the_stage_that_runs(tmp_path):
+    from spineseg.study import provenance
+
+    path = tmp_path / "provenance.json"
+    path.write_text('{"00_data": {"time": ')
+    provenance.record(path, "02_backbone_selection", {"time": "now"})
+    assert json.loads(path.read_text()) == {"02_backbone_selection": {"time": "now"}}

@@ -73,3 +73,13 @@ def read_json_object(path: str | os.PathLike, error: type[Exception], remedy: st
     if not isinstance(values, dict):
         raise error(f"{path} holds no JSON object: {remedy}")
     return values
+
+
+def read_json_cache(path: str | os.PathLike) -> dict:
+    """A JSON object this package wrote as a cache or record; missing, unreadable or not an object reads as
+    empty, so that it is made again instead of ending the run."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return values if isinstance(values, dict) else {}

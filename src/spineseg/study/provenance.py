@@ -8,7 +8,6 @@ stages' files stays on record.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -76,10 +75,7 @@ def record(path: Path, notebook: str, facts: dict) -> dict:
 
 def _sections(path: Path) -> dict:
     """The recorded sections; a file from before sections (one run's facts, stages unknown) is dropped."""
-    try:
-        found = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
+    found = atomic.read_json_cache(path)
     return {key: value for key, value in found.items() if isinstance(value, dict) and "time" in value}
 
 

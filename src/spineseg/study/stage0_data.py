@@ -8,7 +8,6 @@ hours into stage 2. Radiographs that dataset 2 shares with dataset 1 are listed 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def cross_twins(study: Study, data: StudyData) -> list[dict]:
     Found once per data fingerprint and kept in the study's ``data/twins_d1_d2.json``.
     """
     path = study.layout.cross_twins
-    known = json.loads(path.read_text()) if path.is_file() else {}
+    known = atomic.read_json_cache(path)
     if known.get("fingerprint") != data.fingerprint or known.get("threshold") != TWIN_THRESHOLD:
         twins = [{"d1": t.first, "d2": t.second, "r": round(t.score, 4)} for t in twins_between(data.d1, data.d2)]
         known = {"fingerprint": data.fingerprint, "threshold": TWIN_THRESHOLD, "twins": twins}
@@ -83,7 +82,7 @@ def prepare_data(study: Study) -> StudyData:
         return checked(study, d1, d2)
     stamp = study.layout.data_source
     wanted = cfg.model_dump(mode="json", include={"source", "seed", "size", "d1_count", "d2_count", "aasce_src"})
-    if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
+    if atomic.read_json_cache(stamp) != wanted:
         if cfg.source == "synthetic":
             from spineseg.data.synthetic import synthesize
 
