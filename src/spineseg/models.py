@@ -181,12 +181,13 @@ def build_model(encoder: str, architecture: str = "unet", pretrained: str = "non
         if pretrained == "imagenet":
             raise ModelError("encoder 'None' has no ImageNet weights; use pretrained: none")
         model = PlainUNet(in_channels=in_channels, classes=classes)
-    elif pretrained == "imagenet" and weights_path is None and encoder not in PACKAGED_IMAGENET:
+    elif pretrained == "imagenet" and weights_path is None and encoder in PACKAGED_IMAGENET:
+        model = _smp_model(architecture, smp_name, False, in_channels, classes, attention)
+        load_packaged_encoder(encoder, model.encoder.model)
+    elif pretrained == "imagenet" and weights_path is None:
         model = _pretrained_model(architecture, encoder, smp_name, in_channels, classes, attention)
     else:
         model = _smp_model(architecture, smp_name, False, in_channels, classes, attention)
-        if pretrained == "imagenet" and weights_path is None:
-            load_packaged_encoder(encoder, model.encoder.model)
     if encoder in PACKAGED_IMAGENET:
         input_normalisation(model.encoder)  # the scaling its ImageNet weights expect, with or without them
     if weights_path is not None:

