@@ -259,3 +259,29 @@ def test_a_damaged_or_odd_bundle_is_one_error_naming_it(tmp_path):
     damaged.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match=f"--model {damaged}: the zip is damaged"), open_bundle(damaged):
         pass
+
+
+def test_a_crop_model_trained_on_another_grid_than_its_members_is_refused_at_load(tmp_path):
+    from spineseg.crops import CropGeometry
+    from spineseg.saved_models import ModelDescription
+    from spineseg.study.apply import load_ensemble
+    from spineseg.study.bundle import EnsembleFolders
+    from spineseg.train import BEST
+
+    def saved(name: str, **changes) -> object:
+        description = ModelDescription(name, "MobileNetV2", "unet", "binary", (64, 32), **{"grid": (128, 64), **changes})
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save(description.build().state_dict(), folder / BEST)
+        description.save(folder)
+        return folder
+
+    member = saved("member")
+    found = EnsembleFolders([(member, 0.9)], saved("crop", crop=CropGeometry((64, 32))), 0.5, "auto", "max", "the bundle x.zip")
+    assert load_ensemble(found, torch.device("cpu"), two_stage=True).crop is not None
+    (tmp_path / "crop").rename(tmp_path / "old")
+    found = EnsembleFolders([(member, 0.9)], saved("crop", crop=CropGeometry((64, 32)), grid=(256, 128)), 0.5, "auto",
+                            "max", "the bundle x.zip")
+    with pytest.raises(ConfigError, match=r"crop model of the bundle x.zip was trained on images stored at \(256, 128\), "
+                                          r"its members at \(128, 64\)"):
+        load_ensemble(found, torch.device("cpu"), two_stage=True)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spineseg.crops import Box, CropGeometry, cut, paste, refine, training_crops
+from spineseg.crops import Box, CropGeometry, CropModel, cut, paste, refine, training_crops
 from spineseg.data import Split
 from spineseg.predict import Segmenter
 
@@ -100,3 +100,17 @@ def test_refine_pastes_the_crop_models_probabilities_into_the_located_box():
     assert not yes[:box.top].any() and not yes[box.top + box.height:].any()  # bright but outside the box
     assert not probs[1].any()  # nothing located: nothing to refine
 
+
+
+def test_a_crop_model_cuts_its_boxes_on_the_stored_grid_and_answers_at_the_masks_size():
+    """`predict` locates on the radiograph's own size, the crop model was trained on boxes cut at the grid."""
+    images = np.zeros((1, 200, 80), dtype=np.float32)
+    images[:, :, 20:60] = 1.0
+    located = _region()[None]
+    crop = CropModel(Segmenter(_Echo()), CropGeometry((64, 32), margin=1.0))
+    same = crop.outline(images, located, torch.device("cpu"))
+    assert np.array_equal(same, refine(crop.model, images, located, crop.geometry, torch.device("cpu")))
+    large = np.kron(located, np.ones((1, 3, 3), dtype=bool))  # the same mask on a radiograph three times the grid
+    outlined = crop.outline(images, large, torch.device("cpu"))
+    assert outlined.shape == large.shape
+    assert np.abs((outlined[0, ::3, ::3] > 0.5).astype(int) - (same[0] > 0.5)).mean() < 0.01

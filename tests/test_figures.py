@@ -10,8 +10,8 @@ from spineseg.metrics import dice
 from spineseg.study import figures
 from spineseg.study.artifacts import Layout
 from spineseg.study.config import Profile
+from spineseg.study.ensemble_inputs import EnsembleInputs
 from spineseg.study.session import Study
-from spineseg.study.stage4_ensembles import EnsembleInputs
 from spineseg.study.tables import CANDIDATE_ORDER
 
 

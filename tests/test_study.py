@@ -85,6 +85,7 @@ def test_ids_pandas_would_read_as_missing_survive_every_study_table(tmp_path):
     """Stage 6's pruning resumes from its metrics.csv: image 'NA' must come back as 'NA', or Table 17 loses it."""
     from spineseg.study import stage6_architectures as stage6
     from spineseg.study.artifacts import read_table
+    from spineseg.study.records import PruningResult
 
     write_rectangles(tmp_path / "mydata", "d1", 20)
     _project(tmp_path, {"source": "folder", "d1": "mydata/d1"})
@@ -100,7 +101,7 @@ def test_ids_pandas_would_read_as_missing_survive_every_study_table(tmp_path):
     finished.mkdir(parents=True)
     ids = ["NA", "nan", "null", "None", "N/A", "a"]
     (finished / "metrics.csv").write_text("dataset,id,patient,dsc\n" + "".join(f"d1,{i},{i},0.5\n" for i in ids))
-    (finished / "summary.json").write_text(json.dumps({"fraction": 0.0, "group": "unpruned"}))
+    PruningResult(0.0, "unpruned", 1000, 0.5, 1.0, (32, 32)).save(finished / "summary.json")
     stage6.run_pruning(study, prepare_data(study), baseline)  # resumes: nothing to train
     table = read_table(study.layout.stage_metrics(stage6.PRUNING))
     assert list(table["id"]) == ids and list(table["patient"]) == ids and table["dsc"].notna().all()

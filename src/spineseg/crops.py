@@ -153,3 +153,21 @@ def refine(model: Segmenter, images: np.ndarray, located: np.ndarray, geometry: 
         for k, prob in zip(chunk, probs):
             refined[k] = paste(prob, boxes[k], images.shape[1:])
     return refined
+
+
+@dataclass(frozen=True)
+class CropModel:
+    """A trained crop model with the geometry of its boxes: the second stage wherever it runs (study or `predict`)."""
+
+    model: Segmenter
+    geometry: CropGeometry
+
+    def outline(self, images: np.ndarray, located: np.ndarray, device: torch.device) -> np.ndarray:
+        """The crop model's probabilities [N, H, W] in boxes around the located masks [N, H, W].
+
+        `images` [N, h, w] may be stored at another size than the masks (the grid the crop model's
+        training boxes were cut from): the boxes are cut there, the result comes back at the masks' size.
+        """
+        where = resample(np.asarray(located, dtype=np.float32), images.shape[1:], nearest=True) > 0.5
+        probs = refine(self.model, images, where, self.geometry, device)
+        return np.clip(resample(probs, np.shape(located)[1:]), 0.0, 1.0)

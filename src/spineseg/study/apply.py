@@ -30,7 +30,7 @@ from scipy.ndimage import binary_erosion
 from tqdm.auto import tqdm
 
 from spineseg import atomic
-from spineseg.crops import CropGeometry, refine
+from spineseg.crops import CropModel
 from spineseg.data.dataset import model_input
 from spineseg.data.radiographs import find_radiographs, read_radiograph
 from spineseg.device import pick_device
@@ -99,26 +99,12 @@ class Member:
 
 
 @dataclass(frozen=True)
-class CropModel:
-    """The crop model of the two-stage variant, how it cuts its boxes, and the grid its crops came from."""
-
-    model: object
-    geometry: CropGeometry
-    grid: tuple[int, int]  # dataset 1's stored size: a radiograph is cut there, as in training
-
-    def outline(self, at_grid: np.ndarray, located: np.ndarray, device) -> np.ndarray:
-        """The crop model's probabilities [H, W] around a located mask [H, W], at the mask's size."""
-        where = resample(located[None].astype(np.float32), self.grid, nearest=True) > 0.5
-        return np.clip(resample(refine(self.model, at_grid[None], where, self.geometry, device), located.shape)[0], 0.0, 1.0)
-
-
-@dataclass(frozen=True)
 class Ensemble:
     """What `predict_files` applies: the members, the crop model if asked for, and how radiographs reach them."""
 
     members: list[Member]
     grid: tuple[int, int] | None = None  # the stored size of the study's images: a radiograph is resized there first
-    crop: CropModel | None = None
+    crop: CropModel | None = None  # its boxes are cut from the radiograph at `grid`, as in training
 
     def inputs(self, image: np.ndarray) -> np.ndarray:
         """A radiograph as the study stored its images (at the grid), from which each member's input is resized."""
@@ -132,13 +118,16 @@ def load_ensemble(found: EnsembleFolders, device, two_stage: bool = False) -> En
     if len(grids) != 1:
         raise ConfigError(f"the members of {found.origin} were trained on images stored at different sizes {sorted(map(str, grids))}")
     members = [Member(description.name, model, description.input_size, weight) for (description, model), weight in loaded]
-    crop = None
+    grid, crop = grids.pop(), None
     if two_stage:
         description, model = load_model(found.crop, device)
         if description.crop is None or description.grid is None:
             raise ConfigError(f"--two-stage: {found.crop} is not a crop model with the grid its crops were cut from")
-        crop = CropModel(model, description.crop, description.grid)
-    return Ensemble(members, grids.pop(), crop)
+        if description.grid != grid:  # its boxes would be cut at a size it never saw
+            raise ConfigError(f"--two-stage: the crop model of {found.origin} was trained on images stored at "
+                              f"{description.grid}, its members at {grid}; they do not belong together")
+        crop = CropModel(model, description.crop)
+    return Ensemble(members, grid, crop)
 
 
 def predict_radiographs(study: Study, source: str | Path, out: str | Path, options: InferenceOptions | None = None,
@@ -257,7 +246,7 @@ def predict_files(ensemble: Ensemble, source: str | Path, out: str | Path, optio
                 probs = np.stack([member_probs[k] for member_probs in per_member])
                 mask, probability = combine(probs, rule, options.threshold, weights=weights), probs.mean(axis=0)
                 if ensemble.crop is not None:
-                    probability = ensemble.crop.outline(at_grid, mask, device)
+                    probability = ensemble.crop.outline(at_grid[None], mask[None], device)[0]
                     mask = probability > options.threshold
                 if not mask.any():
                     report.empty.append(key)

@@ -12,6 +12,10 @@
         stage2_scratch/       runs.csv, metrics_*.csv of the from-scratch twins (`stage2.scratch_twins`)
         stage4/               metrics_test.csv, threshold_tuning.csv, learned.json, leave_one_out.csv,
                               rule_checks.csv, identification.csv, timing.csv
+        stage6/               chosen.json (`Stage6Choices`): the best pair, the attention pair, what smp cannot
+                              build, the pruning results
+        stage6_<comparison>/  runs.csv, metrics_test.csv (decoders, optimizers, attention, pruning); pruning also
+                              has one folder per fraction: summary.json (`PruningResult`), metrics.csv, pruned.pt
         tables/               tableN.csv/.md/.tex, wilcoxon.csv, wilcoxon_readable.*
         notebooks/            the rendered notebooks, their HTML copies and <name>.timing.json
         report/               the rendered notebooks as HTML without code (`spineseg report`)
@@ -264,6 +268,15 @@ class Layout:
     def learned(self) -> Path:
         """What stage 4 fitted on dataset-1 validation: the tuned threshold and the stacker."""
         return self.stage_dir("stage4") / "learned.json"
+
+    @property
+    def stage6_choices(self) -> Path:
+        """What stage 6 chose and measured (`spineseg.study.records.Stage6Choices`)."""
+        return self.stage_dir("stage6") / "chosen.json"
+
+    def pruned_run(self, name: str) -> Path:
+        """One pruning fraction's folder: its summary.json, metrics.csv and pruned.pt."""
+        return self.stage_dir("stage6_pruning") / name
 
     @property
     def leave_one_out(self) -> Path:

@@ -32,13 +32,14 @@ from spineseg.names import TWO_STAGE, rule_name
 from spineseg.saved_models import MODEL_FILE, PIXELS, ModelDescription
 from spineseg.stats import PATIENT_KEYS, mean_ci_table
 from spineseg.study.artifacts import BundleFiles, read_table
+from spineseg.study.ensemble_inputs import members_validation_dsc
 from spineseg.study.provenance import code_version
 from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage3_final import crop_spec, ensemble_members
-from spineseg.study.stage4_ensembles import members_validation_dsc
+from spineseg.study.stage3_final import ensemble_members
 from spineseg.study.store import RunSpec, describe, training_grid
+from spineseg.study.two_stage import crop_spec
 from spineseg.train import BEST
 
 FORMAT = "spineseg-bundle/1"

@@ -23,11 +23,11 @@ from spineseg.errors import StageOrderError
 from spineseg.metrics import dice
 from spineseg.names import RULES, rule_name
 from spineseg.stats import auroc
+from spineseg.study.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
 from spineseg.study.figures import crop_box, error_overlay, save
 from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage4_ensembles import EnsembleInputs, available_eval_sets, ensemble_inputs
 from spineseg.study.tables import load_identification
 
 FAILED_BELOW = 0.8  # an image "fails" below this DSC

@@ -19,6 +19,7 @@ from skimage.measure import find_contours
 from spineseg import atomic
 from spineseg.ensemble import THRESHOLD_GRID, combine
 from spineseg.names import EXTRA_RULES, RULES
+from spineseg.study.ensemble_inputs import available_eval_sets, ensemble_inputs
 from spineseg.study.figures import (
     DATASET_STYLES,
     MASK_KEY,
@@ -32,7 +33,7 @@ from spineseg.study.figures import (
 )
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage4_ensembles import available_eval_sets, ensemble_inputs, threshold_curves
+from spineseg.study.stage4_ensembles import threshold_curves
 
 THRESHOLD_RULES = (*RULES, *EXTRA_RULES)
 _DASH = {"-": "solid", "--": "dash", ":": "dot"}

@@ -22,9 +22,10 @@ from spineseg.data import DatasetError, Sample, load_split, read_manifest
 from spineseg.ensemble import THRESHOLD_GRID, combine
 from spineseg.metrics import dice, per_image
 from spineseg.names import EXTRA_RULES, RULES, rule_name
+from spineseg.study.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage4_ensembles import EnsembleInputs, available_eval_sets, ensemble_inputs, threshold_curves
+from spineseg.study.stage4_ensembles import threshold_curves
 from spineseg.study.tables import CANDIDATE_ORDER, identification_summary, load_identification
 from spineseg.study.training import load_stage_metrics
 from spineseg.vertebrae import BACKGROUND, CODES, IGNORE, N_LEVELS, NAMES, REGION, region_mask

@@ -49,7 +49,7 @@ def _identified(study: Study, data: StudyData, specs: list[RunSpec]) -> dict[str
         truth = load_split(data.d1, "test", cached.probs.shape[1:], labels=True)
         if truth.labels is None:
             return {}
-        found = identification_table(cached.probs > 0.5, truth.labels)["identified"]
+        found = identification_table(cached.probs > study.cfg.stage4.threshold, truth.labels)["identified"]
         shares.setdefault(arm(spec), []).append(100 * float(found.mean()))
     return {name: sum(values) / len(values) for name, values in shares.items()}
 

@@ -1,4 +1,5 @@
-"""The study's decisions as typed records: what stage 2 selected, and what stage 4 learned on validation.
+"""The study's decisions as typed records: what stage 2 selected, what stage 4 learned on validation, and
+what stage 6 chose and measured.
 
 Each is written and read only through its class, so a reader never guesses a key (`Layout` says where
 each file lives). A missing file is a stage that has not run; a file without a field the record needs
@@ -72,3 +73,59 @@ class Learned:
         if absent:
             raise StageOrderError(f"{path} has no {', '.join(absent)}: it was written by another version; rerun {cls.STAGE}")
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+@dataclass(frozen=True)
+class PruningResult:
+    """One pruning fraction of stage 6's best pair, after fine-tuning: its size and CPU time."""
+
+    fraction: float
+    group: str  # how Table 17 names it
+    parameters: int
+    size_mb: float
+    cpu_ms: float
+    timing_size: tuple[int, int]
+
+    STAGE = "stage 6 (06_architectures)"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "timing_size", tuple(int(v) for v in self.timing_size))
+
+    def save(self, path: Path) -> None:
+        atomic.write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> PruningResult:
+        return cls.from_dict(_read(path, cls.STAGE), path)
+
+    @classmethod
+    def from_dict(cls, values: dict, path: Path) -> PruningResult:
+        try:
+            return cls(**{f.name: values[f.name] for f in fields(cls)})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StageOrderError(f"{path}: not a pruning result of this version ({exc}); rerun {cls.STAGE}") from None
+
+
+@dataclass(frozen=True)
+class Stage6Choices:
+    """What stage 6 chose on validation and measured, for its tables and captions."""
+
+    best_pair: tuple[str, str]  # (decoder, encoder) with the best mean validation DSC
+    skipped: dict[str, str]  # pair → why smp cannot build it
+    attention_pair: tuple[str, str] | None = None  # the best attention-capable pair, when attention was compared
+    pruning: tuple[PruningResult, ...] = ()
+
+    STAGE = PruningResult.STAGE
+
+    def save(self, path: Path) -> None:
+        atomic.write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> Stage6Choices:
+        values = _read(path, cls.STAGE)
+        try:
+            attention = values.get("attention_pair")
+            return cls(tuple(values["best_pair"]), dict(values["skipped"]), tuple(attention) if attention else None,
+                       tuple(PruningResult.from_dict(row, path) for row in values.get("pruning", [])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StageOrderError(f"{path} was written by another version ({type(exc).__name__}: {exc}); rerun {cls.STAGE}") from None

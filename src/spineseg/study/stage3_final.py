@@ -4,24 +4,18 @@ The article does not say where stage 3 starts; ``stage3.init_from`` chooses: ``i
 reading, "retrained": the encoders' ImageNet weights, as in stage 2) or ``stage2`` (the stage-2 run of
 the same encoder and seed, or its first seed, continued at the final size).
 
-With ``two_stage.enabled`` this stage also trains the crop model of the two-stage variant, which stage 4
-puts behind its best rule.
+With ``two_stage.enabled`` the stage-3 notebook also trains the crop model of the two-stage variant
+(`spineseg.study.two_stage`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pandas as pd
 
-from spineseg.crops import CropGeometry
-from spineseg.errors import StageOrderError
-from spineseg.predict import Segmenter
-from spineseg.study.executors import make_executor
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage2_selection import selected_candidates, stage2_specs
-from spineseg.study.store import RunSpec, load_trained, run_all
+from spineseg.study.store import RunSpec
 from spineseg.study.training import run_spec, train_and_collect
 
 
@@ -53,35 +47,3 @@ def run_stage3(study: Study, data: StudyData) -> pd.DataFrame:
 def ensemble_members(study: Study, data: StudyData) -> list[RunSpec]:
     """The runs whose probabilities stage 4 combines: the first repeat of each selected encoder."""
     return [spec for spec in stage3_specs(study, data) if spec.seed == 0]
-
-
-def crop_spec(study: Study, data: StudyData) -> RunSpec | None:
-    """The two-stage variant's crop model, or None when the profile does not ask for it."""
-    cfg = study.cfg.two_stage
-    if not cfg.enabled:
-        return None
-    geometry = CropGeometry(cfg.image_size, cfg.margin, cfg.jitter, cfg.scale_jitter, cfg.copies)
-    spec = run_spec(study, data, "stage3", cfg.encoder, 0, cfg, augment=cfg.augment, pretrained=cfg.pretrained)
-    return replace(spec, crop=geometry)
-
-
-def trained_crop_model(study: Study, data: StudyData, device) -> tuple[Segmenter, CropGeometry] | None:
-    """The crop model with its best weights and its geometry; None when the profile does not ask for one."""
-    spec = crop_spec(study, data)
-    if spec is None:
-        return None
-    if not spec.files(study.layout.store).done.is_file():
-        raise StageOrderError(f"two_stage.enabled, but its crop model {spec.folder_name()} has not been trained: "
-                              f"run `spineseg run --profile {study.name} --stages 3` first")
-    return load_trained(study.layout.store, spec, device), spec.crop
-
-
-def run_crop_model(study: Study, data: StudyData) -> pd.DataFrame:
-    """Train the crop model (once; a rerun skips it) and return its summary, empty when it is not asked for."""
-    spec = crop_spec(study, data)
-    if spec is None:
-        return pd.DataFrame()
-    executor = make_executor(study.cfg.executor, "stage 3: the crop model")
-    summary = run_all([spec], data, study.layout.store, study.cfg.device, executor)[0]
-    # its validation DSC is on crops around the true region: stage 4 scores it behind a locator
-    return pd.DataFrame([summary])[["encoder", "image_size", "best_val_dsc", "best_epoch", "epochs_run", "seconds"]]

@@ -1,80 +1,29 @@
 """Stage 4: the ensemble rules applied to the stage-3 models' cached probabilities (Tables 8–9).
 
-Each model ran once per image in stage 3; everything here works on those maps, so trying another
-rule or threshold costs no forward pass. Validation predictions of dataset 1 serve the rules that
-learn something (tuned threshold, stacking); test sets are only ever evaluated.
+This file owns the rules and their tables: which rules run, what they learn and choose on dataset-1
+validation (tuned threshold, stacking, calibration, the best rule and model), their per-image test
+metrics, rule checks and leave-one-out ablations. Test sets are only ever evaluated. The
+identification table (`stage4_identification`), the timing table (`stage4_timing`) and the two-stage
+variant (`two_stage`) have files of their own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
-import torch
 
 from spineseg import atomic
 from spineseg.boundary import boundary_metrics
 from spineseg.calibration import fit_temperature, scale
-from spineseg.crops import CropGeometry, refine
-from spineseg.data import load_split, splits_present
-from spineseg.device import describe, pick_device
 from spineseg.ensemble import THRESHOLD_GRID, combine, fit_stacker, leave_one_out, tune_threshold
-from spineseg.errors import StageOrderError
-from spineseg.identification import identification_table, level_accuracy, panoptic_quality
 from spineseg.metrics import dice, per_image
-from spineseg.models import parameter_count
-from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, SINGLE_CROP, STACKING, TUNED, TWO_STAGE, rule_name
-from spineseg.predict import Segmenter, ensemble_forward
+from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, SINGLE_CROP, STACKING, TUNED, TWO_STAGE
+from spineseg.study.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
 from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage3_final import ensemble_members, trained_crop_model
-from spineseg.study.store import load_probs, load_trained
-from spineseg.study.training import load_stage_runs
-from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
-
-
-@dataclass(frozen=True)
-class EnsembleInputs:
-    """The stage-3 models' cached probabilities for one dataset split, stacked [M, N, H, W] on its evaluation grid."""
-
-    names: list[str]
-    ids: list[str]
-    patients: list[str]
-    probs: np.ndarray
-    masks: np.ndarray
-    images: np.ndarray
-    labels: np.ndarray | None  # the level label maps, where the dataset has them
-    levels: list[np.ndarray | None]  # each member's ordered level maps (level-aware members)
-    val_dsc: np.ndarray  # each model's best validation DSC (weights for weighted voting)
-
-
-def ensemble_inputs(study: Study, data: StudyData, dataset: str, split: str) -> EnsembleInputs:
-    """Stack the cached probabilities of the ensemble members, checked against the dataset's ids."""
-    specs = ensemble_members(study, data)
-    folder = data.folder(dataset)
-    cached = [load_probs(study.layout.store, spec, dataset, split) for spec in specs]
-    loaded = load_split(folder, split, cached[0].probs.shape[1:], labels=True)
-    for spec, member in zip(specs, cached):
-        if member.ids != list(loaded.ids) or member.probs.shape[1:] != loaded.size:
-            raise StageOrderError(f"cached probabilities of {spec.folder_name()} do not match {folder} ({split}); rerun stage 3")
-    return EnsembleInputs([s.candidate for s in specs], list(loaded.ids), list(loaded.patients),
-                          np.stack([m.probs for m in cached]), loaded.masks, loaded.images, loaded.labels,
-                          [m.levels for m in cached], members_validation_dsc(study, specs))
-
-
-def members_validation_dsc(study: Study, specs) -> np.ndarray:
-    """Each member's best validation DSC: the weights of weighted voting."""
-    runs = load_stage_runs(study, "stage3").set_index("folder")
-    return np.array([runs.loc[spec.folder_name(), "best_val_dsc"] for spec in specs], dtype=float)
-
-
-def available_eval_sets(data: StudyData) -> list[tuple[str, str]]:
-    """(dataset, split) pairs reported in the ensemble tables: D1 test and, when present, D2 test."""
-    return [(name, split) for name, folder, split in data.eval_splits()
-            if split == "test" and split in splits_present(folder)]
+from spineseg.study.stage4_identification import identification
+from spineseg.study.two_stage import TwoStage
 
 
 def chosen_rules(study: Study) -> list[str]:
@@ -129,7 +78,7 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
         for rule, mask in masks.items():
             frames.append(_scored(mask, inputs, rule, dataset))
         if inputs.labels is not None:
-            identified.append(identification(inputs, masks, dataset))
+            identified.append(identification(inputs, masks, threshold, dataset))
         if len(inputs.names) >= 2:
             table = leave_one_out(inputs.probs, inputs.masks.astype(bool), inputs.names, "soft", threshold)
             table.insert(0, "dataset", dataset)
@@ -142,48 +91,6 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     if ablations:
         atomic.write_csv(layout.leave_one_out, pd.concat(ablations, ignore_index=True))
     return metrics
-
-
-@dataclass(frozen=True)
-class TwoStage:
-    """The two-stage variant: `locator`, a rule chosen on validation, finds Th8–Th11; the crop model outlines it."""
-
-    model: Segmenter
-    geometry: CropGeometry
-    locator: str
-    threshold: float
-    device: torch.device
-
-    @classmethod
-    def load(cls, study: Study, data: StudyData, locator: str) -> TwoStage | None:
-        device = pick_device(study.cfg.device)
-        trained = trained_crop_model(study, data, device)
-        return None if trained is None else cls(*trained, locator, study.cfg.stage4.threshold, device)
-
-    def locate(self, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        return combine(probs, self.locator, self.threshold, weights=weights if self.locator == "weighted" else None)
-
-    def masks(self, inputs: EnsembleInputs) -> np.ndarray:
-        return self.outline(self.locate(inputs.probs, inputs.val_dsc), inputs.images)
-
-    def outline(self, located: np.ndarray, images: np.ndarray) -> np.ndarray:
-        """The crop model's masks [N, H, W] in boxes around `located` regions."""
-        return refine(self.model, images, located, self.geometry, self.device) > self.threshold
-
-    def timing_step(self, members: list[Segmenter], weights: np.ndarray, image: torch.Tensor) -> Callable[[], np.ndarray]:
-        """What one image costs: the members' forwards, the locating rule, then the crop model."""
-
-        def step() -> np.ndarray:
-            located = self.locate(ensemble_forward(members, image), weights)
-            return refine(self.model, image[:, 0].cpu().numpy(), located, self.geometry, self.device)
-
-        return step
-
-    def compete(self, choice: dict, validation: EnsembleInputs) -> dict:
-        """`best_on_validation`'s choice with the two-stage variant among the rules (and chosen if it is best)."""
-        rules = {**choice["validation_dsc"]["rules"], TWO_STAGE: float(dice(self.masks(validation), validation.masks).mean())}
-        return {**choice, "best_rule": max(rules, key=rules.get), "two_stage_locator": self.locator,
-                "validation_dsc": {**choice["validation_dsc"], "rules": rules}}
 
 
 def calibrated(probs: np.ndarray, temperatures: list[float]) -> np.ndarray:
@@ -199,27 +106,6 @@ def best_on_validation(validation: EnsembleInputs, rules, threshold: float) -> d
                 for rule, mask in ensemble_masks(validation, rules, threshold).items()}
     return {"best_model": validation.names[int(np.argmax(model_dsc))], "best_rule": max(rule_dsc, key=rule_dsc.get),
             "validation_dsc": {"models": dict(zip(validation.names, model_dsc)), "rules": rule_dsc}}
-
-
-def identification(inputs: EnsembleInputs, masks: dict[str, np.ndarray], dataset: str) -> pd.DataFrame:
-    """Per image, for every member model and every rule: did the mask land on Th8–Th11 (`spineseg.identification`)?"""
-    frames = []
-    groups = [(name, "model", probs > 0.5, levels) for name, probs, levels in zip(inputs.names, inputs.probs, inputs.levels)]
-    groups += [(rule, "rule", mask, None) for rule, mask in masks.items()]
-    for group, kind, predicted, levels in groups:
-        frame = identification_table(predicted, inputs.labels)
-        frame.insert(0, "dsc", dice(predicted, inputs.masks))
-        if levels is not None:
-            frame["level_accuracy"] = [level_accuracy(p, t) for p, t in zip(levels, inputs.labels)]
-            quality = pd.DataFrame([panoptic_quality(p, t) for p, t in zip(levels, inputs.labels)])
-            frame[quality.columns] = quality
-        frame.insert(0, "patient", inputs.patients)
-        frame.insert(0, "id", inputs.ids)
-        frame.insert(0, "dataset", dataset)
-        frame.insert(0, "kind", kind)
-        frame.insert(0, "group", group)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
 
 
 def rule_checks(inputs: EnsembleInputs, masks: dict[str, np.ndarray], threshold: float, dataset: str) -> dict:
@@ -241,41 +127,3 @@ def threshold_curves(inputs: EnsembleInputs, rules=("soft", "max", "min", "union
             mean_dsc = dice(combine(inputs.probs, rule, float(t), weights=weights), inputs.masks).mean()
             rows.append({"method": rule, "threshold": float(t), "mean_dsc": float(mean_dsc)})
     return pd.DataFrame(rows)
-
-
-def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
-    """ms per image for each stage-3 model alone (named as in the tables, binary and level-aware apart) and for
-    the whole ensemble (forwards + the five rules). On CUDA each row has its own peak memory; a CPU process has
-    one peak (resident memory of models, data and Python together), reported as that, an upper bound."""
-    cfg = study.cfg.stage4
-    device = pick_device(study.cfg.device)
-    specs = ensemble_members(study, data)
-    models = [load_trained(study.layout.store, spec, device) for spec in specs]
-    size = cfg.timing_size
-    image = torch.from_numpy(np.random.default_rng(0).random((1, 1, *size), dtype=np.float32)).to(device)
-
-    def row(what: str, count: int, params: float, step: Callable[[], object]) -> dict:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = mean_seconds(step, cfg.timing_repeats, cfg.timing_warmup)
-        measured = {"what": what, "models": count, "params_millions": params, "ms_per_image": 1000 * seconds}
-        return measured | ({"peak_gpu_memory_mb": peak_memory_mb(device)} if device.type == "cuda" else {})
-
-    rows = [row(spec.candidate, 1, parameter_count(model) / 1e6, ensemble_step([model], image, rules=()))
-            for spec, model in zip(specs, models)]
-    rows.append(row("Ensemble (forwards + 5 rules)", len(models), sum(r["params_millions"] for r in rows),
-                    ensemble_step(models, image, cfg.threshold)))
-    locator = Learned.load(study.layout.learned).two_stage_locator if study.layout.learned.is_file() else None
-    two_stage = TwoStage.load(study, data, locator) if locator else None
-    if two_stage is not None:  # on a real radiograph: on noise the locator may find nothing, and the crop model not run
-        radiograph = torch.from_numpy(np.array(load_split(data.d1, "test", size).images[:1, None])).to(device)
-        step = two_stage.timing_step(models, members_validation_dsc(study, specs), radiograph)
-        rows.append(row(f"Two-stage ({rule_name(two_stage.locator)} + crop model)", len(models) + 1,
-                        rows[-1]["params_millions"] + parameter_count(two_stage.model) / 1e6, step))
-    table = pd.DataFrame(rows)
-    if device.type != "cuda":
-        table["process_peak_rss_mb"] = peak_memory_mb(device)
-    table["device"] = describe(device)
-    table["image_size"] = f"{size[0]}x{size[1]}"
-    atomic.write_csv(study.layout.timing, table)
-    return table

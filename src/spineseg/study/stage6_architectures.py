@@ -35,6 +35,7 @@ from spineseg.stats import PATIENT_KEYS, format_wilcoxon, one_vs_rest, wilcoxon_
 from spineseg.study.artifacts import read_table
 from spineseg.study.config import Stage2
 from spineseg.study.figures import save
+from spineseg.study.records import PruningResult, Stage6Choices
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.store import RunSpec, load_trained, score_split
@@ -89,8 +90,8 @@ def best_pair(study: Study, attention_capable: bool = False) -> tuple[str, str]:
     return means.idxmax() if len(means) else (BASELINE["decoder"], study.cfg.architectures.encoders[0])
 
 
-def run_stage6(study: Study, data: StudyData) -> dict:
-    """Train the four comparisons (finished runs are skipped) and return what was chosen and skipped."""
+def run_stage6(study: Study, data: StudyData) -> Stage6Choices:
+    """Train the four comparisons (finished runs are skipped) and return what was chosen, skipped and measured."""
     specs, skipped = decoder_grid(study, data)
     train_and_collect(study, data, DECODERS, specs, lambda s: pair_name(s.architecture, s.encoder), hflip=False)
     decoder, encoder = best_pair(study)
@@ -98,17 +99,16 @@ def run_stage6(study: Study, data: StudyData) -> dict:
     arch = study.cfg.architectures
     optimiser_specs = [_spec(study, data, decoder, encoder, seed, optimizer) for optimizer in arch.optimizers for seed in repeats]
     train_and_collect(study, data, OPTIMISERS, optimiser_specs, lambda s: s.train.optimizer, hflip=False)
-    chosen = {"best_pair": [decoder, encoder], "skipped": skipped}
+    attention_pair = None
     if arch.attention:
         attention_pair = ((decoder, encoder) if combination_problem(encoder, decoder, attention=True) is None
                           else best_pair(study, attention_capable=True))
-        chosen["attention_pair"] = list(attention_pair)
         attention_specs = [_spec(study, data, *attention_pair, seed, attention=flag) for flag in (False, True) for seed in repeats]
         train_and_collect(study, data, ATTENTION, attention_specs, lambda s: "scSE" if s.attention else "none", hflip=False)
     baseline = _spec(study, data, decoder, encoder, 0)
-    chosen["pruning"] = run_pruning(study, data, baseline)
-    atomic.write_json(study.layout.stage_dir("stage6") / "chosen.json", chosen)
-    return chosen
+    choices = Stage6Choices((decoder, encoder), skipped, attention_pair, tuple(run_pruning(study, data, baseline)))
+    choices.save(study.layout.stage6_choices)
+    return choices
 
 
 def pruning_group(fraction: float) -> str:
@@ -134,7 +134,7 @@ class _Pruned:
         return f"{self.baseline.folder_name()}-p{self.fraction:.3f}-{key.hexdigest()[:8]}"
 
 
-def run_pruning(study: Study, data: StudyData, baseline: RunSpec) -> list[dict]:
+def run_pruning(study: Study, data: StudyData, baseline: RunSpec) -> list[PruningResult]:
     """Prune the best pair's trained model at every fraction, measure it, fine-tune it, measure it again."""
     arch, device = study.cfg.architectures, pick_device(study.cfg.device)
     fractions = sorted({0.0, *arch.pruning})
@@ -146,10 +146,10 @@ def run_pruning(study: Study, data: StudyData, baseline: RunSpec) -> list[dict]:
                        patience=arch.finetune_epochs, seed=0)
     for fraction in fractions:
         pruned = _Pruned(baseline, fraction, settings)
-        folder = study.layout.stage_dir(PRUNING) / pruned.folder_name
+        folder = study.layout.pruned_run(pruned.folder_name)
         done = folder / "summary.json"
         if done.is_file():
-            rows.append(json.loads(done.read_text()))
+            rows.append(PruningResult.load(done))
             frames.append(read_table(folder / "metrics.csv"))
             continue
         model = load_trained(study.layout.store, baseline, device)
@@ -162,15 +162,14 @@ def run_pruning(study: Study, data: StudyData, baseline: RunSpec) -> list[dict]:
         image = torch.rand(1, 1, *arch.timing_size)
         with torch.inference_mode():
             ms = 1000 * mean_seconds(lambda: cpu_model.region(image), 3)
-        row = {"fraction": fraction, "group": pruned.group, "parameters": pruning.parameters(model),
-               "size_mb": size / 2**20, "cpu_ms": ms, "timing_size": list(arch.timing_size)}
+        row = PruningResult(fraction, pruned.group, pruning.parameters(model), size / 2**20, ms, arch.timing_size)
         frame = pd.concat([before, after], ignore_index=True)
         atomic.write_csv(folder / "metrics.csv", frame)
-        atomic.write_json(done, row)
+        row.save(done)
         rows.append(row)
         frames.append(frame)
     atomic.write_csv(study.layout.stage_metrics(PRUNING), pd.concat(frames, ignore_index=True))
-    atomic.write_csv(study.layout.runs_table(PRUNING), pd.DataFrame(rows))
+    atomic.write_csv(study.layout.runs_table(PRUNING), pd.DataFrame([asdict(row) for row in rows]))
     return rows
 
 
@@ -196,9 +195,10 @@ def stage6_frames(study: Study) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def chosen(study: Study) -> dict:
-    path = study.layout.stage_dir("stage6") / "chosen.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def chosen(study: Study) -> Stage6Choices | None:
+    """What stage 6 chose, once it has run."""
+    path = study.layout.stage6_choices
+    return Stage6Choices.load(path) if path.is_file() else None
 
 
 def baseline_group(stage: str, study: Study) -> str:
@@ -253,8 +253,8 @@ def stage6_tables(study: Study) -> dict[str, pd.DataFrame]:
         if pairs:
             families.append(wilcoxon_family(frame, [(b, a) for a, b in pairs] if stage != DECODERS else pairs,
                                             family=STAGE6_TABLES[stage], pair_on=PATIENT_KEYS))
-    if picked.get("skipped"):
-        tables["table14_skipped"] = pd.DataFrame({"reason": picked["skipped"]})
+    if picked is not None and picked.skipped:
+        tables["table14_skipped"] = pd.DataFrame({"reason": picked.skipped})
     if families:
         tables["table14_17_wilcoxon"] = format_wilcoxon(pd.concat(families, ignore_index=True))
     captions = stage6_captions(study)
@@ -273,8 +273,8 @@ def _pruning_columns(study: Study, frame: pd.DataFrame, dataset: str) -> pd.Data
 
 def stage6_captions(study: Study) -> dict[str, str]:
     picked, arch = chosen(study), study.cfg.architectures
-    pair = pair_name(*picked["best_pair"]) if picked else "the best pair"
-    attention_pair = pair_name(*picked["attention_pair"]) if picked.get("attention_pair") else pair
+    pair = pair_name(*picked.best_pair) if picked else "the best pair"
+    attention_pair = pair_name(*picked.attention_pair) if picked and picked.attention_pair else pair
     timing = "×".join(map(str, arch.timing_size))
     out = {}
     for name in STAGE6_TABLES.values():
