@@ -285,3 +285,23 @@ def test_a_crop_model_trained_on_another_grid_than_its_members_is_refused_at_loa
     with pytest.raises(ConfigError, match=r"crop model of the bundle x.zip was trained on images stored at \(256, 128\), "
                                           r"its members at \(128, 64\)"):
         load_ensemble(found, torch.device("cpu"), two_stage=True)
+
+
+def test_predicting_with_a_run_that_predates_model_json_reads_it_and_writes_nothing(tmp_path):
+    from spineseg.errors import StageOrderError
+    from spineseg.study.bundle import _finished
+    from spineseg.study.store import RunSpec
+    from spineseg.train import TrainSettings
+
+    spec = RunSpec("stage3", "MobileNetV2", (64, 64), TrainSettings(batch_size=2, lr=1e-3, max_epochs=1, patience=1,
+                                                                            augment=False, seed=0))
+    study = SimpleNamespace(name="old", layout=SimpleNamespace(store=tmp_path))
+    files = spec.files(tmp_path)
+    files.done.parent.mkdir(parents=True)
+    files.done.write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(StageOrderError, match=r"no model.json.*--profile old --stages 3` once; it trains nothing"):
+        _finished(study, spec)
+    assert sorted(tmp_path.rglob("*")) == before
+    files.model.write_text("{}")
+    assert _finished(study, spec) == files.folder

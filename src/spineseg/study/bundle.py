@@ -38,7 +38,7 @@ from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage3_final import ensemble_members
-from spineseg.study.store import RunSpec, describe, training_grid
+from spineseg.study.store import RunSpec
 from spineseg.study.two_stage import crop_spec
 from spineseg.train import BEST
 
@@ -79,14 +79,16 @@ def dataset_folder(study: Study, name: str) -> Path | None:
     return (study.project / relative).resolve() if relative else None
 
 
-def _finished(study: Study, spec: RunSpec, data: StudyData) -> Path:
-    """A finished run's folder, described (runs that finished before model.json existed are described now)."""
+def _finished(study: Study, spec: RunSpec) -> Path:
+    """A finished run's model folder. Predicting only reads it: a run that finished before runs described
+    their models gets its model.json from stage 3's rerun, which trains nothing."""
     files = spec.files(study.layout.store)
     if not files.done.is_file():
         raise StageOrderError(f"{spec.folder_name()} of `{study.name}` has not finished; "
                               f"run `spineseg run --profile {study.name} --stages 3` first")
     if not files.model.is_file():
-        describe(spec, files, training_grid(data)).save(files.folder)
+        raise StageOrderError(f"{files.folder} finished before runs described their models (no {files.model.name}): "
+                              f"run `spineseg run --profile {study.name} --stages 3` once; it trains nothing and writes it")
     return files.folder
 
 
@@ -94,11 +96,11 @@ def study_ensemble(study: Study) -> EnsembleFolders:
     """The stage-3 members the study selected and its crop model, found from its records alone."""
     data = trained_data(study)
     specs = ensemble_members(study, data)
-    members = [(_finished(study, spec, data), float(dsc)) for spec, dsc in zip(specs, members_validation_dsc(study, specs))]
+    members = [(_finished(study, spec), float(dsc)) for spec, dsc in zip(specs, members_validation_dsc(study, specs))]
     crop = crop_spec(study, data)
     trained_crop = crop is not None and crop.files(study.layout.store).done.is_file()
     learned = Learned.load(study.layout.learned) if study.layout.learned.is_file() else None
-    return EnsembleFolders(members, _finished(study, crop, data) if trained_crop else None, study.cfg.stage4.threshold,
+    return EnsembleFolders(members, _finished(study, crop) if trained_crop else None, study.cfg.stage4.threshold,
                            study.cfg.precision, learned and learned.two_stage_locator, f"the study `{study.name}`")
 
 
