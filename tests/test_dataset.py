@@ -433,6 +433,21 @@ def test_12_bit_values_in_a_16_bit_png_are_scaled_by_the_bits_used(tmp_path):
     np.testing.assert_allclose(read_image(tmp_path / "y.png"), [[0, 1]])
 
 
+
+@pytest.mark.parametrize(("values", "size"), [(np.arange(90 * 40).reshape(90, 40) % 256, (32, 16)),
+                                              (np.arange(90 * 40).reshape(90, 40) * 13 % 4096, (32, 16)),
+                                              (np.arange(90 * 40).reshape(90, 40) * 17 % 65536, (90, 40))])
+def test_an_image_read_as_float32_gives_the_model_the_same_input_as_float64(tmp_path, values, size):
+    """`predict` reads float32 (half the memory of float64); each value is the float64 one rounded once, so
+    `model_input`, which resizes in float32, makes the identical array of either (resized or not, 8 or 16 bits)."""
+    from spineseg.data.dataset import model_input
+
+    Image.fromarray(values.astype(np.uint8 if values.max() < 256 else np.uint16)).save(tmp_path / "x.png")
+    single, double = read_image(tmp_path / "x.png", dtype=np.float32), read_image(tmp_path / "x.png")
+    assert single.dtype == np.float32 and double.dtype == np.float64
+    np.testing.assert_array_equal(single, double.astype(np.float32))
+    np.testing.assert_array_equal(model_input(single, size), model_input(double, size))
+
 def test_tall_sizes_and_label_maps_load(tmp_path):
     samples = [Sample(id=f"s{i}", image=np.full((96, 32), 100, np.uint8), mask=np.eye(96, 32, dtype=bool),
                       labels=np.eye(96, 32, dtype=np.uint8) * 9) for i in range(10)]

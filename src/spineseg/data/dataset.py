@@ -246,20 +246,27 @@ def _open(path: Path) -> Image.Image:
 
 
 HIGH_BIT_DEPTHS = (10, 12, 14, 16)
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
-def read_image(path: Path) -> np.ndarray:
-    """A grayscale image as float64 in [0, 1].
+def bits_used(maximum: float) -> int:
+    """The bit depth a high-bit-depth image's values use: the first of `HIGH_BIT_DEPTHS` above its `maximum`."""
+    return next((b for b in HIGH_BIT_DEPTHS if maximum < 2**b), 16)
+
+
+def read_image(path: Path, dtype: type = np.float64) -> np.ndarray:
+    """A grayscale image as float64 (or `dtype`) in [0, 1].
 
     16-bit PNGs are scaled by the bit depth their values actually use (10, 12, 14 or 16 bits), so a
-    12-bit detector's image stored in a 16-bit PNG is not read four times too dark.
+    12-bit detector's image stored in a 16-bit PNG is not read four times too dark. Read as float32, an
+    image has the float64 values rounded once (a quotient of integers), so `model_input` makes the same
+    array of either: `predict` reads float32, at half the memory.
     """
     with _open(path) as img:
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            values = np.asarray(img, dtype=np.float64)
-            bits = next((b for b in HIGH_BIT_DEPTHS if values.max() < 2**b), 16)
-            return np.clip(values / (2**bits - 1), 0.0, 1.0)
-        return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+        if img.mode in HIGH_BIT_MODES:
+            values = np.asarray(img, dtype=dtype)
+            return np.clip(values / (2 ** bits_used(values.max()) - 1), 0.0, 1.0)
+        return np.asarray(img.convert("L"), dtype=dtype) / 255.0
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -6,21 +6,33 @@ PNG and JPEG read as the dataset loader reads them (16-bit PNGs by the bits they
 modality is not a projection radiograph (a CT slice, an MR image, ...) is refused unless asked for.
 
 What a model then sees of it is `spineseg.data.dataset.model_input`, the study loader's own resize.
+
+Memory is bounded: values are float32, never float64 at the image's size, and an image of more than
+`WORKING_PIXELS` (16.8 MP) that is far larger than the model needs (`REDUCED_MARGIN`) is read at a size
+a whole number of times smaller (`load_radiograph`): a JPEG is decoded there (PIL's draft mode, 1/2 to 1/8),
+a PNG or DICOM is reduced right after decoding, with no float copy at its own size. Ordinary images are read
+at their own size, exactly as the study's loader reads them. An image of more pixels than PIL's
+decompression-bomb limit (`pixel_limit`: 179 MP by default) is refused before it is decoded.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from spineseg.data.dataset import read_image
+from spineseg.data.dataset import HIGH_BIT_MODES, bits_used, read_image
 from spineseg.errors import DatasetError
 
 PROJECTION_MODALITIES = ("CR", "DX", "RG")  # computed, digital and film radiography
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
+WORKING_PIXELS = 4096 * 4096  # an image with more is read at a reduced size, where the model allows it
+REDUCED_MARGIN = 4  # ... and only so far that it stays at least this many times the size the model needs, both sides
 
 
 def find_radiographs(source: str | Path) -> list[Path]:
@@ -36,16 +48,110 @@ def find_radiographs(source: str | Path) -> list[Path]:
     return found
 
 
+@dataclass(frozen=True)
+class Radiograph:
+    """A radiograph as read for a model: its pixels, and the size of the image in the file.
+
+    `pixels` has the image's own size unless it was read at a reduced size (see `load_radiograph`); then it is
+    the whole image, `shape` / `pixels.shape` times smaller. A mask for it is made at `shape`."""
+
+    pixels: np.ndarray  # float32 [h, w] in [0, 1]
+    shape: tuple[int, int]  # (height, width) of the image in the file
+
+    @property
+    def reduced(self) -> bool:
+        return self.pixels.shape != self.shape
+
+
 def read_radiograph(path: Path, any_modality: bool = False) -> np.ndarray:
-    """One radiograph as float64 [H, W] in [0, 1]; a clear `DatasetError` when it cannot be read.
+    """One radiograph as float32 [H, W] in [0, 1], at its own size; a clear `DatasetError` when it cannot be read.
 
     A DICOM of another modality than `PROJECTION_MODALITIES` is refused unless `any_modality`."""
+    return load_radiograph(path, any_modality).pixels
+
+
+def load_radiograph(path: Path, any_modality: bool = False, needed: tuple[int, int] | None = None) -> Radiograph:
+    """One radiograph; read at a reduced size when it has more than `WORKING_PIXELS` pixels and `needed`, the
+    largest (height, width) the model resizes it to, is far smaller (`reduction`). Beyond `pixel_limit` it is
+    refused before decoding: PIL's `DecompressionBombError` for a PNG or JPEG, a `DatasetError` for a DICOM."""
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
-        return _read_dicom(path, any_modality)
+        return _read_dicom(path, any_modality, needed)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return read_image(path)
+        return _read_picture(path, needed)
     raise DatasetError(f"{path}: not a PNG, JPEG or DICOM file")
+
+
+def pixel_limit() -> float:
+    """The most pixels an image may have: twice `PIL.Image.MAX_IMAGE_PIXELS`, where PIL raises its
+    `DecompressionBombError` (178,956,970 by default; infinite where PIL's check is switched off)."""
+    return math.inf if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
+def reduction(shape: tuple[int, int], needed: tuple[int, int] | None) -> int:
+    """The whole number each side of an image of `shape` is divided by when it is read: the least that brings it
+    to `WORKING_PIXELS` or fewer, but no more than keeps it `REDUCED_MARGIN` times `needed` in both sides; 1 (read
+    as it is) for an image within `WORKING_PIXELS`, or without a `needed` size."""
+    height, width = shape
+    if needed is None or height * width <= WORKING_PIXELS:
+        return 1
+    least = math.ceil(math.sqrt(height * width / WORKING_PIXELS))
+    most = min(height // (REDUCED_MARGIN * needed[0]), width // (REDUCED_MARGIN * needed[1]))
+    return max(1, min(least, most))
+
+
+def _whole(img: Image.Image, scale: float, shape: tuple[int, int], factor: int) -> np.ndarray:
+    """`img`, the image of `shape` decoded `scale` times smaller (its last row and column partly outside the image,
+    where a side is no multiple of it), as float32 values at exactly `factor` times smaller than `shape`."""
+    height, width = shape
+    size = (max(1, round(width / factor)), max(1, round(height / factor)))
+    box = (0.0, 0.0, width / scale, height / scale)
+    if img.size != size or box != (0.0, 0.0, *img.size):
+        img = img.resize(size, Image.BILINEAR, box=box)  # area-aware, as `model_input` resizes
+    return np.asarray(img, dtype=np.float32)
+
+
+def _open_lazily(path: Path) -> Image.Image:
+    """The image's header only: its size is known, nothing is decoded yet (PIL refuses a decompression bomb here)."""
+    if not path.is_file():
+        raise DatasetError(f"missing file {path}")
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"unreadable image file {path} ({exc})") from None
+
+
+def _read_picture(path: Path, needed: tuple[int, int] | None) -> Radiograph:
+    with _open_lazily(path) as img:
+        shape = img.size[::-1]
+        factor = reduction(shape, needed)
+        if factor > 1:
+            try:
+                return Radiograph(_reduced_picture(img, shape, factor), shape)
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise DatasetError(f"unreadable image file {path} ({exc})") from None
+    return Radiograph(read_image(path, dtype=np.float32), shape)  # as the study's loader reads it
+
+
+def _reduced_picture(img: Image.Image, shape: tuple[int, int], factor: int) -> np.ndarray:
+    """A PNG or JPEG as `read_image` reads it, but `factor` times smaller: a JPEG decoded at the largest of
+    1/2, 1/4, 1/8 at most that small, then (every format) reduced by the whole factor left, by box averages of
+    8-bit (or, high bit depths, 32-bit integer) values; only then float32, resized to exactly 1/`factor`."""
+    drafted = img.draft("L", (math.ceil(shape[1] / factor), math.ceil(shape[0] / factor))) if img.format == "JPEG" else None
+    scale = round(shape[1] / drafted[1][2]) if drafted else 1  # the draft's 1, 2, 4 or 8: (mode, box of the image in its pixels)
+    img.load()
+    if img.mode in HIGH_BIT_MODES:
+        top = 2 ** bits_used(img.getextrema()[1]) - 1
+        img = img.convert("I")
+    else:
+        top = 255
+        img = img.convert("L")
+    if factor // scale > 1:
+        img, scale = img.reduce(factor // scale), scale * (factor // scale)
+    values = np.asarray(img, dtype=np.float32)
+    values /= top
+    np.clip(values, 0.0, 1.0, out=values)
+    return _whole(Image.fromarray(values, mode="F"), scale, shape, factor)
 
 
 DICOM_PROBLEMS = (AttributeError, ValueError, RuntimeError, OSError, NotImplementedError)
@@ -55,7 +161,7 @@ def _unreadable(path: Path, exc: Exception) -> DatasetError:
     return DatasetError(f"{path}: unreadable DICOM ({type(exc).__name__}: {str(exc).splitlines()[0]})")
 
 
-def _read_dicom(path: Path, any_modality: bool) -> np.ndarray:
+def _read_dicom(path: Path, any_modality: bool, needed: tuple[int, int] | None) -> Radiograph:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_rescale
@@ -68,15 +174,33 @@ def _read_dicom(path: Path, any_modality: bool) -> np.ndarray:
     if not any_modality and modality not in PROJECTION_MODALITIES:  # refused before its pixels are decoded
         raise DatasetError(f"{path}: DICOM modality {modality}, not a projection radiograph "
                            f"({', '.join(PROJECTION_MODALITIES)}); --any-modality reads it anyway")
+    rows, columns, frames = (int(getattr(dataset, name, None) or 1) for name in ("Rows", "Columns", "NumberOfFrames"))
+    if rows * columns * frames > pixel_limit():  # as PIL refuses a PNG or JPEG, before decoding
+        raise DatasetError(f"{path}: {columns} x {rows} pixels{f' x {frames} frames' if frames > 1 else ''} "
+                           f"({rows * columns * frames / 1e6:.3g} MP), over the limit of {pixel_limit() / 1e6:.3g} MP "
+                           f"(PIL's decompression-bomb limit, which PNGs and JPEGs have too); refused before decoding")
     try:
-        pixels = np.asarray(apply_rescale(dataset.pixel_array, dataset), dtype=np.float64)
+        pixels = np.asarray(apply_rescale(dataset.pixel_array, dataset), dtype=np.float32)
     except DICOM_PROBLEMS as exc:
         raise _unreadable(path, exc) from None
+    photometric = getattr(dataset, "PhotometricInterpretation", "")
+    del dataset  # and the decoded pixel data it holds
+    if not pixels.flags.writeable:
+        pixels = pixels.copy()  # it is normalised in place
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-        pixels = pixels[..., :3].mean(axis=-1)
+        pixels = pixels[..., :3].mean(axis=-1, dtype=np.float32)
     if pixels.ndim != 2:
         raise DatasetError(f"{path}: expected one 2-D image, got pixel data of shape {pixels.shape}")
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        pixels = pixels.max() - pixels
+    if photometric == "MONOCHROME1":
+        np.subtract(pixels.max(), pixels, out=pixels)
     low, high = pixels.min(), pixels.max()
-    return (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
+    if high > low:
+        pixels -= low
+        pixels /= high - low
+    else:
+        pixels[:] = 0.0
+    shape = pixels.shape
+    factor = reduction(shape, needed)
+    if factor > 1:
+        pixels = _whole(Image.fromarray(pixels, mode="F").reduce(factor), factor, shape, factor)
+    return Radiograph(pixels, shape)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from spineseg import atomic
 from spineseg.crops import CropModel
 from spineseg.data.dataset import model_input
-from spineseg.data.radiographs import find_radiographs, read_radiograph
+from spineseg.data.radiographs import Radiograph, find_radiographs, load_radiograph
 from spineseg.device import pick_device
 from spineseg.ensemble import combine, disagreement
 from spineseg.errors import ConfigError, SpinesegError, StageOrderError
@@ -174,7 +174,13 @@ def _png(array: np.ndarray) -> bytes:
 
 def overlay(image: np.ndarray, mask: np.ndarray, made_by: str) -> np.ndarray:
     """The radiograph with the predicted mask tinted and outlined, and what made it (rule and T) written on it:
-    read on its own, without the truth, an overlay still shows where the mask ends and how it was made."""
+    read on its own, without the truth, an overlay still shows where the mask ends and how it was made.
+
+    An image smaller than its mask (a huge radiograph read at a reduced size, see
+    `spineseg.data.radiographs.WORKING_PIXELS`) gets its overlay at its own size, the mask sampled there."""
+    if mask.shape != image.shape:  # the nearest pixel of the mask to each pixel's centre
+        rows, cols = ((np.arange(n) + 0.5) * big / n for n, big in zip(image.shape, mask.shape))
+        mask = mask[np.ix_(rows.astype(int), cols.astype(int))]
     rgb = np.repeat((255 * image).astype(np.uint8)[..., None], 3, axis=2)
     rgb[mask] = (0.65 * rgb[mask] + 0.35 * OVERLAY_COLOUR).astype(np.uint8)
     thickness = max(1, min(mask.shape) // 256)  # about one pixel in 256, so it shows on large radiographs too
@@ -283,12 +289,16 @@ def _member_probabilities(member: Member, images: list[tuple], device, options: 
 
 
 def _read_batch(ensemble: Ensemble, any_modality: bool, batch: Iterable[tuple[str, Path]]) -> tuple[list[tuple], dict[str, str]]:
-    """(id, path, image, image at the grid) of each readable file; the reason for each other one."""
+    """(id, path, radiograph, image at the grid) of each readable file; the reason for each other one. A radiograph
+    far larger than any size the ensemble resizes it to is read at a reduced size (`load_radiograph`); its `shape`,
+    the mask's size, stays the file's."""
+    sizes = [member.image_size for member in ensemble.members] + ([ensemble.grid] if ensemble.grid else [])
+    needed = (max(h for h, _ in sizes), max(w for _, w in sizes)) if sizes else None
     images, failures = [], {}
     for key, path in batch:
         try:
-            image = read_radiograph(path, any_modality)
-            images.append((key, path, image, ensemble.inputs(image)))
+            radiograph = load_radiograph(path, any_modality, needed)
+            images.append((key, path, radiograph, ensemble.inputs(radiograph.pixels)))
         except (SpinesegError, Image.DecompressionBombError, MemoryError) as exc:
             failures[str(path)] = _reason(path, exc)
     return images, failures
@@ -301,20 +311,21 @@ def _reason(path: Path, exc: Exception) -> str:
     return text if isinstance(exc, SpinesegError) else f"{type(exc).__name__}: {text or 'too large to decode'}"
 
 
-def _row(key: str, path: Path, image: np.ndarray, mask: np.ndarray, rule: str, threshold: float, tta: bool,
+def _row(key: str, path: Path, image: Radiograph, mask: np.ndarray, rule: str, threshold: float, tta: bool,
          spread: float) -> dict:
-    rows, cols = np.nonzero(mask)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))  # not every pixel's index
     box = (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) if rows.size else (np.nan,) * 4
     return {"id": key, "source": str(path), "height": image.shape[0], "width": image.shape[1], "rule": rule,
             "threshold": threshold, "tta": tta, "area_px": int(mask.sum()), **dict(zip(("top", "left", "bottom", "right"), box)),
             "disagreement": round(spread, 6)}
 
 
-def _write(out: Path, key: str, image: np.ndarray, mask: np.ndarray, made_by: str, probability: np.ndarray | None) -> None:
-    atomic.write_bytes(out / MASKS / f"{key}.png", _png(np.where(mask, 255, 0).astype(np.uint8)))
-    atomic.write_bytes(out / OVERLAYS / f"{key}.png", _png(overlay(image, mask, made_by)))
+def _write(out: Path, key: str, image: Radiograph, mask: np.ndarray, made_by: str, probability: np.ndarray | None) -> None:
+    atomic.write_bytes(out / MASKS / f"{key}.png", _png(np.where(mask, np.uint8(255), np.uint8(0))))  # 1 byte a pixel
+    atomic.write_bytes(out / OVERLAYS / f"{key}.png", _png(overlay(image.pixels, mask, made_by)))
     if probability is not None:  # 16-bit, 65535 = 1: the members' mean (the crop model's with --two-stage)
-        atomic.write_bytes(out / PROBABILITIES / f"{key}.png", _png(np.round(probability * 65535).astype(np.uint16)))
+        scaled = probability * 65535
+        atomic.write_bytes(out / PROBABILITIES / f"{key}.png", _png(np.rint(scaled, out=scaled).astype(np.uint16)))
 
 
 def check_rule(rule: str) -> str:
