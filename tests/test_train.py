@@ -4,6 +4,7 @@ resumes — after a clean stop and after a real ``kill -9`` — exactly where an
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,19 @@ def reference(splits, tmp_path_factory):
     return folder, outcome, model
 
 
+@pytest.fixture(scope="module")
+def two_epochs(splits, tmp_path_factory):
+    """One run of SETTINGS stopped after 2 epochs: (folder, outcome), trained once for the tests that compare with it,
+    resume it or damage it (those work on a copy, `_copy`)."""
+    folder = tmp_path_factory.mktemp("two_epochs")
+    return folder, fit(_model(), *splits, replace(SETTINGS, max_epochs=2), folder, CPU)
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to, dirs_exist_ok=True)
+    return to
+
+
 def test_it_learns(reference, splits):
     folder, outcome, _ = reference
     history = _history(folder)
@@ -100,13 +114,10 @@ def test_returned_model_holds_the_best_epoch_weights(reference, splits):
         assert not _state_equal(checkpoint["model"], best)
 
 
-def test_same_seed_same_history_and_weights(splits, tmp_path):
-    settings = replace(SETTINGS, max_epochs=2)
-    fit(_model(), *splits, settings, tmp_path / "a", CPU)
-    fit(_model(), *splits, settings, tmp_path / "b", CPU)
-    np.testing.assert_array_equal(_values(_history(tmp_path / "a")), _values(_history(tmp_path / "b")))
-    assert _state_equal(torch.load(tmp_path / "a" / "best.pt", weights_only=True),
-                        torch.load(tmp_path / "b" / "best.pt", weights_only=True))
+def test_same_seed_same_history_and_weights(two_epochs, splits, tmp_path):
+    fit(_model(), *splits, replace(SETTINGS, max_epochs=2), tmp_path, CPU)  # as two_epochs was, in another test
+    np.testing.assert_array_equal(_values(_history(two_epochs[0])), _values(_history(tmp_path)))
+    assert _state_equal(torch.load(two_epochs[0] / "best.pt", weights_only=True), torch.load(tmp_path / "best.pt", weights_only=True))
 
 
 def test_another_seed_takes_another_path(reference, splits, tmp_path):
@@ -168,9 +179,9 @@ def test_finished_run_is_not_trained_again(splits, tmp_path, monkeypatch):
     assert _state_equal(model.state_dict(), torch.load(tmp_path / "best.pt", weights_only=True))
 
 
-def test_resume_with_more_epochs_matches_an_uninterrupted_run(reference, splits, tmp_path):
-    first = fit(_model(), *splits, replace(SETTINGS, max_epochs=2), tmp_path, CPU)
-    assert first.epochs_run == 2 and len(_history(tmp_path)) == 2
+def test_resume_with_more_epochs_matches_an_uninterrupted_run(reference, two_epochs, splits, tmp_path):
+    first = two_epochs[1]
+    assert first.epochs_run == 2 and len(_history(_copy(two_epochs[0], tmp_path))) == 2
     # a new process would build a fresh model; the checkpoint must restore everything that matters
     second = fit(_model(seed=123), *splits, SETTINGS, tmp_path, CPU)
     history = _history(tmp_path)
@@ -291,9 +302,9 @@ def test_a_crafted_checkpoint_runs_no_code_and_says_what_to_do(splits, tmp_path)
     assert str(run / "checkpoint.pt") in str(info.value) and f"delete {run}" in str(info.value)
 
 
-def test_a_kill_between_the_checkpoint_and_its_derived_files_is_repaired_on_resume(splits, tmp_path):
+def test_a_kill_between_the_checkpoint_and_its_derived_files_is_repaired_on_resume(two_epochs, splits, tmp_path):
     settings = replace(SETTINGS, max_epochs=2)
-    fit(_model(), *splits, settings, tmp_path, CPU)
+    _copy(two_epochs[0], tmp_path)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     # as if killed right after the checkpoint of epoch 2: history one row short, best.pt gone, a temporary left
     pd.read_csv(tmp_path / "history.csv").iloc[:1].to_csv(tmp_path / "history.csv", index=False)
