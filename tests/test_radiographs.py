@@ -115,7 +115,8 @@ def test_predict_writes_a_huge_images_mask_at_its_size_its_overlay_reduced_and_s
     monkeypatch.setattr(radiographs, "pixel_limit", lambda: 500_000.0)  # refuses over.dcm; a PNG that size is PIL's to refuse, at its own limit
     said = []
     ensemble = Ensemble([Member("everywhere", Segmenter(Everywhere()), (64, 32))])
-    report = predict_files(ensemble, inputs, tmp_path / "out", InferenceOptions(device="cpu", batch_size=1), log=said.append)
+    report = predict_files(ensemble, inputs, tmp_path / "out", InferenceOptions(device="cpu", batch_size=1),
+                           probabilities=True, log=said.append)
     over = str(inputs / "over.dcm")
     assert sorted(report.written) == ["huge", "small"] and list(report.failed) == [over]
     assert [line for line in said if over in line] == [f"skipped {over}: 517 x 1003 pixels (0.519 MP), over the limit of 0.5 MP "
@@ -123,5 +124,7 @@ def test_predict_writes_a_huge_images_mask_at_its_size_its_overlay_reduced_and_s
     mask, drawn = (np.asarray(Image.open(tmp_path / "out" / folder / "huge.png")) for folder in ("masks", "overlays"))
     assert mask.shape == (1003, 517) and mask.dtype == np.uint8 and (mask == 255).all()
     assert drawn.shape == (334, 172, 3)  # the overlay at the size the image was read
+    probability = np.asarray(Image.open(tmp_path / "out/probabilities/huge.png"))
+    assert probability.shape == (1003, 517) and (probability == 65535).all()  # segmented reduced, written full size
     row = pd.read_csv(tmp_path / "out" / "predictions.csv").set_index("id").loc["huge"]
     assert (row["height"], row["width"], row["area_px"], row["bottom"], row["right"]) == (1003, 517, 1003 * 517, 1003, 517)

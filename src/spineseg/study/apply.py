@@ -5,7 +5,10 @@ made) or a bundle's (`spineseg.study.bundle`); either way each member loads from
 model folder, once. Each image is read (PNG, JPEG or DICOM), resized as the study resized its images
 (`spineseg.data.dataset.model_input`: to the stored grid, then to each member's input size), every
 member predicts, the probabilities are resampled to the image's own size and combined by the chosen
-rule (with ``--two-stage``, the crop model then outlines the region in a box around that mask). For each
+rule (with ``--two-stage``, the crop model then outlines the region in a box around that mask). A huge
+radiograph is read at a reduced size, still at least four times what the models see
+(`spineseg.data.radiographs.load_radiograph`), and segmented there: only its mask (and probability map)
+is brought to the file's size, so memory stays bounded. For each
 image the output folder gets a mask (0/255 PNG at the image's size), an overlay, optionally the
 probability map, and a row of ``predictions.csv``, which is rewritten after every batch. Reading the next
 batch and writing the last one overlap the forward passes. Every file is written atomically; a rerun
@@ -172,15 +175,21 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A mask at another size, each pixel the mask's pixel nearest its centre (no float copy at either size)."""
+    if mask.shape == tuple(shape):
+        return mask
+    rows, cols = (((np.arange(n) + 0.5) * old / n).astype(int) for n, old in zip(shape, mask.shape))
+    return mask[np.ix_(rows, cols)]
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, made_by: str) -> np.ndarray:
     """The radiograph with the predicted mask tinted and outlined, and what made it (rule and T) written on it:
     read on its own, without the truth, an overlay still shows where the mask ends and how it was made.
 
     An image smaller than its mask (a huge radiograph read at a reduced size, see
     `spineseg.data.radiographs.WORKING_PIXELS`) gets its overlay at its own size, the mask sampled there."""
-    if mask.shape != image.shape:  # the nearest pixel of the mask to each pixel's centre
-        rows, cols = ((np.arange(n) + 0.5) * big / n for n, big in zip(image.shape, mask.shape))
-        mask = mask[np.ix_(rows.astype(int), cols.astype(int))]
+    mask = nearest(mask, image.shape)
     rgb = np.repeat((255 * image).astype(np.uint8)[..., None], 3, axis=2)
     rgb[mask] = (0.65 * rgb[mask] + 0.35 * OVERLAY_COLOUR).astype(np.uint8)
     thickness = max(1, min(mask.shape) // 256)  # about one pixel in 256, so it shows on large radiographs too
@@ -249,11 +258,14 @@ def predict_files(ensemble: Ensemble, source: str | Path, out: str | Path, optio
                 bar.update(1)
             per_member = [_member_probabilities(member, images, device, options) for member in ensemble.members]
             for k, (key, path, image, at_grid) in enumerate(images):
-                probs = np.stack([member_probs[k] for member_probs in per_member])
+                probs = np.stack([member_probs[k] for member_probs in per_member])  # at the size read
                 mask, probability = combine(probs, rule, options.threshold, weights=weights), probs.mean(axis=0)
                 if ensemble.crop is not None:
                     probability = ensemble.crop.outline(at_grid[None], mask[None], device)[0]
                     mask = probability > options.threshold
+                if image.reduced:  # only the result at the file's size: nearest for the mask, bilinear for the map
+                    mask = nearest(mask, image.shape)
+                    probability = resample(probability[None], image.shape)[0] if probabilities else probability
                 if not mask.any():
                     report.empty.append(key)
                     log(f"warning: {key}: empty mask (nothing reached T = {options.threshold:g}); see its overlay")
@@ -280,12 +292,12 @@ def _folders(probabilities: bool) -> tuple[str, ...]:
 
 
 def _member_probabilities(member: Member, images: list[tuple], device, options: InferenceOptions) -> list[np.ndarray]:
-    """One member's Th8–Th11 probabilities for a batch of images of any sizes, each back at its image's size."""
+    """One member's Th8–Th11 probabilities for a batch of images of any sizes, each back at the size it was read."""
     if not images:
         return []
     small = np.stack([model_input(at_grid, member.image_size) for _, _, _, at_grid in images])
     region = predict(member.model, small, device, batch_size=len(images), hflip=options.tta, precision=options.precision).region
-    return [np.clip(resample(r[None], image.shape), 0.0, 1.0)[0] for r, (_, _, image, _) in zip(region, images)]
+    return [np.clip(resample(r[None], image.pixels.shape), 0.0, 1.0)[0] for r, (_, _, image, _) in zip(region, images)]
 
 
 def _read_batch(ensemble: Ensemble, any_modality: bool, batch: Iterable[tuple[str, Path]]) -> tuple[list[tuple], dict[str, str]]:
