@@ -211,7 +211,7 @@ def counted(spec, files, data, device, hflip):
     return real(spec, files, data, device, hflip)
 S._train = counted
 specs = [RunSpec(stage="t", encoder="MobileNetV2", image_size=32, data="x",
-                 train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=2, patience=2, augment=False, seed=seed))
+                 train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=1, patience=1, augment=False, seed=seed))
          for seed in range(3)]
 print(json.dumps([s["folder"] for s in run_all(specs, StudyData(d1, fingerprint="x"), store, device="cpu")]))
 """
