@@ -354,6 +354,7 @@ def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
 def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path, monkeypatch):
     from PIL import Image
 
+    import spineseg.crops as crops
     import spineseg.study.apply as apply
     from spineseg.study.session import open_study
 
@@ -366,7 +367,7 @@ def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path
         calls.append((images.shape, located.shape, located.dtype))
         return np.ones(images.shape, dtype=np.float32)
 
-    monkeypatch.setattr(apply, "refine", crop_model_says_yes_everywhere)
+    monkeypatch.setattr(crops, "refine", crop_model_says_yes_everywhere)
     study, out = open_study("smoke", project_dir=project), tmp_path / "out"
     assert apply.predict_radiographs(study, tmp_path / "in", out, two_stage=True, probabilities=True, log=print).written == ["a"]
     assert calls == [((1, 128, 128), (1, 128, 128), np.dtype(bool))]  # cut on the stored grid, as in training
