@@ -78,7 +78,7 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
         for rule, mask in masks.items():
             frames.append(_scored(mask, inputs, rule, dataset))
         if inputs.labels is not None:
-            identified.append(identification(inputs, masks, threshold, dataset))
+            identified.append(identification(inputs, masks, dataset))
         if len(inputs.names) >= 2:
             table = leave_one_out(inputs.probs, inputs.masks.astype(bool), inputs.names, "soft", threshold)
             table.insert(0, "dataset", dataset)

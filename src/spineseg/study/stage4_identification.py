@@ -12,14 +12,14 @@ import numpy as np
 import pandas as pd
 
 from spineseg.identification import identification_table, level_accuracy, panoptic_quality
-from spineseg.metrics import dice
+from spineseg.metrics import MODEL_THRESHOLD, dice
 from spineseg.study.ensemble_inputs import EnsembleInputs
 
 
-def identification(inputs: EnsembleInputs, masks: dict[str, np.ndarray], threshold: float, dataset: str) -> pd.DataFrame:
-    """One row per image and per member model (its probabilities at T) or rule (its mask)."""
+def identification(inputs: EnsembleInputs, masks: dict[str, np.ndarray], dataset: str) -> pd.DataFrame:
+    """One row per image and per member model (its mask as stages 1–3 score it) or rule (its mask at the rule's T)."""
     frames = []
-    groups = [(name, "model", probs > threshold, levels) for name, probs, levels in zip(inputs.names, inputs.probs, inputs.levels)]
+    groups = [(name, "model", probs > MODEL_THRESHOLD, levels) for name, probs, levels in zip(inputs.names, inputs.probs, inputs.levels)]
     groups += [(rule, "rule", mask, None) for rule, mask in masks.items()]
     for group, kind, predicted, levels in groups:
         frame = identification_table(predicted, inputs.labels)

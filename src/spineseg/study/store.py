@@ -31,7 +31,7 @@ from spineseg.data import Split, load_split, splits_present
 from spineseg.data.dataset import as_hw, stored_size
 from spineseg.device import pick_device
 from spineseg.errors import ConfigError, DatasetError, StageOrderError
-from spineseg.metrics import average_precision, per_image
+from spineseg.metrics import MODEL_THRESHOLD, average_precision, per_image
 from spineseg.models import build_model
 from spineseg.objectives import objective as make_objective
 from spineseg.predict import Segmenter, load_weights, predict, resample
@@ -133,7 +133,7 @@ def score_split(model: Segmenter, spec: RunSpec, folder: Path, split: str, devic
     truth = load_split(folder, split, grid)
     probs = resample(prediction.region, grid)
     levels = None if prediction.levels is None else resample(prediction.levels, grid, nearest=True)
-    metrics = per_image(probs > 0.5, truth.masks)
+    metrics = per_image(probs > MODEL_THRESHOLD, truth.masks)
     metrics["ap"] = average_precision(probs, truth.masks)
     metrics.insert(0, "patient", truth.patients)
     metrics.insert(0, "id", truth.ids)
