@@ -305,3 +305,12 @@ def test_predicting_with_a_run_that_predates_model_json_reads_it_and_writes_noth
     assert sorted(tmp_path.rglob("*")) == before
     files.model.write_text("{}")
     assert _finished(study, spec) == files.folder
+
+
+def test_nearest_takes_each_pixel_from_the_mask_pixel_nearest_its_centre():
+    from spineseg.study.apply import nearest
+
+    mask = np.random.default_rng(0).random((5, 3)) > 0.5
+    assert nearest(mask, (5, 3)) is mask
+    assert np.array_equal(nearest(mask, (15, 6)), np.kron(mask, np.ones((3, 2), dtype=bool)))
+    assert np.array_equal(nearest(np.kron(mask, np.ones((3, 2), dtype=bool)), (5, 3)), mask)

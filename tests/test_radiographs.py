@@ -102,9 +102,9 @@ def test_predict_writes_a_huge_images_mask_at_its_size_its_overlay_reduced_and_s
     from spineseg.predict import Segmenter
     from spineseg.study.apply import Ensemble, InferenceOptions, Member, predict_files
 
-    class Everywhere(torch.nn.Module):
+    class Bright(torch.nn.Module):  # says yes where the image is brighter than its background ever is
         def forward(self, x):
-            return torch.full_like(x[:, :1], 20.0)
+            return (x[:, :1] - 0.88) * 200
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -114,7 +114,7 @@ def test_predict_writes_a_huge_images_mask_at_its_size_its_overlay_reduced_and_s
     monkeypatch.setattr(radiographs, "WORKING_PIXELS", 100_000)
     monkeypatch.setattr(radiographs, "pixel_limit", lambda: 500_000.0)  # refuses over.dcm; a PNG that size is PIL's to refuse, at its own limit
     said = []
-    ensemble = Ensemble([Member("everywhere", Segmenter(Everywhere()), (64, 32))])
+    ensemble = Ensemble([Member("bright", Segmenter(Bright()), (64, 32))])
     report = predict_files(ensemble, inputs, tmp_path / "out", InferenceOptions(device="cpu", batch_size=1),
                            probabilities=True, log=said.append)
     over = str(inputs / "over.dcm")
@@ -122,9 +122,12 @@ def test_predict_writes_a_huge_images_mask_at_its_size_its_overlay_reduced_and_s
     assert [line for line in said if over in line] == [f"skipped {over}: 517 x 1003 pixels (0.519 MP), over the limit of 0.5 MP "
                                                       f"(PIL's decompression-bomb limit, which PNGs and JPEGs have too); refused before decoding"]
     mask, drawn = (np.asarray(Image.open(tmp_path / "out" / folder / "huge.png")) for folder in ("masks", "overlays"))
-    assert mask.shape == (1003, 517) and mask.dtype == np.uint8 and (mask == 255).all()
+    assert mask.shape == (1003, 517) and mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
     assert drawn.shape == (334, 172, 3)  # the overlay at the size the image was read
-    probability = np.asarray(Image.open(tmp_path / "out/probabilities/huge.png"))
-    assert probability.shape == (1003, 517) and (probability == 65535).all()  # segmented reduced, written full size
     row = pd.read_csv(tmp_path / "out" / "predictions.csv").set_index("id").loc["huge"]
-    assert (row["height"], row["width"], row["area_px"], row["bottom"], row["right"]) == (1003, 517, 1003 * 517, 1003, 517)
+    assert (row["height"], row["width"]) == (1003, 517)
+    # the block [300:500, 150:350] of the file, found at the reduced size and placed back at the file's
+    assert np.allclose([row["top"], row["left"], row["bottom"], row["right"]], [300, 150, 500, 350], atol=20)
+    assert row["area_px"] == (mask == 255).sum() and abs(row["area_px"] / 200**2 - 1) < 0.25
+    probability = np.asarray(Image.open(tmp_path / "out/probabilities/huge.png"))
+    assert probability.shape == (1003, 517) and probability[400, 250] > 60000 and probability[50, 50] < 1000

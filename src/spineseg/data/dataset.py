@@ -234,12 +234,15 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     return frame
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path, decode: bool = True) -> Image.Image:
+    """An image file opened by PIL, decoded unless `decode` is false (then only its header is read: its size is
+    known, and PIL refuses a decompression bomb); a missing or unreadable file is one `DatasetError` naming it."""
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
     try:
         img = Image.open(path)
-        img.load()
+        if decode:
+            img.load()
         return img
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DatasetError(f"unreadable image file {path} ({exc})") from None
@@ -262,7 +265,7 @@ def read_image(path: Path, dtype: type = np.float64) -> np.ndarray:
     image has the float64 values rounded once (a quotient of integers), so `model_input` makes the same
     array of either: `predict` reads float32, at half the memory.
     """
-    with _open(path) as img:
+    with open_image(path) as img:
         if img.mode in HIGH_BIT_MODES:
             values = np.asarray(img, dtype=dtype)
             return np.clip(values / (2 ** bits_used(values.max()) - 1), 0.0, 1.0)
@@ -271,7 +274,7 @@ def read_image(path: Path, dtype: type = np.float64) -> np.ndarray:
 
 def read_mask(path: Path) -> np.ndarray:
     """A binary mask (0 and 255, or 0 and 1) as bool."""
-    with _open(path) as img:
+    with open_image(path) as img:
         values = np.asarray(img.convert("L") if img.mode not in ("1", "L") else img)
     found = np.unique(values)
     if not (set(found.tolist()) <= {0, 255} or set(found.tolist()) <= {0, 1}):
@@ -281,7 +284,7 @@ def read_mask(path: Path) -> np.ndarray:
 
 def read_labels(path: Path) -> np.ndarray:
     """A label map of level codes (uint8)."""
-    with _open(path) as img:
+    with open_image(path) as img:
         if img.mode not in ("L", "P"):
             raise DatasetError(f"label map {path} must be an 8-bit single-channel PNG, got mode {img.mode}")
         return np.asarray(img, dtype=np.uint8)
@@ -394,7 +397,7 @@ def stored_size(folder: str | Path, split: str) -> tuple[int, int]:
     frame = read_manifest(folder)
     sizes = set()
     for relative in frame.loc[frame["split"] == split, "image"]:
-        with _open(Path(folder) / relative) as img:
+        with open_image(Path(folder) / relative) as img:
             sizes.add(img.size[::-1])
     if len(sizes) != 1:
         raise DatasetError(f"{Path(folder) / MANIFEST}: the {split} images differ in size ({sorted(sizes)[:4]}); "

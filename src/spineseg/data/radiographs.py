@@ -10,7 +10,8 @@ What a model then sees of it is `spineseg.data.dataset.model_input`, the study l
 Memory is bounded: values are float32, never float64 at the image's size, and an image of more than
 `WORKING_PIXELS` (16.8 MP) that is far larger than the model needs (`REDUCED_MARGIN`) is read at a size
 a whole number of times smaller (`load_radiograph`): a JPEG is decoded there (PIL's draft mode, 1/2 to 1/8),
-a PNG or DICOM is reduced right after decoding, with no float copy at its own size. Ordinary images are read
+a PNG is reduced right after decoding, with no float copy at its own size; a DICOM is decoded and scaled
+as float32 at its own size (its pixel data go first), then reduced. Ordinary images are read
 at their own size, exactly as the study's loader reads them. An image of more pixels than PIL's
 decompression-bomb limit (`pixel_limit`: 179 MP by default) is refused before it is decoded.
 """
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from spineseg.data.dataset import HIGH_BIT_MODES, bits_used, read_image
+from spineseg.data.dataset import HIGH_BIT_MODES, bits_used, open_image, read_image
 from spineseg.errors import DatasetError
 
 PROJECTION_MODALITIES = ("CR", "DX", "RG")  # computed, digital and film radiography
@@ -111,18 +112,8 @@ def _whole(img: Image.Image, scale: float, shape: tuple[int, int], factor: int) 
     return np.asarray(img, dtype=np.float32)
 
 
-def _open_lazily(path: Path) -> Image.Image:
-    """The image's header only: its size is known, nothing is decoded yet (PIL refuses a decompression bomb here)."""
-    if not path.is_file():
-        raise DatasetError(f"missing file {path}")
-    try:
-        return Image.open(path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"unreadable image file {path} ({exc})") from None
-
-
 def _read_picture(path: Path, needed: tuple[int, int] | None) -> Radiograph:
-    with _open_lazily(path) as img:
+    with open_image(path, decode=False) as img:
         shape = img.size[::-1]
         factor = reduction(shape, needed)
         if factor > 1:
@@ -164,7 +155,7 @@ def _unreadable(path: Path, exc: Exception) -> DatasetError:
 def _read_dicom(path: Path, any_modality: bool, needed: tuple[int, int] | None) -> Radiograph:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_rescale
+    from pydicom.pixels import apply_modality_lut
 
     try:
         dataset = pydicom.dcmread(path)
@@ -180,7 +171,12 @@ def _read_dicom(path: Path, any_modality: bool, needed: tuple[int, int] | None) 
                            f"({rows * columns * frames / 1e6:.3g} MP), over the limit of {pixel_limit() / 1e6:.3g} MP "
                            f"(PIL's decompression-bomb limit, which PNGs and JPEGs have too); refused before decoding")
     try:
-        pixels = np.asarray(apply_rescale(dataset.pixel_array, dataset), dtype=np.float32)
+        if "ModalityLUTSequence" in dataset:  # a table, not a line: applied as pydicom applies it
+            pixels = np.asarray(apply_modality_lut(dataset.pixel_array, dataset), dtype=np.float32)
+        else:  # after the min-max scaling below, of a linear rescale only its slope's sign is left (pydicom's is float64)
+            pixels = dataset.pixel_array.astype(np.float32)
+            if float(getattr(dataset, "RescaleSlope", 1) or 1) < 0:
+                np.negative(pixels, out=pixels)
     except DICOM_PROBLEMS as exc:
         raise _unreadable(path, exc) from None
     photometric = getattr(dataset, "PhotometricInterpretation", "")

@@ -4,7 +4,7 @@ The ensemble is a study's (its selected stage-3 models, found from its records: 
 made) or a bundle's (`spineseg.study.bundle`); either way each member loads from its self-describing
 model folder, once. Each image is read (PNG, JPEG or DICOM), resized as the study resized its images
 (`spineseg.data.dataset.model_input`: to the stored grid, then to each member's input size), every
-member predicts, the probabilities are resampled to the image's own size and combined by the chosen
+member predicts, the probabilities are resampled to the image's size (as read) and combined by the chosen
 rule (with ``--two-stage``, the crop model then outlines the region in a box around that mask). A huge
 radiograph is read at a reduced size, still at least four times what the models see
 (`spineseg.data.radiographs.load_radiograph`), and segmented there: only its mask (and probability map)
@@ -111,7 +111,7 @@ class Ensemble:
 
     def inputs(self, image: np.ndarray) -> np.ndarray:
         """A radiograph as the study stored its images (at the grid), from which each member's input is resized."""
-        return image.astype(np.float32) if self.grid is None else model_input(image, self.grid)
+        return image.astype(np.float32, copy=False) if self.grid is None else model_input(image, self.grid)
 
 
 def load_ensemble(found: EnsembleFolders, device, two_stage: bool = False) -> Ensemble:
@@ -127,8 +127,9 @@ def load_ensemble(found: EnsembleFolders, device, two_stage: bool = False) -> En
         if description.crop is None or description.grid is None:
             raise ConfigError(f"--two-stage: {found.crop} is not a crop model with the grid its crops were cut from")
         if description.grid != grid:  # its boxes would be cut at a size it never saw
+            members_grid = grid or "sizes their model.json files do not record (rerun stage 3 to describe them)"
             raise ConfigError(f"--two-stage: the crop model of {found.origin} was trained on images stored at "
-                              f"{description.grid}, its members at {grid}; they do not belong together")
+                              f"{description.grid}, its members at {members_grid}; they do not belong together")
         crop = CropModel(model, description.crop)
     return Ensemble(members, grid, crop)
 

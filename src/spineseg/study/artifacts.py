@@ -44,6 +44,8 @@ from spineseg.errors import ConfigError
 
 TRAINING_STAGES = ("stage1", "stage2", "stage3")
 SCRATCH_TWINS = "stage2_scratch"  # the from-scratch copies of ImageNet-initialised stage-2 encoders
+# stage 6's four comparisons, each with a stage folder of its own
+DECODERS, OPTIMISERS, ATTENTION, PRUNING = "stage6_decoders", "stage6_optimizers", "stage6_attention", "stage6_pruning"
 TEXT_COLUMNS = {"id": str, "patient": str, "group": str, "encoder": str, "removed": str, "dataset": str}
 
 
@@ -276,7 +278,7 @@ class Layout:
 
     def pruned_run(self, name: str) -> Path:
         """One pruning fraction's folder: its summary.json, metrics.csv and pruned.pt."""
-        return self.stage_dir("stage6_pruning") / name
+        return self.stage_dir(PRUNING) / name
 
     @property
     def leave_one_out(self) -> Path:

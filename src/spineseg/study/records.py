@@ -96,14 +96,15 @@ class PruningResult:
 
     @classmethod
     def load(cls, path: Path) -> PruningResult:
-        return cls.from_dict(_read(path, cls.STAGE), path)
+        try:
+            return cls.from_dict(_read(path, cls.STAGE))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StageOrderError(f"{path}: not a pruning result of this version ({exc}); delete {path.parent} "
+                                  f"(a rerun reads it back) and rerun {cls.STAGE}") from None
 
     @classmethod
-    def from_dict(cls, values: dict, path: Path) -> PruningResult:
-        try:
-            return cls(**{f.name: values[f.name] for f in fields(cls)})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StageOrderError(f"{path}: not a pruning result of this version ({exc}); rerun {cls.STAGE}") from None
+    def from_dict(cls, values: dict) -> PruningResult:
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,6 @@ class Stage6Choices:
         try:
             attention = values.get("attention_pair")
             return cls(tuple(values["best_pair"]), dict(values["skipped"]), tuple(attention) if attention else None,
-                       tuple(PruningResult.from_dict(row, path) for row in values.get("pruning", [])))
+                       tuple(PruningResult.from_dict(row) for row in values.get("pruning", [])))
         except (KeyError, TypeError, ValueError) as exc:
             raise StageOrderError(f"{path} was written by another version ({type(exc).__name__}: {exc}); rerun {cls.STAGE}") from None

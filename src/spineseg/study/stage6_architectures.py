@@ -32,7 +32,7 @@ from spineseg.device import pick_device
 from spineseg.encoders import ARCHITECTURES, combination_problem
 from spineseg.names import METRICS
 from spineseg.stats import PATIENT_KEYS, format_wilcoxon, one_vs_rest, wilcoxon_family
-from spineseg.study.artifacts import read_table
+from spineseg.study.artifacts import ATTENTION, DECODERS, OPTIMISERS, PRUNING, read_table
 from spineseg.study.config import Stage2
 from spineseg.study.figures import save
 from spineseg.study.records import PruningResult, Stage6Choices
@@ -44,7 +44,6 @@ from spineseg.study.training import load_stage_metrics, load_stage_runs, run_spe
 from spineseg.timing import mean_seconds
 from spineseg.train import TrainSettings, fit
 
-DECODERS, OPTIMISERS, ATTENTION, PRUNING = "stage6_decoders", "stage6_optimizers", "stage6_attention", "stage6_pruning"
 BASELINE = {"decoder": "unet", "optimizer": "adam", "attention": False, "pruning": 0.0}
 
 
