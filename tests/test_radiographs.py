@@ -131,3 +131,15 @@ def test_predict_writes_a_huge_images_mask_at_its_size_its_overlay_reduced_and_s
     assert row["area_px"] == (mask == 255).sum() and abs(row["area_px"] / 200**2 - 1) < 0.25
     probability = np.asarray(Image.open(tmp_path / "out/probabilities/huge.png"))
     assert probability.shape == (1003, 517) and probability[400, 250] > 60000 and probability[50, 50] < 1000
+
+
+def test_a_dicoms_linear_rescale_leaves_only_its_slopes_sign_and_reads_as_float32(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 4096, (40, 30)).astype(np.uint16)
+    write_dicom(tmp_path / "plain.dcm", pixels)
+    write_dicom(tmp_path / "scaled.dcm", pixels, slope=2.5, intercept=-1024.0)
+    write_dicom(tmp_path / "negative.dcm", pixels, slope=-1.0, intercept=4095.0)
+    plain, scaled, negative = (read_radiograph(tmp_path / f"{name}.dcm") for name in ("plain", "scaled", "negative"))
+    assert plain.dtype == scaled.dtype == negative.dtype == np.float32
+    expected = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+    assert np.allclose(plain, expected, atol=1e-6) and np.allclose(scaled, expected, atol=1e-6)
+    assert np.allclose(negative, 1 - expected, atol=1e-6)  # reversed, as pydicom's rescale reverses it
