@@ -139,36 +139,84 @@ def test_a_dead_kernel_names_the_notebook_the_likely_cause_and_the_resume(tmp_pa
     assert "00_data" in message and "kernel" in message and "memory" in message and "rerun the same command" in message
 
 
-def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+@pytest.fixture(scope="module")
+def interrupted_project(tmp_path_factory) -> Path:
+    """One copy for every Ctrl-C moment: each run resumes what the one before it finished."""
+    return _copy_project(tmp_path_factory.mktemp("ctrl_c_project"))
+
+
+def _kernels(pid: int) -> list[int]:
+    """The kernels `pid` has started (Linux's /proc)."""
+    try:
+        children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    return [child for child in children if b"ipykernel" in _read_bytes(f"/proc/{child}/cmdline")]
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _running(pid: int) -> bool:
+    """Not gone, and not merely a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("moment", ["kernel start-up", "between notebooks", "stage-1 training"])
+def test_ctrl_c_prints_one_line_and_exits_130(interrupted_project, moment, tmp_path):
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    fresh = _copy_project(tmp_path / "project")
-    # like a terminal: the whole foreground process group gets SIGINT. The output goes to files, as a
-    # terminal would take it: an unread pipe fills up and blocks the run mid-write.
+    project = interrupted_project
+    # stage 1 alone once stage 0 has finished: the same run, without re-running 00_data first
+    stages = ["--stages", "1"] if moment == "stage-1 training" and (project / "runs/smoke/notebooks/00_data.timing.json").is_file() else []
+    # Like a terminal: output to files (an unread pipe would fill and block the run mid-write), SIGINT to the
+    # whole foreground process group, and SIGINT at its default in the child. pytest run as a background job
+    # of a non-interactive shell (`make test &`, nohup, CI) ignores SIGINT, a child inherits an ignored signal
+    # through fork and exec, and Python then installs no KeyboardInterrupt handler: that was the first Ctrl-C
+    # that "got no exit" late in fresh-clone suites (scripts/sigint_check.py shows it with --inherit-ignored).
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as errors:
-        child = subprocess.Popen([sys.executable, "-m", "spineseg", "run", "--profile", "smoke"], cwd=fresh,
+        child = subprocess.Popen([sys.executable, "-m", "spineseg", "run", "--profile", "smoke", *stages], cwd=project,
                                  stdout=out, stderr=errors, text=True, start_new_session=True,
-                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
-    # wait until stage 1 is training (its first run folder exists), not merely until its kernel is starting
-    while not list((fresh / "runs/smoke/train").glob("stage1-*/")):
+
+    def reached() -> bool:
+        if moment == "kernel start-up":  # the kernel is launched; it answers only a few seconds later
+            return bool(_kernels(child.pid))
+        if moment == "between notebooks":
+            return "00_data done" in (tmp_path / "out").read_text()
+        return bool(list((project / "runs/smoke/train").glob("stage1-*/")))
+
+    while not reached():
         assert child.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-2000:]
-        time.sleep(0.5)
-    time.sleep(2)
-    os.killpg(child.pid, signal.SIGINT)
+        time.sleep(0.02)
+    if moment == "stage-1 training":
+        time.sleep(2)
+    kernels = _kernels(child.pid)
+    os.killpg(child.pid, signal.SIGINT)  # once: a second Ctrl-C must never be needed
+    sent = time.monotonic()
     try:
         child.wait(timeout=60)
-    except subprocess.TimeoutExpired:  # seen only late in a full fresh-clone suite, cause open: press again
-        os.killpg(child.pid, signal.SIGINT)
-        child.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        pytest.fail(f"no exit 60 s after one Ctrl-C at {moment}; its log ends: {(tmp_path / 'out').read_text()[-300:]}")
+    seconds = time.monotonic() - sent
     err = (tmp_path / "err").read_text()
-    assert child.returncode == 130
+    assert child.returncode == 130, err[-2000:]
+    assert seconds <= 10, f"exit {seconds:.1f} s after the Ctrl-C"
     assert err.rstrip().splitlines()[-1] == "spineseg: interrupted; rerun the same command to resume"
     assert "Traceback" not in err
+    assert not [pid for pid in kernels if _running(pid)], "a kernel outlived the run"
 
 
 PAPER_IN_MINIATURE = {

@@ -10,9 +10,13 @@ from __future__ import annotations
 import html
 import os
 import re
+import signal
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +64,67 @@ def _kernel_manager_class():
     both printing ZMQ tracebacks; the kernel's own stderr carries only start-up warnings (what the
     notebooks print reaches the console through papermill, not through it).
     """
-    import subprocess
-
     from jupyter_client.manager import AsyncKernelManager
 
     class QuietKernelManager(AsyncKernelManager):
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             kw.update(start_new_session=True, stderr=subprocess.DEVNULL)
+            _kernels.append(self)  # before the launch: a Ctrl-C right after it must still find the kernel
             return await super()._async_launch_kernel(kernel_cmd, **kw)
 
     return QuietKernelManager
+
+
+_kernels: list = []  # the kernel managers of the run in progress (`_stop_kernels_on_interrupt`)
+
+
+def _kill_kernels(reap: bool) -> None:
+    """SIGKILL every kernel of the run still running, with its process group (each leads its own session).
+
+    Inside the SIGINT handler `reap` is False: the interrupted code may hold a Popen's wait lock, and
+    nbclient's own clean-up reaps the process. Everything a kernel writes is atomic (`spineseg.atomic`),
+    and a rerun resumes from the finished training runs, so nothing is lost that a graceful stop would keep.
+    """
+    for manager in _kernels:
+        process = getattr(manager.provisioner, "process", None)
+        if process is None or process.returncode is not None:  # never started, or reaped: its pid may be reused
+            continue
+        with suppress(OSError):  # already gone
+            os.killpg(process.pid, signal.SIGKILL)
+        if reap:
+            with suppress(subprocess.TimeoutExpired):  # stuck in the kernel (D state): nothing more to do here
+                process.wait(timeout=10)
+            manager.cleanup_connection_file()
+
+
+@contextmanager
+def _stop_kernels_on_interrupt() -> Iterator[None]:
+    """Ctrl-C during the run: KeyboardInterrupt at once, and no kernel left behind.
+
+    Python's SIGINT handling already reaches the notebooks: papermill runs nbclient through jupyter_core's
+    `run_sync`, `loop.run_until_complete` in this thread (no asyncio.Runner, no `loop.add_signal_handler`).
+    What it missed: nbclient starts a kernel and waits for it outside its try/finally, so a Ctrl-C during
+    start-up left that kernel running; and in a cell it stops the kernel gracefully (interrupt, shutdown
+    request, SIGTERM after 2.5 s), 2–4 s of the exit. This handler kills the run's kernels and raises
+    KeyboardInterrupt; leaving the block by KeyboardInterrupt also kills and reaps any kernel left.
+    An ignored SIGINT stays ignored, as Python leaves it: that is how a background job of a
+    non-interactive shell (`make test &`, nohup, CI) starts, and how Ctrl-C reaches only the foreground.
+    """
+    def on_sigint(signum, frame):
+        _kill_kernels(reap=False)
+        raise KeyboardInterrupt
+
+    own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, on_sigint) if own else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        _kill_kernels(reap=True)
+        raise
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, previous)
+        _kernels.clear()
 
 
 def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, project: Path, in_place: bool = False) -> dict[str, Any]:
@@ -182,30 +237,31 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
     # The kernel must be this interpreter, whatever `python` means on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     rendered = []
-    for index in stages if stages is not None else range(len(NOTEBOOKS)):
-        name = NOTEBOOKS[index]
-        source, target = project / "notebooks" / f"{name}.ipynb", layout.notebook(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        log(f"[{profile}] {name} ...")
-        try:
-            papermill.execute_notebook(
-                str(source), str(target), kernel_name="python3", cwd=str(source.parent), progress_bar=False,
-                stderr_file=progress,  # the notebooks' tqdm bars, live on the console
-                parameters=notebook_parameters(profile, overrides, project, in_place),
-                kernel_manager_class=_kernel_manager_class(),
-            )
-        except PapermillExecutionError as exc:
-            raise NotebookFailed(f"{target}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue}") from None
-        except DeadKernelError:
-            raise NotebookFailed(f"{target}: the kernel running {name} died; most often the system killed it for lack "
-                                 f"of memory (try a smaller batch_size or image_size, or fewer threads). Finished "
-                                 f"training runs are kept: rerun the same command to resume.") from None
-        finally:
-            if target.is_file():
-                export_html(target, target.with_suffix(".html"))
-        seconds = time.perf_counter() - started
-        atomic.write_json(layout.notebook_timing(name), {"notebook": name, "seconds": seconds})
-        log(f"[{profile}] {name} done in {seconds:.0f} s → {target}")
-        rendered.append(target)
+    with _stop_kernels_on_interrupt():  # Ctrl-C: see there
+        for index in stages if stages is not None else range(len(NOTEBOOKS)):
+            name = NOTEBOOKS[index]
+            source, target = project / "notebooks" / f"{name}.ipynb", layout.notebook(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            log(f"[{profile}] {name} ...")
+            try:
+                papermill.execute_notebook(
+                    str(source), str(target), kernel_name="python3", cwd=str(source.parent), progress_bar=False,
+                    stderr_file=progress,  # the notebooks' tqdm bars, live on the console
+                    parameters=notebook_parameters(profile, overrides, project, in_place),
+                    kernel_manager_class=_kernel_manager_class(),
+                )
+            except PapermillExecutionError as exc:
+                raise NotebookFailed(f"{target}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue}") from None
+            except DeadKernelError:
+                raise NotebookFailed(f"{target}: the kernel running {name} died; most often the system killed it for lack "
+                                     f"of memory (try a smaller batch_size or image_size, or fewer threads). Finished "
+                                     f"training runs are kept: rerun the same command to resume.") from None
+            finally:
+                if target.is_file():
+                    export_html(target, target.with_suffix(".html"))
+            seconds = time.perf_counter() - started
+            atomic.write_json(layout.notebook_timing(name), {"notebook": name, "seconds": seconds})
+            log(f"[{profile}] {name} done in {seconds:.0f} s → {target}")
+            rendered.append(target)
     return rendered
