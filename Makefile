@@ -5,7 +5,7 @@ PROFILE ?= quick
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.spineseg-installed
 
-.PHONY: install study smoke test check lint report bench lab clean-runs
+.PHONY: install study smoke test check sigint-check lint report bench lab clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,11 @@ test: install  ## every test, the smoke study end to end included (what CI runs)
 check: install  ## the tests a developer runs while editing: all but the slow ones (smoke study, Dask, bench)
 	$(BIN)/python -m pytest -m "not slow"
 
+sigint-check: install  ## twenty single Ctrl-Cs at varied moments of the smoke run: each must exit 130 within 10 s (~6 min)
+	$(BIN)/python scripts/sigint_check.py
+
 lint: install  ## ruff, and the import contract (the library never imports spineseg.study)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 	$(BIN)/lint-imports --no-cache
 
 report: install  ## the rendered notebooks of PROFILE as HTML without code: runs/PROFILE/report/
