@@ -363,3 +363,15 @@ def test_augmenting_a_level_map_never_pushes_a_level_out():
     np.testing.assert_array_equal(labels[0], sample.labels)  # every try lost levels: the sample stays as it was
     _, moved = augment_batch(push_out, sample.image[None] / 255.0, sample.labels[None], keep_levels=False)
     assert not np.array_equal(moved[0], sample.labels)
+
+
+def test_an_epoch_that_keeps_the_best_weights_does_not_rewrite_best_pt(tmp_path):
+    from spineseg.train import BEST, HISTORY, _write_derived
+
+    saved = {"best_model": {"w": torch.ones(2)}, "state": {"history": [{"epoch": 1, "val_dsc": 0.5}]}}
+    _write_derived(tmp_path, saved, best_changed=False)  # no best.pt yet: written all the same
+    assert torch.equal(torch.load(tmp_path / BEST, weights_only=True)["w"], torch.ones(2))
+    written = (tmp_path / BEST).stat().st_mtime_ns
+    later = {"best_model": {"w": torch.ones(2)}, "state": {"history": [{"epoch": 1, "val_dsc": 0.5}, {"epoch": 2, "val_dsc": 0.4}]}}
+    _write_derived(tmp_path, later, best_changed=False)
+    assert (tmp_path / BEST).stat().st_mtime_ns == written and len((tmp_path / HISTORY).read_text().splitlines()) == 3

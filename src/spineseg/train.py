@@ -184,9 +184,11 @@ def _save(path: Path, obj) -> None:
         torch.save(obj, tmp)
 
 
-def _write_derived(folder: Path, saved: dict) -> None:
-    """best.pt, then history.csv (its row count marks both as current) from a committed checkpoint."""
-    _save(folder / BEST, saved["best_model"])
+def _write_derived(folder: Path, saved: dict, best_changed: bool = True) -> None:
+    """best.pt (unless the epoch kept the best weights best.pt already holds), then history.csv (its row count
+    marks both as current) from a committed checkpoint."""
+    if best_changed or not (folder / BEST).is_file():
+        _save(folder / BEST, saved["best_model"])
     atomic.write_csv(folder / HISTORY, pd.DataFrame(saved["state"]["history"]))
 
 
@@ -215,10 +217,10 @@ def _resume(folder: Path, trainer: Trainer) -> tuple[_Progress, dict | None]:
     return progress, saved["best_model"]
 
 
-def _checkpoint(folder: Path, trainer: Trainer, progress: _Progress, best_model: dict) -> None:
+def _checkpoint(folder: Path, trainer: Trainer, progress: _Progress, best_model: dict, improved: bool) -> None:
     saved = {**trainer.state(), "best_model": best_model, "state": asdict(progress)}
     _save(folder / CHECKPOINT, saved)
-    _write_derived(folder, saved)
+    _write_derived(folder, saved, best_changed=improved)
 
 
 def fit(model: Segmenter, train: Split, val: Split, settings: TrainSettings, folder: Path,
@@ -238,9 +240,10 @@ def fit(model: Segmenter, train: Split, val: Split, settings: TrainSettings, fol
         started = time.perf_counter()
         loss = train_epoch(trainer, train, settings, progress.epoch, augmentation)
         val_dsc = validation_dsc(model, val, device, settings.eval_batch_size, settings.precision)
-        if progress.record(val_dsc, loss, time.perf_counter() - started):
+        improved = progress.record(val_dsc, loss, time.perf_counter() - started)
+        if improved:
             best_model = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-        _checkpoint(folder, trainer, progress, best_model)
+        _checkpoint(folder, trainer, progress, best_model, improved)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", val_dsc=f"{val_dsc:.4f}", best=f"{progress.best_val_dsc:.4f}")
     bar.close()

@@ -183,8 +183,9 @@ def predict_bench(encoders: list[str], device: torch.device, size: int, n_images
             "predict_s": pipeline_s, "throughput_ratio": forward_s / pipeline_s, "target_ratio": 0.90}
 
 
-def dask_bench(project: Path) -> dict:
-    """The smoke profile's stage-2 grid on 1 and on 2 Dask workers (1 thread each), and the cost of a task."""
+def dask_bench(project: Path, quick: bool = False) -> dict:
+    """The smoke profile's stage-2 grid on 1 and on 2 Dask workers (1 thread each), and the cost of a task;
+    `quick` trains each run of the grid for one epoch instead of the profile's two."""
     import shutil
     import tempfile
 
@@ -201,7 +202,7 @@ def dask_bench(project: Path) -> dict:
         copy = Path(folder)
         shutil.copytree(project / "params", copy / "params")
         (copy / "pyproject.toml").write_text("")
-        study = open_study("smoke", {"threads": 1}, copy)
+        study = open_study("smoke", {"threads": 1, **({"stage2.max_epochs": 1, "stage2.patience": 1} if quick else {})}, copy)
         data = prepare_data(study)
         specs = stage2_specs(study, data)
         seconds = {}
@@ -287,13 +288,13 @@ def run_bench(project: Path, profile: str = "quick", quick: bool = False, size: 
         "studies": study_wall_times(project),
     }
     print("[bench] 5/8 bf16 against fp32 ...", flush=True)
-    report["precision"] = precision_bench(device, 96 if quick else 128, steps=3 if quick else 8, epochs=2 if quick else 8)
+    report["precision"] = precision_bench(device, 96 if quick else 128, steps=3 if quick else 8, epochs=1 if quick else 8)
     print("[bench] 6/8 the rules on the device, 7/8 predict throughput ...", flush=True)
     forward_ms = inference["sum_of_single_forwards_ms"]
     report["torch_aggregation"] = torch_aggregation_bench(size, len(encoders), repeats, device, forward_ms)
     report["predict"] = predict_bench(encoders, device, size, n_images=4 if quick else 12)
     print("[bench] 8/8 the smoke grid on Dask ...", flush=True)
-    report["dask"] = dask_bench(project)
+    report["dask"] = dask_bench(project, quick)
     out = bench_dir(project)
     atomic.write_json(out / "report.json", report)
     text = _markdown(report)
