@@ -275,8 +275,10 @@ def run_all(specs: Iterable[RunSpec], data: StudyData, store: Path, device: str 
     done = sum(spec.files(store).done.is_file() for spec in specs)
     if done:
         log(f"{done} of {len(specs)} runs already finished: skipped")
-    executor = executor or SequentialExecutor(desc=f"{len(specs)} runs")
     task = partial(execute, data=data, store=store, device=device, wait=False, hflip=hflip)
+    if all(spec.files(store).done.is_file() and _evaluated_as(spec.files(store), hflip) for spec in specs):
+        return [task(spec) for spec in specs]  # only summaries to read: no executor (no cluster to start, no jobs)
+    executor = executor or SequentialExecutor(desc=f"{len(specs)} runs")
     summaries = executor.map(task, specs, label=run_label)
     busy = [index for index, summary in enumerate(summaries) if summary is None]
     if busy:
