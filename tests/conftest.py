@@ -1,7 +1,7 @@
 """Shared fixtures for the core-module tests: tiny synthetic datasets and a network guard.
 
 Everything here is small on purpose (64 × 64 images, tens of samples): `make check`, the ~610 tests not
-marked slow, ran in 1 min 35 s in a fresh clone on a 2-core CPU machine (2026-12-05; 2 min 16 s before #27's
+marked slow, ran in 1 min 49 s in a fresh clone on a 2-core CPU machine (2026-12-05; 2 min 16 s before #27's
 savings: no fsync in tests, shared training runs); `make test` adds the slow ones (smoke study, Dask, bench):
 7 min 48 s, same clone and day.
 """
