@@ -58,16 +58,19 @@ def _alive(pid: int) -> bool:
 
 def test_ctrl_c_during_kernel_start_up_leaves_no_kernel(project, monkeypatch):
     launched = []
-    quiet = runner._kernel_manager_class()
+    quiet = runner._kernel_manager_class
 
-    class InterruptedAtStartUp(quiet):
-        async def _async_launch_kernel(self, kernel_cmd, **kw):
-            info = await super()._async_launch_kernel(kernel_cmd, **kw)
-            launched.append(self.provisioner.process)
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C: the kernel runs, nbclient waits for it to answer
-            return info
+    def interrupted_at_start_up(kernels: list):
+        class InterruptedAtStartUp(quiet(kernels)):
+            async def _async_launch_kernel(self, kernel_cmd, **kw):
+                info = await super()._async_launch_kernel(kernel_cmd, **kw)
+                launched.append(self.provisioner.process)
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C: the kernel runs, nbclient waits for it to answer
+                return info
 
-    monkeypatch.setattr(runner, "_kernel_manager_class", lambda: InterruptedAtStartUp)
+        return InterruptedAtStartUp
+
+    monkeypatch.setattr(runner, "_kernel_manager_class", interrupted_at_start_up)
     try:
         with pytest.raises(KeyboardInterrupt):
             runner.run_study(project, "smoke", stages=[0], log=lambda message: None)

@@ -57,8 +57,9 @@ def parse_stages(text: str | None) -> list[int]:
     return sorted(set(stages))
 
 
-def _kernel_manager_class():
-    """Kernels in their own session, with their process-level log silenced.
+def _kernel_manager_class(kernels: list):
+    """Kernels in their own session, with their process-level log silenced, each manager added to `kernels`
+    (the run's, see `_stop_kernels_on_interrupt`).
 
     A terminal's Ctrl-C then reaches only `spineseg run`, which stops the kernel cleanly instead of
     both printing ZMQ tracebacks; the kernel's own stderr carries only start-up warnings (what the
@@ -69,23 +70,20 @@ def _kernel_manager_class():
     class QuietKernelManager(AsyncKernelManager):
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             kw.update(start_new_session=True, stderr=subprocess.DEVNULL)
-            _kernels.append(self)  # before the launch: a Ctrl-C right after it must still find the kernel
+            kernels.append(self)  # before the launch: a Ctrl-C right after it must still find the kernel
             return await super()._async_launch_kernel(kernel_cmd, **kw)
 
     return QuietKernelManager
 
 
-_kernels: list = []  # the kernel managers of the run in progress (`_stop_kernels_on_interrupt`)
-
-
-def _kill_kernels(reap: bool) -> None:
+def _kill_kernels(kernels: list, reap: bool) -> None:
     """SIGKILL every kernel of the run still running, with its process group (each leads its own session).
 
     Inside the SIGINT handler `reap` is False: the interrupted code may hold a Popen's wait lock, and
     nbclient's own clean-up reaps the process. Everything a kernel writes is atomic (`spineseg.atomic`),
     and a rerun resumes from the finished training runs, so nothing is lost that a graceful stop would keep.
     """
-    for manager in _kernels:
+    for manager in kernels:
         process = getattr(manager.provisioner, "process", None)
         if process is None or process.returncode is not None:  # never started, or reaped: its pid may be reused
             continue
@@ -98,8 +96,9 @@ def _kill_kernels(reap: bool) -> None:
 
 
 @contextmanager
-def _stop_kernels_on_interrupt() -> Iterator[None]:
-    """Ctrl-C during the run: KeyboardInterrupt at once, and no kernel left behind.
+def _stop_kernels_on_interrupt() -> Iterator[list]:
+    """Ctrl-C during the run: KeyboardInterrupt at once, and no kernel left behind. Yields the run's list of
+    kernel managers, which `_kernel_manager_class` fills.
 
     Python's SIGINT handling already reaches the notebooks: papermill runs nbclient through jupyter_core's
     `run_sync`, `loop.run_until_complete` in this thread (no asyncio.Runner, no `loop.add_signal_handler`).
@@ -110,21 +109,22 @@ def _stop_kernels_on_interrupt() -> Iterator[None]:
     An ignored SIGINT stays ignored, as Python leaves it: that is how a background job of a
     non-interactive shell (`make test &`, nohup, CI) starts, and how Ctrl-C reaches only the foreground.
     """
+    kernels: list = []
+
     def on_sigint(signum, frame):
-        _kill_kernels(reap=False)
+        _kill_kernels(kernels, reap=False)
         raise KeyboardInterrupt
 
     own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     previous = signal.signal(signal.SIGINT, on_sigint) if own else None
     try:
-        yield
+        yield kernels
     except KeyboardInterrupt:
-        _kill_kernels(reap=True)
+        _kill_kernels(kernels, reap=True)
         raise
     finally:
         if own:
             signal.signal(signal.SIGINT, previous)
-        _kernels.clear()
 
 
 def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, project: Path, in_place: bool = False) -> dict[str, Any]:
@@ -237,7 +237,7 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
     # The kernel must be this interpreter, whatever `python` means on PATH.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     rendered = []
-    with _stop_kernels_on_interrupt():  # Ctrl-C: see there
+    with _stop_kernels_on_interrupt() as kernels:  # Ctrl-C: see there
         for index in stages if stages is not None else range(len(NOTEBOOKS)):
             name = NOTEBOOKS[index]
             source, target = project / "notebooks" / f"{name}.ipynb", layout.notebook(name)
@@ -249,7 +249,7 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
                     str(source), str(target), kernel_name="python3", cwd=str(source.parent), progress_bar=False,
                     stderr_file=progress,  # the notebooks' tqdm bars, live on the console
                     parameters=notebook_parameters(profile, overrides, project, in_place),
-                    kernel_manager_class=_kernel_manager_class(),
+                    kernel_manager_class=_kernel_manager_class(kernels),
                 )
             except PapermillExecutionError as exc:
                 raise NotebookFailed(f"{target}: cell {exc.exec_count} failed with {exc.ename}: {exc.evalue}") from None

@@ -272,11 +272,11 @@ def run_all(specs: Iterable[RunSpec], data: StudyData, store: Path, device: str 
             executor: Executor | None = None, log=tqdm.write, hflip: bool = False) -> list[dict]:
     """Every run's summary, in the order of `specs`; finished runs are skipped, leased ones done last."""
     specs = list(specs)
-    done = sum(spec.files(store).done.is_file() for spec in specs)
-    if done:
-        log(f"{done} of {len(specs)} runs already finished: skipped")
+    finished = [spec.files(store).done.is_file() for spec in specs]
+    if any(finished):
+        log(f"{sum(finished)} of {len(specs)} runs already finished: skipped")
     task = partial(execute, data=data, store=store, device=device, wait=False, hflip=hflip)
-    if all(spec.files(store).done.is_file() and _evaluated_as(spec.files(store), hflip) for spec in specs):
+    if all(finished) and all(_evaluated_as(spec.files(store), hflip) for spec in specs):
         return [task(spec) for spec in specs]  # only summaries to read: no executor (no cluster to start, no jobs)
     executor = executor or SequentialExecutor(desc=f"{len(specs)} runs")
     summaries = executor.map(task, specs, label=run_label)
