@@ -17,6 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import running
 from spineseg.study import runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +49,6 @@ def sigint_at_default():
     signal.signal(signal.SIGINT, previous)
 
 
-def _alive(pid: int) -> bool:
-    """Running, not merely a zombie waiting for its parent to reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_ctrl_c_during_kernel_start_up_leaves_no_kernel(project, monkeypatch):
     launched = []
     quiet = runner._kernel_manager_class
@@ -75,10 +68,10 @@ def test_ctrl_c_during_kernel_start_up_leaves_no_kernel(project, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             runner.run_study(project, "smoke", stages=[0], log=lambda message: None)
         assert len(launched) == 1
-        assert not _alive(launched[0].pid), "the kernel outlived the Ctrl-C"
+        assert not running(launched[0].pid), "the kernel outlived the Ctrl-C"
     finally:
         for process in launched:  # what the run left, so that it does not outlive the test either
-            if _alive(process.pid):
+            if running(process.pid):
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -104,5 +97,5 @@ def test_first_ctrl_c_in_a_cell_raises_at_once_and_stops_the_kernel(project):
     seconds = time.monotonic() - sent[0]
     kernel = int(pid_file.read_text())
     assert seconds < 5, f"KeyboardInterrupt {seconds:.1f} s after the SIGINT"
-    assert not _alive(kernel), "the kernel outlived the Ctrl-C"
+    assert not running(kernel), "the kernel outlived the Ctrl-C"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_dicom
+from conftest import running, write_dicom
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
 from spineseg.study.artifacts import read_table, variant_name
@@ -161,14 +161,6 @@ def _read_bytes(path: str) -> bytes:
         return b""
 
 
-def _running(pid: int) -> bool:
-    """Not gone, and not merely a zombie waiting for init to reap it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.train
 @pytest.mark.parametrize("moment", ["kernel start-up", "between notebooks", "stage-1 training"])
 def test_ctrl_c_prints_one_line_and_exits_130(interrupted_project, moment, tmp_path):
@@ -216,7 +208,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(interrupted_project, moment, tmp_p
     assert seconds <= 10, f"exit {seconds:.1f} s after the Ctrl-C"
     assert err.rstrip().splitlines()[-1] == "spineseg: interrupted; rerun the same command to resume"
     assert "Traceback" not in err
-    assert not [pid for pid in kernels if _running(pid)], "a kernel outlived the run"
+    assert not [pid for pid in kernels if running(pid)], "a kernel outlived the run"
 
 
 PAPER_IN_MINIATURE = {
