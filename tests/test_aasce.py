@@ -11,7 +11,7 @@ from matplotlib.path import Path as Outline
 from PIL import Image
 from scipy import ndimage
 
-from spineseg.data.aasce import CSV_TOLERANCE_PX, DROPPED, SUMMARY, convert, patient_of, sample_id
+from spineseg.data.aasce import CSV_TOLERANCE_PX, DROPPED, SUMMARY, acquisition_order, convert, patient_of, sample_id
 from spineseg.data.dataset import DatasetError, read_manifest
 from spineseg.data.twins import TWIN_THRESHOLD
 from spineseg.study.figures import label_overlays
@@ -431,3 +431,42 @@ def test_real_annotations_flag_the_levels_out_of_order_or_degenerate(real_src: P
     # 21 images with L5 drawn at the top or a degenerate L5, one degenerate L4; where two neighbours sit
     # at one height (three L4/L5 pairs, Th1 a little below Th2) either could be wrong, and both are kept out
     assert untrusted == {("L5",): 21, ("L4", "L5"): 3, ("L4",): 1, ("Th1", "Th2"): 1} and read.dropped == []
+
+
+# --- the later batch --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("filename, order", [
+    ("sunhl-1th-02-Jan-2017-162 A AP.jpg", ("2017-01-02", 162)),
+    ("sunhl-1th-11-Jan-2017-254 P AP.jpg", ("2017-01-11", 254)),
+    ("sunhl-1th-20-Jul-2016-coronal6.jpg", ("2016-07-20", -1)),  # dated, no case number: first on its day
+    ("sunhl-1th-31-Feb-2017-7 A AP.jpg", ("", -1)),  # no such day: no date
+    ("scan.jpg", ("", -1)),
+])
+def test_acquisition_order_reads_the_day_and_case_from_the_name(filename, order) -> None:
+    assert acquisition_order(filename) == order
+
+
+def test_the_later_batch_holds_out_the_latest_patient_groups_whole_and_splits_the_rest_afresh(tmp_path: Path, capsys) -> None:
+    points = stacked_landmarks()
+    days = ["02-Jan-2017", "03-Jan-2017", "04-Jan-2017", "05-Jan-2017", "09-Jan-2017", "10-Jan-2017"]
+    entries = [(f"sunhl-1th-{day}-{100 + k} {view} AP.jpg", points)
+               for k, day in enumerate(days) for view in ("A", "B")]
+    entries.append(("sunhl-1th-12-Jan-2017-100 C AP.jpg", points))  # case 100 again, a week later: its group is late
+    src = write_split(tmp_path / "boostnet_labeldata", "training", entries)
+    out = convert(src, tmp_path / "out", size=32, later_batch=0.3)
+    later, earlier = read_manifest(out["later"]), read_manifest(out["training"])
+    assert (later["split"] == "test").all() and set(earlier["split"]) <= {"train", "val", "test"}
+    assert len(later) >= 0.3 * len(entries) and set(later["patient"]).isdisjoint(earlier["patient"])
+    # the latest groups: case 100 (its last image on 12 Jan) and 105 (10 Jan), then 104 (9 Jan)
+    assert set(later["patient"]) == {"sunhl-1th-100", "sunhl-1th-105"}
+    assert all((out["later"] / relative).is_file() for relative in later["image"])
+    assert not any((out["training"] / relative).exists() for relative in later["image"])
+    assert "later batch -> aasce_later: the latest 5 training images (2 patient groups, acquired 2017-01-02 to 2017-01-12)" \
+        in capsys.readouterr().out
+
+
+def test_a_later_batch_that_would_take_every_image_is_refused(tmp_path: Path) -> None:
+    src = write_split(tmp_path / "boostnet_labeldata", "training", [(NAME, stacked_landmarks())])
+    with pytest.raises(DatasetError, match="leaves no images to train on"):
+        convert(src, tmp_path / "out", size=32, later_batch=0.5)
+    assert not (tmp_path / "out").exists()

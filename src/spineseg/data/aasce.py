@@ -26,6 +26,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 
@@ -43,6 +44,7 @@ from spineseg.data.dataset import (
     Size,
     as_hw,
     fresh_output,
+    hold_out_latest,
     read_manifest,
     refuse_overlap,
     twins_between,
@@ -60,7 +62,8 @@ CSV_TOLERANCE_PX = 2.0
 TEST_ONLY = MappingProxyType({"training": False, "test": True})
 DROPPED = "dropped.csv"  # beside a dataset's manifest: the images left out, and why
 SUMMARY = "conversion_summary.txt"  # in the output folder
-DEFAULT_NAMES = MappingProxyType({"training": "aasce_train", "test": "aasce_test"})
+LATER = "later"  # the name (in `names`) of the training split's latest acquisitions, held out as a test set
+DEFAULT_NAMES = MappingProxyType({"training": "aasce_train", "test": "aasce_test", LATER: "aasce_later"})
 
 # "sunhl-1th-02-Jan-2017-162 A AP.jpg": case 162, view A. Views of one case may be filed on different
 # dates with their letters continuing (254 A–D on 10 Jan, E–P on 11 Jan), so the case number, not the
@@ -77,6 +80,26 @@ def patient_of(filename: str) -> str:
     stem = Path(filename).stem
     match = _CASE_STEM.match(stem)
     return f"{match['prefix']}-{match['case']}" if match else stem
+
+
+_ACQUIRED = re.compile(r"-(?P<day>\d{1,2})-(?P<month>[a-z]{3})-(?P<year>\d{4})-(?P<rest>.*)$", re.IGNORECASE)
+
+
+def acquisition_order(filename: str) -> tuple[str, int]:
+    """When a radiograph was taken, as far as its name tells: (ISO date, case number), sortable.
+
+    ``sunhl-1th-02-Jan-2017-162 A AP.jpg`` → ("2017-01-02", 162); a case without a number sorts first
+    on its day; a name without a date sorts before every dated one.
+    """
+    match = _ACQUIRED.search(Path(filename).stem)
+    if not match:
+        return ("", -1)
+    try:
+        day = datetime.strptime(f"{match['day']}-{match['month']}-{match['year']}", "%d-%b-%Y").date().isoformat()
+    except ValueError:
+        return ("", -1)
+    case = re.match(r"\d+", match["rest"])
+    return (day, int(case.group()) if case else -1)
 
 
 def sample_id(filename: str) -> str:
@@ -279,11 +302,14 @@ def _to_sample(record: _Annotated, split: str, size: tuple[int, int]) -> Sample:
 
 def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training", "test"), size: Size = 512,
             seed: int = 0, names: Mapping[str, str] = DEFAULT_NAMES, limit: int | None = None,
-            force: bool = False) -> dict[str, Path]:
+            force: bool = False, later_batch: float = 0.0) -> dict[str, Path]:
     """Convert the AASCE splits found under ``src`` (the ``boostnet_labeldata`` folder) into ``out``.
 
     ``training`` gets a seeded patient-level train/val/test split, with radiographs filed twice under
-    different case numbers joined into one patient first; ``test`` becomes a test-only dataset.
+    different case numbers joined into one patient first; ``test`` becomes a test-only dataset. With
+    ``later_batch`` > 0, that share of the training images, the latest acquisitions by the dates in their
+    names (patient groups whole), becomes a test-only dataset of its own (``names["later"]``) before the
+    rest is split (`spineseg.data.dataset.hold_out_latest`).
     Every annotation and every source image of every split is read and checked before the first file is
     written, and the datasets are written beside ``out`` and moved into place when complete; a
     non-empty ``out`` is refused unless ``force``, and an ``out`` that is, holds or lies in ``src``
@@ -295,7 +321,7 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
     unknown = [s for s in splits if s not in TEST_ONLY]
     if unknown:
         raise DatasetError(f"unknown AASCE split(s) {unknown}; the distribution has {list(TEST_ONLY)}")
-    unnamed = [s for s in splits if s not in names]
+    unnamed = [s for s in (*splits, *([LATER] if later_batch else [])) if s not in names]
     if unnamed:
         raise DatasetError(f"no dataset name given for split(s) {unnamed}")
     size = as_hw(size)
@@ -316,24 +342,38 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
             samples = (_to_sample(record, split, size) for record in progress)
             folder = write_dataset(staging, names[split], samples, test_only=TEST_ONLY[split], seed=seed, join_twins=True)
             atomic.write_csv(folder / DROPPED, pd.DataFrame(read.dropped, columns=["source", "reason"]))
-        summary = _summary(staging, annotations, names)
+        converted = {split: names[split] for split in annotations}
+        if later_batch and "training" in annotations:
+            acquired = {sample_id(r.filename): acquisition_order(r.filename) for r in annotations["training"].records}
+            hold_out_latest(staging / names["training"], staging / names[LATER], later_batch, acquired, seed)
+            converted[LATER] = names[LATER]
+        summary = _summary(staging, annotations, converted)
         atomic.write_text(staging / SUMMARY, summary)
     print(summary, end="")
-    return {split: Path(out) / names[split] for split in annotations}
+    return {split: Path(out) / name for split, name in converted.items()}
 
 
 def _summary(root: Path, annotations: Mapping[str, _SplitAnnotations], names: Mapping[str, str]) -> str:
-    """Converted, flagged and dropped images per split, patients joined as twins, and twins across splits."""
+    """Converted, flagged and dropped images per split, patients joined as twins, the later batch, and twins
+    across the datasets written (`names`: split → dataset name, the later batch included)."""
     lines = []
     for split, read in annotations.items():
         manifest = read_manifest(root / names[split])
+        if LATER in names and split == "training":
+            manifest = pd.concat([manifest, read_manifest(root / names[LATER])], ignore_index=True)
         flagged = sum(bool(record.untrusted) for record in read.records)
         joined = manifest["patient"].str.contains("+", regex=False)
         lines.append(f"AASCE {split} -> {names[split]}: {len(read.records)} converted ({flagged} with a level flagged "
                      f"and kept out of the labels), {len(read.dropped)} dropped (see {names[split]}/{DROPPED}); "
                      f"{manifest['patient'].nunique()} patient groups, {int(joined.sum())} images in "
                      f"{manifest.loc[joined, 'patient'].nunique()} groups of cases joined as one radiograph filed twice")
-    written = [names[split] for split in annotations]
+    if LATER in names:
+        later = read_manifest(root / names[LATER])
+        days = sorted(acquisition_order(Path(source).name)[0] for source in later["source"])
+        lines.append(f"later batch -> {names[LATER]}: the latest {len(later)} training images ({later['patient'].nunique()} "
+                     f"patient groups, acquired {days[0]} to {days[-1]}) held out as a test set; {names['training']} "
+                     f"keeps {len(read_manifest(root / names['training']))}")
+    written = list(dict.fromkeys(names.values()))
     for first, second in zip(written, written[1:]):
         twins = twins_between(root / first, root / second)
         pairs = ", ".join(f"{t.first} = {t.second} (r = {t.score:.3f})" for t in twins)

@@ -165,6 +165,44 @@ def write_dataset(root: str | Path, name: str, samples: Iterable[Sample], *, tes
     return folder
 
 
+def hold_out_latest(folder: str | Path, out: str | Path, fraction: float, acquired: dict[str, tuple], seed: int = 0,
+                    fractions: tuple[float, float, float] = PAPER_FRACTIONS) -> list[str]:
+    """Move the latest acquisitions of dataset `folder` into a test-only dataset `out`; split the rest afresh.
+
+    A later batch tests what a random split cannot: radiographs taken after every training image, as a
+    model meets them in use. Patient groups stay whole and are taken latest first, a group counting by its
+    latest image (``acquired``: id → a sortable key, e.g. (date, case number)), until at least `fraction` of
+    the images are held out; the images left get a new seeded train/val/test split. Returns the ids held out.
+    """
+    folder, out = Path(folder), Path(out)
+    frame = read_manifest(folder)
+    if not 0 < fraction < 1:
+        raise DatasetError(f"the later batch must be a fraction of the images between 0 and 1, got {fraction}")
+    unknown = sorted(set(frame["id"]) - set(acquired))
+    if unknown:
+        raise DatasetError(f"{folder / MANIFEST}: no acquisition time for {len(unknown)} image(s), e.g. {unknown[:3]}")
+    patients = frame["patient"].mask(frame["patient"] == "", frame["id"]) if "patient" in frame else frame["id"]
+    latest = frame["id"].map(acquired).groupby(patients, sort=False).max()
+    held, count, sizes = [], 0, patients.value_counts()
+    for patient in sorted(latest.index, key=lambda p: (latest[p], p), reverse=True):
+        if count >= fraction * len(frame):
+            break
+        held.append(patient)
+        count += int(sizes[patient])
+    later = patients.isin(held)
+    if later.all():
+        raise DatasetError(f"{folder}: holding out {fraction:.0%} of the images by patient group leaves no images to train on")
+    for column in (c for c in FILE_COLUMNS if c in frame.columns):
+        for relative in frame.loc[later, column]:
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            (folder / relative).replace(out / relative)
+    kept = frame[~later].copy()
+    kept["split"] = assign_splits(list(kept["id"]), list(patients[~later]), seed, fractions)
+    atomic.write_csv(out / MANIFEST, frame[later].assign(split="test"))
+    atomic.write_csv(folder / MANIFEST, kept)
+    return list(frame.loc[later, "id"])
+
+
 def refuse_overlap(out: str | Path, source: str | Path) -> None:
     """Writing ``out`` replaces it: refuse when it is, holds or lies inside ``source``, which would be lost."""
     out, source = Path(out).resolve(), Path(source).resolve()

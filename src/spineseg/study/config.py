@@ -110,6 +110,9 @@ class DataSection(Section):
     source: Literal["synthetic", "aasce", "folder"] = "synthetic"
     seed: Seed = 0
     size: StoredSize = 512  # stored image size, one side or [height, width] (synthetic, aasce)
+    # aasce: hold out this share of the training split, its latest acquisitions (patient groups whole), as
+    # dataset 2, a later batch; the distribution's own test split is then not used (0: it is dataset 2)
+    later_batch: Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, lt=1)] = 0.0
     d1_count: _count(1, 100_000) = 183
     d2_count: _count(1, 100_000) = 58
     aasce_src: str = ""  # the boostnet_labeldata folder, relative to the project
@@ -122,6 +125,8 @@ class DataSection(Section):
             raise ValueError("source: folder needs d1, the folder of dataset 1 (d2 is optional)")
         if self.source == "aasce" and not self.aasce_src:
             raise ValueError("source: aasce needs aasce_src, the boostnet_labeldata folder")
+        if self.later_batch and self.source != "aasce":
+            raise ValueError("later_batch splits the AASCE training radiographs by acquisition date; it needs source: aasce")
         if self.source == "synthetic" and self.size[0] != self.size[1]:
             raise ValueError(f"the synthetic radiographs are square: size must be one number, got {list(self.size)}")
         return self
@@ -243,8 +248,37 @@ class TwoStage(Training):
         return self
 
 
+class LocatorSection(Training):
+    """The locator (`spineseg.locator`): one heatmap per level T1…L5, decoded as one ordered chain, names the
+    four vertebrae; stage 4's located variant outlines them with the crop model (or the members' vertebrae)."""
+
+    enabled: bool = False
+    encoder: EncoderName = "EfficientNetLite0"
+    repeats: Repeats = 1
+    image_size: TrainingSize = (256, 96)
+    batch_size: BatchSize = 8
+    lr: LearningRate = 1e-3
+    max_epochs: Epochs = 30
+    patience: Epochs = 10
+    coordinates: bool = True
+    tta_hflip: bool = True
+    augmentation: Literal["paper", "anatomy"] = "anatomy"  # `spineseg.augment`: the article's, or one that moves the spine
+    pretrained: Pretrained = "imagenet"
+
+    @model_validator(mode="after")
+    def _once_on_whole_images(self) -> LocatorSection:
+        if self.repeats != 1:
+            raise ValueError("the locator is trained once: repeats must be 1")
+        if self.crop_height:
+            raise ValueError("crop_height is not available for the locator: it counts vertebrae on the whole radiograph")
+        return self
+
+
 class Stage4(Section):
     threshold: Fraction = 0.5
+    # what picks the study's best rule and best single model on dataset-1 validation: mean DSC, or the share
+    # of images identified strictly (`spineseg.identification`; needs level label maps), DSC breaking ties
+    choose_by: Literal["dsc", "identification"] = "dsc"
     methods: Annotated[list[Rule], AfterValidator(_unique)] = Field(default_factory=lambda: list(RULES), min_length=1)
     extra_methods: Annotated[list[ExtraRule], AfterValidator(_unique)] = Field(default_factory=lambda: list(EXTRA_RULES))
     timing_size: StoredSize = 512
@@ -334,6 +368,7 @@ class Profile(Section):
     stage2: Stage2 = Field(default_factory=Stage2)
     stage3: Stage3 = Field(default_factory=Stage3)
     two_stage: TwoStage = Field(default_factory=TwoStage)
+    locator: LocatorSection = Field(default_factory=LocatorSection)
     stage4: Stage4 = Field(default_factory=Stage4)
     analysis: Analysis = Field(default_factory=Analysis)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)

@@ -81,17 +81,23 @@ def prepare_data(study: Study) -> StudyData:
         d2 = (study.project / cfg.d2).resolve() if cfg.d2 else None
         return checked(study, d1, d2)
     stamp = study.layout.data_source
-    wanted = cfg.model_dump(mode="json", include={"source", "seed", "size", "d1_count", "d2_count", "aasce_src"})
+    wanted = cfg.model_dump(mode="json", include={"source", "seed", "size", "d1_count", "d2_count", "aasce_src", "later_batch"})
+    if not cfg.later_batch:
+        wanted.pop("later_batch")  # a store converted before the later batch existed stays valid
     if atomic.read_json_cache(stamp) != wanted:
         if cfg.source == "synthetic":
             from spineseg.data.synthetic import synthesize
 
             synthesize(out, seed=cfg.seed, size=cfg.size[0], counts={"d1": cfg.d1_count, "d2": cfg.d2_count}, force=True)
         else:
-            from spineseg.data.aasce import convert
+            from spineseg.data.aasce import LATER, convert
 
             src = (study.project / cfg.aasce_src).resolve()
-            convert(src, out, size=cfg.size, seed=cfg.seed, names={"training": "d1", "test": "d2"}, force=True)
+            if cfg.later_batch:  # dataset 2 is the later batch; the distribution's test split stays unused
+                convert(src, out, ("training",), size=cfg.size, seed=cfg.seed, names={"training": "d1", LATER: "d2"},
+                        force=True, later_batch=cfg.later_batch)
+            else:
+                convert(src, out, size=cfg.size, seed=cfg.seed, names={"training": "d1", "test": "d2"}, force=True)
         atomic.write_json(stamp, wanted)
     d2 = out / "d2"
     return checked(study, out / "d1", d2 if (d2 / "manifest.csv").is_file() else None)
