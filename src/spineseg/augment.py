@@ -51,6 +51,28 @@ def paper_augmentation(seed: int | None = None) -> A.Compose:
     )
 
 
+def anatomy_augmentation(seed: int | None = None) -> A.Compose:
+    """For the locator: the spine moved further than the article's (scale 0.75–1.25, ±12 % up and down), mirrored
+    (a mirror keeps every level), and exposures the article's brightness shift does not reach (gamma 0.6–1.7,
+    contrast ±35 %, noise): where a vertebra sits in the image, or how bright it is, must not say which it is."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(rotate=(-ROTATION_DEG, ROTATION_DEG), scale=(0.75, 1.25), keep_ratio=True,
+                     translate_percent={"x": (-0.05, 0.05), "y": (-0.12, 0.12)}, interpolation=cv2.INTER_LINEAR,
+                     mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.8),
+            A.RandomGamma(gamma_limit=(60, 170), p=0.7),
+            A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.35, p=0.7),
+            A.GaussianBlur(sigma_limit=(0.1, 1.0), blur_limit=(3, 5), p=0.2),
+            A.GaussNoise(std_range=(0.01, 0.04), p=0.2),
+        ],
+        seed=seed,
+    )
+
+
+AUGMENTATIONS = {"paper": paper_augmentation, "anatomy": anatomy_augmentation}
+
+
 KEEP_FRACTION = 0.5  # a level-aware target keeps at least this share of every level it shows
 KEEP_TRIES = 4
 

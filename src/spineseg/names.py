@@ -29,6 +29,12 @@ CALIBRATED = "calibrated_soft"
 # the validation-best single model behind the same crop model (two-stage vs it = the ensemble's share of the gain).
 TWO_STAGE = "two_stage"
 SINGLE_CROP = "single_crop"
+# The located variant: the locator names Th8–Th11 by counting the chain C7…S1, the crop model outlines them.
+LOCATED = "located"
+# Identification's reference rows: the locator's centres alone, and the position priors that never look at an image.
+LOCATOR = "locator"
+PRIOR_BAND = "prior_band"
+PRIOR_MEAN = "prior_mean"
 RULE_NAMES = MappingProxyType({
     "max": "Max",
     "min": "Min",
@@ -44,13 +50,18 @@ RULE_NAMES = MappingProxyType({
     CALIBRATED: "Calibrated soft voting",
     TWO_STAGE: "Two-stage (best rule + crop model)",
     SINGLE_CROP: "Best single model + crop model",
+    LOCATED: "Located (locator + crop model)",
+    LOCATOR: "Locator (its centres)",
+    PRIOR_BAND: "Position prior: band of rows",
+    PRIOR_MEAN: "Position prior: mean position",
 })
 
 # Stage 1's two arms, keyed by whether augmentation was on.
 AUGMENTATION_GROUPS = MappingProxyType({False: "Without augmentation", True: "With augmentation"})
 
 # What a model learns to output (`spineseg.objectives`): the article's mask, or every vertebra's level.
-TARGETS = ("binary", "levels")
+TARGETS = ("binary", "levels")  # what an ensemble member learns
+CENTRES = "centres"  # what the locator learns (`spineseg.locator`)
 
 # Optimisers a training stage may use (`spineseg.train.OPTIMIZERS`).
 OPTIMIZER_NAMES = ("adam", "rmsprop", "adamax")

@@ -18,10 +18,11 @@ from spineseg import atomic
 from spineseg.crops import CropGeometry
 from spineseg.errors import ModelError
 from spineseg.models import build_model
+from spineseg.names import CENTRES
 from spineseg.objectives import objective
 from spineseg.predict import Segmenter, load_weights
 from spineseg.train import BEST
-from spineseg.vertebrae import NAMES, REGION, REGION_CODES
+from spineseg.vertebrae import CHAIN, NAMES, REGION, REGION_CODES
 
 MODEL_FILE = "model.json"
 FORMAT = "spineseg-model/1"
@@ -47,6 +48,7 @@ class ModelDescription:
     precision: str = "auto"
     metrics: dict = field(default_factory=dict)
     code_version: dict = field(default_factory=dict)
+    chain_prior: dict | None = None  # a locator's `spineseg.chain.ChainPrior`: how its training vertebrae were spaced
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
@@ -68,13 +70,16 @@ class ModelDescription:
         """Each output channel and what it stands for."""
         if self.target == "binary":
             return {0: "–".join((REGION[0], REGION[-1]))}
+        if self.target == CENTRES:
+            return {**{k: f"where {name} lies" for k, name in enumerate(CHAIN)},
+                    **{len(CHAIN) + k: f"{name} outside the image (mean over pixels)" for k, name in enumerate(CHAIN)}}
         return {0: "background", **{code: NAMES[code] for code in range(1, objective(self.target).classes)}}
 
     def as_json(self) -> dict:
         spec = asdict(self)
         return {"format": FORMAT, **spec, "in_channels": self.in_channels,
                 "output_channels": {str(k): v for k, v in self.classes.items()},
-                "region_channels": list(REGION_CODES) if self.target != "binary" else [0], "pixels": PIXELS}
+                "region_channels": {"binary": [0], "levels": list(REGION_CODES), CENTRES: []}[self.target], "pixels": PIXELS}
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / MODEL_FILE

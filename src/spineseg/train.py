@@ -13,7 +13,9 @@ epoch from (seed, epoch), which makes a resumed run take the same path as an uni
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from spineseg import atomic
-from spineseg.augment import augment_batch, paper_augmentation
+from spineseg.augment import AUGMENTATIONS, augment_batch
 from spineseg.data import Split
 from spineseg.device import autocast, resolve_precision
 from spineseg.errors import SpinesegError
@@ -55,11 +57,12 @@ class TrainSettings:
     precision: str = "auto"  # `spineseg.device.autocast`
     optimizer: str = "adam"  # `OPTIMIZERS`: the article's Adam, or RMSprop / Adamax (Dastgir et al.)
     eval_batch_size: int = 8
+    augmentation: str = "paper"  # `spineseg.augment.AUGMENTATIONS`, when `augment`
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    best_val_dsc: float
+    best_val_dsc: float  # the best validation score: mean DSC, or what `fit`'s `score` measures (a locator's identification)
     best_epoch: int
     epochs_run: int
     stopped_early: bool
@@ -165,7 +168,7 @@ def train_epoch(trainer: Trainer, train: Split, settings: TrainSettings, epoch: 
         index = np.sort(order[start:end])
         images, batch_targets = train.images[index], targets[index]
         if augmentation is not None:
-            images, batch_targets = augment_batch(augmentation, images, batch_targets, keep_levels=objective.needs_labels)
+            images, batch_targets = augment_batch(augmentation, images, batch_targets, keep_levels=objective.keeps_levels_in_view)
         planes = None
         if settings.crop_height and settings.crop_height < images.shape[1]:
             full = np.broadcast_to(coordinate_planes(*images.shape[1:]), (len(images), 2, *images.shape[1:]))
@@ -174,8 +177,8 @@ def train_epoch(trainer: Trainer, train: Split, settings: TrainSettings, epoch: 
     return float(np.mean(losses))
 
 
-def validation_dsc(model: Segmenter, val: Split, device: torch.device, batch_size: int, precision: str = "auto") -> float:
-    """Mean per-image DSC at T = 0.5: the early-stopping criterion."""
+def _validation_dsc(model: Segmenter, val: Split, device: torch.device, batch_size: int, precision: str = "auto") -> float:
+    """Mean per-image DSC at T = 0.5: the early-stopping criterion of a segmentation model."""
     return float(dice(predict_proba(model, val.images, device, batch_size, precision) > 0.5, val.masks).mean())
 
 
@@ -224,22 +227,25 @@ def _checkpoint(folder: Path, trainer: Trainer, progress: _Progress, best_model:
 
 
 def fit(model: Segmenter, train: Split, val: Split, settings: TrainSettings, folder: Path,
-        device: torch.device, desc: str = "train") -> TrainOutcome:
+        device: torch.device, desc: str = "train", score: Callable[[Segmenter], float] | None = None) -> TrainOutcome:
     """Train until early stopping or max epochs; on return the model holds its best-validation weights.
 
     ``folder`` receives ``checkpoint.pt`` (last epoch), ``best.pt`` (best weights) and ``history.csv``;
-    one process at a time may train in it.
+    one process at a time may train in it. ``score`` measures the model on validation after each epoch
+    (higher is better; default: mean DSC on `val`).
     """
+    if score is None:
+        score = partial(_validation_dsc, val=val, device=device, batch_size=settings.eval_batch_size, precision=settings.precision)
     folder = Path(folder)
     trainer = Trainer(model, device, settings.lr, settings.precision, settings.optimizer)
     progress, best_model = _resume(folder, trainer)
-    augmentation = paper_augmentation() if settings.augment else None
+    augmentation = AUGMENTATIONS[settings.augmentation]() if settings.augment else None
     bar = tqdm(total=settings.max_epochs, initial=progress.epoch, desc=desc, unit="epoch", leave=False,
                mininterval=2.0, disable=progress.finished(settings))
     while not progress.finished(settings):
         started = time.perf_counter()
         loss = train_epoch(trainer, train, settings, progress.epoch, augmentation)
-        val_dsc = validation_dsc(model, val, device, settings.eval_batch_size, settings.precision)
+        val_dsc = score(model)
         improved = progress.record(val_dsc, loss, time.perf_counter() - started)
         if improved:
             best_model = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}

@@ -21,6 +21,10 @@ NAMES = MappingProxyType({code: name for name, code in CODES.items()})
 REGION = ("Th8", "Th9", "Th10", "Th11")  # the article's target
 REGION_CODES = tuple(CODES[name] for name in REGION)
 N_LEVELS = len(LEVELS)  # a level-aware model has N_LEVELS + 1 classes
+# The locator's chain: the 17 levels with the vertebra above (C7) and below (S1), whose places tell
+# where the count starts and ends (`spineseg.locator`).
+CHAIN = ("C7", *LEVELS, "S1")
+CHAIN_CODES = tuple(CODES[name] for name in CHAIN)
 
 
 def region_mask(labels: np.ndarray) -> np.ndarray:
