@@ -1,5 +1,6 @@
 """Table construction: percentages, run averaging, the paper's layout and the side-by-side view."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -163,14 +164,32 @@ def test_the_notebooks_show_a_dash_for_what_this_run_did_not_train(tmp_path, mon
 def test_identification_intervals_resample_patients_not_images():
     """Two patients of ten images each, one always identified and one never: resampling patients can only
     give 0, 50 or 100 %, so the interval spans 0–100 (an image bootstrap would say about 28–72)."""
+    found = [True] * 10 + [False] * 10
     frame = pd.DataFrame({"group": "soft", "kind": "rule", "patient": ["a"] * 10 + ["b"] * 10,
-                          "identified": [True] * 10 + [False] * 10, "dsc": [0.9] * 10 + [0.5] * 10,
-                          "shift": [0.0] * 10 + [1.0] * 10,
+                          "identified": found, "identified_strict": found, "centres_identified": found,
+                          "dsc": [0.9] * 10 + [0.5] * 10, "shift": [0.0] * 10 + [1.0] * 10,
                           **{f"dsc_{name}": 0.8 for name in ("Th8", "Th9", "Th10", "Th11")}})
     row = tables.identification_summary(frame, n_boot=500).iloc[0]
-    assert (row["Identified"], row["Identified CI low"], row["Identified CI high"]) == (50, 0, 100)
+    for label in ("Identified strictly", "Centres identified", "Identified (coverage only)"):
+        assert (row[label], row[f"{label} CI low"], row[f"{label} CI high"]) == (50, 0, 100)
     assert (row["DSC CI low"], row["DSC CI high"], row["Patients"]) == (50, 90, 2)
-    assert "Identified CI low" not in tables.identification_summary(frame).columns  # no n_boot, no interval
+    assert "Identified strictly CI low" not in tables.identification_summary(frame).columns  # no n_boot, no interval
+
+
+def test_each_method_is_compared_with_the_mean_position_prior_image_by_image():
+    """The prior is right on the first two images of each patient; the locator on every image but one. The
+    difference is paired by image and its interval resamples patients."""
+    ids = [f"i{k}" for k in range(8)]
+    patients = ["a"] * 4 + ["b"] * 4
+    prior = [True, True, False, False] * 2
+    locator = [True] * 7 + [False]
+    rows = [{"group": "prior_mean", "kind": "prior", "identified_strict": p, "centres_identified": p} for p in prior]
+    rows += [{"group": "locator", "kind": "locator", "identified_strict": np.nan, "centres_identified": c} for c in locator]
+    frame = pd.DataFrame(rows).assign(id=ids * 2, patient=patients * 2)
+    row = tables.identification_vs_prior(frame, n_boot=300).loc["Locator (its centres)"]
+    assert row["Δ centres identified (pp)"] == pytest.approx(100 * (7 - 4) / 8, abs=0.01)
+    assert row["Δ centres identified (pp) CI low"] <= 25.0 <= row["Δ centres identified (pp) CI high"]
+    assert "Δ identified strictly (pp)" not in row.index  # the locator draws no mask: no strict criterion
 
 
 def test_captions_say_which_candidates_started_from_imagenet(tmp_path):

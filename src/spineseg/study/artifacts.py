@@ -131,6 +131,15 @@ class RunFiles:
     def probs(self, dataset: str, split: str) -> Path:
         return self.folder / f"probs_{dataset}_{split}.npz"
 
+    def chains(self, dataset: str, split: str) -> Path:
+        """A locator's chains of one split: where it put each vertebra C7…S1, on the split's evaluation grid."""
+        return self.folder / f"chains_{dataset}_{split}.npz"
+
+    @property
+    def chain_prior(self) -> Path:
+        """A locator's chain prior (`spineseg.chain.ChainPrior`), fitted on its training label maps."""
+        return self.folder / "chain_prior.json"
+
     def metrics(self, dataset: str, split: str) -> Path:
         return self.folder / f"metrics_{dataset}_{split}.csv"
 
@@ -142,7 +151,7 @@ class RunFiles:
 # Overrides of how a study runs, not of what it finds: with only these, a run writes into the profile's own folder.
 HOW_NOT_WHAT = ("executor", "threads", "device", "description")
 # The first stage whose results an override of a section changes; the stages before it are copied from the profile's run.
-FIRST_STAGE_CHANGED = {"data": 0, "precision": 1, "stage1": 1, "stage2": 2, "stage3": 3, "two_stage": 3, "stage4": 4,
+FIRST_STAGE_CHANGED = {"data": 0, "precision": 1, "stage1": 1, "stage2": 2, "stage3": 3, "two_stage": 3, "locator": 3, "stage4": 4,
                        "analysis": 5, "architectures": 6}
 STAGE_FOLDERS = {"stage1": 1, "stage2": 2, SCRATCH_TWINS: 2, "stage3": 3, "stage4": 4}  # a stage's own results
 

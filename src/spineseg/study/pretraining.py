@@ -50,7 +50,7 @@ def _identified(study: Study, data: StudyData, specs: list[RunSpec]) -> dict[str
         truth = load_split(data.d1, "test", cached.probs.shape[1:], labels=True)
         if truth.labels is None:
             return {}
-        found = identification_table(cached.probs > MODEL_THRESHOLD, truth.labels)["identified"]
+        found = identification_table(cached.probs > MODEL_THRESHOLD, truth.labels)["identified_strict"]
         shares.setdefault(arm(spec), []).append(100 * float(found.mean()))
     return {name: sum(values) / len(values) for name, values in shares.items()}
 

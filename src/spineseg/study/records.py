@@ -57,14 +57,13 @@ class Learned:
     validation_dsc: dict  # {"models": {name: DSC}, "rules": {rule: DSC}}
     trained_on: str = "d1 validation"
     two_stage_locator: str | None = None  # the rule in front of the crop model, when the study trained one
+    # {"models": ..., "rules": ...}: the share identified strictly, where the choice was made by it (stage4.choose_by)
+    validation_identified: dict | None = None
 
     STAGE = "stage 4 (04_ensembles)"
 
     def save(self, path: Path) -> None:
-        values = asdict(self)
-        if self.two_stage_locator is None:
-            del values["two_stage_locator"]
-        atomic.write_json(path, values)
+        atomic.write_json(path, {key: value for key, value in asdict(self).items() if value is not None})
 
     @classmethod
     def load(cls, path: Path) -> Learned:

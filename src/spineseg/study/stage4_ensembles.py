@@ -16,13 +16,16 @@ from spineseg import atomic
 from spineseg.boundary import boundary_metrics
 from spineseg.calibration import fit_temperature, scale
 from spineseg.ensemble import THRESHOLD_GRID, combine, fit_stacker, leave_one_out, tune_threshold
+from spineseg.errors import ConfigError
+from spineseg.identification import identification_table
 from spineseg.metrics import dice, per_image
-from spineseg.names import CALIBRATED, EXTRA_RULES, RULES, SINGLE_CROP, STACKING, TUNED, TWO_STAGE
+from spineseg.names import CALIBRATED, EXTRA_RULES, LOCATED, RULES, SINGLE_CROP, STACKING, TUNED, TWO_STAGE
 from spineseg.study.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
+from spineseg.study.located import Located
 from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.stage4_identification import identification
+from spineseg.study.stage4_identification import identification, references_of
 from spineseg.study.two_stage import TwoStage
 
 
@@ -56,13 +59,18 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     tuned_threshold, tuning = tune_threshold(validation.probs, validation.masks.astype(bool), method="soft")
     stacker = fit_stacker(validation.probs, validation.masks.astype(bool))
     temperatures = [fit_temperature(p, validation.masks) for p in validation.probs]
-    choice = best_on_validation(validation, rules, threshold)
-    two_stage = TwoStage.load(study, data, choice["best_rule"])
+    choose_by = study.cfg.stage4.choose_by
+    candidates = ensemble_masks(validation, rules, threshold)
+    two_stage = TwoStage.load(study, data, best_on_validation(validation, candidates, threshold, choose_by)["best_rule"])
     if two_stage is not None:
-        choice = two_stage.compete(choice, validation)
+        candidates[TWO_STAGE] = two_stage.masks(validation)
+    located = Located.load(study, data)
+    if located is not None:
+        candidates[LOCATED] = located.masks(validation, "d1", "val")
+    choice = best_on_validation(validation, candidates, threshold, choose_by)
     atomic.write_csv(layout.threshold_tuning, tuning)
     Learned(tuned_threshold, stacker.to_dict(), dict(zip(validation.names, temperatures)), validation.names,
-            **choice).save(layout.learned)
+            **choice, two_stage_locator=two_stage.locator if two_stage else None).save(layout.learned)
     frames, ablations, checks, identified = [], [], [], []
     for dataset, split in available_eval_sets(data):
         inputs = ensemble_inputs(study, data, dataset, split)
@@ -74,11 +82,14 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
             masks[TWO_STAGE] = two_stage.masks(inputs)
             best_model = inputs.probs[inputs.names.index(choice["best_model"])]
             masks[SINGLE_CROP] = two_stage.outline(best_model > threshold, inputs.images)
+        if located is not None:
+            masks[LOCATED] = located.masks(inputs, dataset, split)
         checks.append(rule_checks(inputs, masks, threshold, dataset))
         for rule, mask in masks.items():
             frames.append(_scored(mask, inputs, rule, dataset))
         if inputs.labels is not None:
-            identified.append(identification(inputs, masks, dataset))
+            references = references_of(study, data, inputs, located, dataset, split)
+            identified.append(identification(inputs, masks, dataset, references))
         if len(inputs.names) >= 2:
             table = leave_one_out(inputs.probs, inputs.masks.astype(bool), inputs.names, "soft", threshold)
             table.insert(0, "dataset", dataset)
@@ -98,14 +109,26 @@ def calibrated(probs: np.ndarray, temperatures: list[float]) -> np.ndarray:
     return np.stack([scale(p, t) for p, t in zip(probs, temperatures)]).astype(np.float32)
 
 
-def best_on_validation(validation: EnsembleInputs, rules, threshold: float) -> dict:
-    """The single model and the rule with the best mean dataset-1 validation DSC: the pair the analysis
-    compares on test, chosen without looking at it."""
-    model_dsc = [float(dice(p > threshold, validation.masks).mean()) for p in validation.probs]
-    rule_dsc = {rule: float(dice(mask, validation.masks).mean())
-                for rule, mask in ensemble_masks(validation, rules, threshold).items()}
-    return {"best_model": validation.names[int(np.argmax(model_dsc))], "best_rule": max(rule_dsc, key=rule_dsc.get),
-            "validation_dsc": {"models": dict(zip(validation.names, model_dsc)), "rules": rule_dsc}}
+def best_on_validation(validation: EnsembleInputs, candidates: dict[str, np.ndarray], threshold: float,
+                       choose_by: str = "dsc") -> dict:
+    """The single model and the rule (of `candidates`, masks on dataset-1 validation) that score best there:
+    the pair the analysis compares on test, chosen without looking at it. `choose_by` "identification" ranks by
+    the share identified strictly, then DSC; "dsc" by mean DSC alone."""
+    models = {name: probs > threshold for name, probs in zip(validation.names, validation.probs)}
+    dsc = {kind: {name: float(dice(mask, validation.masks).mean()) for name, mask in masks.items()}
+           for kind, masks in (("models", models), ("rules", candidates))}
+    choice = {"validation_dsc": dsc}
+    if choose_by == "identification":
+        if validation.labels is None:
+            raise ConfigError("stage4.choose_by: identification needs level label maps, and dataset 1 has none")
+        identified = {kind: {name: float(identification_table(mask, validation.labels)["identified_strict"].mean())
+                             for name, mask in masks.items()} for kind, masks in (("models", models), ("rules", candidates))}
+        choice["validation_identified"] = identified
+        rank = {kind: {name: (identified[kind][name], dsc[kind][name]) for name in dsc[kind]} for kind in dsc}
+    else:
+        rank = dsc
+    return {"best_model": max(rank["models"], key=rank["models"].get), "best_rule": max(rank["rules"], key=rank["rules"].get),
+            **choice}
 
 
 def rule_checks(inputs: EnsembleInputs, masks: dict[str, np.ndarray], threshold: float, dataset: str) -> dict:

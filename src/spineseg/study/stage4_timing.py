@@ -1,5 +1,6 @@
 """The ensemble's cost per image (the article's inference time and peak memory): each member alone, the
-whole ensemble with its five rules, and the two-stage variant when stage 4 put it in the running."""
+whole ensemble with its five rules, the two-stage variant when stage 4 put it in the running, and the located
+variant (locator and crop model) when the profile trains a locator."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from spineseg import atomic
 from spineseg.data import load_split
 from spineseg.device import describe, pick_device
 from spineseg.models import parameter_count
-from spineseg.names import rule_name
+from spineseg.names import LOCATED, rule_name
 from spineseg.study.ensemble_inputs import members_validation_dsc
+from spineseg.study.located import Located
 from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
@@ -53,6 +55,13 @@ def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
         step = two_stage.timing_step(models, members_validation_dsc(study, specs), radiograph)
         rows.append(row(f"Two-stage ({rule_name(two_stage.locator)} + crop model)", len(models) + 1,
                         rows[-1]["params_millions"] + parameter_count(two_stage.crop.model) / 1e6, step))
+    located = Located.load(study, data)
+    if located is not None:
+        radiograph = torch.from_numpy(np.array(load_split(data.d1, "test", size).images[:1, None])).to(device)
+        outline = parameter_count(located.crop.model) / 1e6 if located.crop is not None else 0.0
+        rows.append(row(rule_name(LOCATED), 1 + (located.crop is not None),
+                        parameter_count(load_trained(study.layout.store, located.spec, device)) / 1e6 + outline,
+                        located.timing_step(radiograph)))
     table = pd.DataFrame(rows)
     if device.type != "cuda":
         table["process_peak_rss_mb"] = peak_memory_mb(device)

@@ -26,13 +26,17 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from spineseg import atomic
+from spineseg.chain import ChainPrior, chain_centres
 from spineseg.crops import CropGeometry, training_crops
 from spineseg.data import Split, load_split, splits_present
 from spineseg.data.dataset import as_hw, stored_size
 from spineseg.device import pick_device
 from spineseg.errors import ConfigError, DatasetError, StageOrderError
+from spineseg.identification import centre_errors, vertebra_centres
+from spineseg.locator import Locator, identified_share
 from spineseg.metrics import MODEL_THRESHOLD, average_precision, per_image
 from spineseg.models import build_model
+from spineseg.names import CENTRES
 from spineseg.objectives import objective as make_objective
 from spineseg.predict import Segmenter, load_weights, predict, resample
 from spineseg.saved_models import ModelDescription
@@ -74,6 +78,8 @@ class RunSpec:
         spec = asdict(self)
         if spec["crop"] is None:
             del spec["crop"]  # runs without crops keep the keys they had before crops existed
+        if spec["train"]["augmentation"] == "paper":
+            del spec["train"]["augmentation"]  # and runs with the article's augmentation theirs
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
@@ -141,9 +147,14 @@ def score_split(model: Segmenter, spec: RunSpec, folder: Path, split: str, devic
 
 
 def _evaluate(model: Segmenter, spec: RunSpec, files: RunFiles, data: StudyData, device: torch.device, hflip: bool) -> None:
-    """Probability maps (float16, on the evaluation grid), level maps, and per-image metrics of every split.
+    """Probability maps (float16, on the evaluation grid), level maps, and per-image metrics of every split;
+    a locator's chains instead (`_evaluate_locator`).
 
     A crop model needs a located region to look at: stage 4 scores it behind its locator."""
+    if spec.target == CENTRES:
+        _evaluate_locator(Locator(model, load_chain_prior(files), hflip), spec, files, data, device)
+        atomic.write_json(files.evaluation, {"hflip": hflip})
+        return
     for name, dataset_folder, split in ([] if spec.crop else data.eval_splits()):
         if split not in splits_present(dataset_folder):
             continue
@@ -155,6 +166,50 @@ def _evaluate(model: Segmenter, spec: RunSpec, files: RunFiles, data: StudyData,
             np.savez_compressed(fh, **arrays)
         atomic.write_csv(files.metrics(name, split), scored.metrics)
     atomic.write_json(files.evaluation, {"hflip": hflip})
+
+
+OUTSIDE_CODES = {"": 0, "above": 1, "below": 2}  # how a chain's `outside` is stored
+
+
+def _evaluate_locator(locator: Locator, spec: RunSpec, files: RunFiles, data: StudyData, device: torch.device) -> None:
+    """Each split's chains on its evaluation grid (`RunFiles.chains`) and, where it has level labels, whether
+    each image's chain names Th8–Th11 right (`spineseg.identification`'s centre criterion)."""
+    for name, dataset_folder, split in data.eval_splits():
+        if split not in splits_present(dataset_folder):
+            continue
+        grid = evaluation_grid(dataset_folder, split, spec.image_size)
+        images = load_split(dataset_folder, split, spec.image_size).images
+        factor = np.asarray(grid, dtype=float) / np.asarray(spec.image_size, dtype=float)
+        chains = [chain.scaled(factor) for chain in locator.chains(images, device, precision=spec.train.precision)]
+        truth = load_split(dataset_folder, split, grid, labels=True)
+        arrays = {"ids": np.array(truth.ids), "centres": np.stack([c.centres for c in chains]).astype(np.float32),
+                  "outside": np.array([[OUTSIDE_CODES[o] for o in c.outside] for c in chains], dtype=np.int8),
+                  "evidence": np.stack([c.evidence for c in chains]).astype(np.float32)}
+        with atomic.atomic_path(files.chains(name, split)) as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        metrics = pd.DataFrame({"id": truth.ids, "patient": truth.patients})
+        if truth.labels is not None:
+            errors = [centre_errors(c.region_centres(), vertebra_centres(labels)) for c, labels in zip(chains, truth.labels)]
+            metrics["identified"] = [bool((e == 0).all()) for e in errors]
+        atomic.write_csv(files.metrics(name, split), metrics)
+
+
+def load_chain_prior(files: RunFiles) -> ChainPrior:
+    try:
+        return ChainPrior.from_dict(json.loads(files.chain_prior.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StageOrderError(f"{files.chain_prior}: the locator's chain prior is missing or damaged ({exc}); "
+                              f"delete {files.folder} to train the locator again") from None
+
+
+def _locator_score(files: RunFiles, train: Split, val: Split, device: torch.device, hflip: bool):
+    """The locator's early-stopping score: the share of validation images whose chain names Th8–Th11 right,
+    with the chain prior of its training label maps (written beside its weights)."""
+    if train.labels is None or val.labels is None:
+        raise ConfigError(f"the locator learns from level label maps, and {train.dataset} has none")
+    prior = ChainPrior.fit(np.stack([chain_centres(labels) for labels in train.labels]), train.size)
+    atomic.write_json(files.chain_prior, prior.to_dict())
+    return lambda model: identified_share(Locator(model, prior, hflip).chains(val.images, device), val.labels)
 
 
 def summary_columns() -> list[str]:
@@ -219,8 +274,9 @@ def _train(spec: RunSpec, files: RunFiles, data: StudyData, device: str, hflip: 
     # A checkpoint holds every weight: resuming needs neither the network nor the weights file.
     model = segmenter(spec) if resuming else starting_model(spec, files.folder.parent)
     train_split, val_split = _training_splits(spec, data, model.objective.needs_labels)
+    score = _locator_score(files, train_split, val_split, torch_device, hflip) if spec.target == CENTRES else None
     outcome = fit(model, train_split, val_split, spec.train, files.folder, torch_device,
-                  desc=f"{spec.candidate} s{spec.seed}")
+                  desc=f"{spec.candidate} s{spec.seed}", score=score)
     _evaluate(model, spec, files, data, torch_device, hflip)
     flat_spec = {key: value for key, value in asdict(spec).items() if key != "train"} | asdict(spec.train)
     summary = {**flat_spec, **asdict(outcome), "key": spec.key(), "folder": files.folder.name,
@@ -245,17 +301,22 @@ def describe(spec: RunSpec, files: RunFiles, grid: tuple[int, int] | None) -> Mo
                if key in summary}
     for split in ("val", "test"):
         for dataset, path in files.metrics_files(split):
-            reached[f"mean_dsc_{dataset}_{split}"] = round(float(read_table(path)["dsc"].mean()), 6)
+            metrics = read_table(path)
+            for column in ("dsc", "identified"):
+                if column in metrics:
+                    reached[f"mean_{column}_{dataset}_{split}"] = round(float(metrics[column].astype(float).mean()), 6)
     origin = {"pretrained": spec.pretrained, "weights_path": spec.weights_path, "init": spec.init}
+    prior = load_chain_prior(files).to_dict() if spec.target == CENTRES else None
     return ModelDescription(spec.candidate, spec.encoder, spec.architecture, spec.target, spec.image_size,
                             spec.train.coordinates, spec.attention, grid, spec.crop, origin, spec.train.precision,
-                            reached, code_version())
+                            reached, code_version(), prior)
 
 
 def _training_splits(spec: RunSpec, data: StudyData, labels: bool) -> tuple[Split, Split]:
     """Dataset 1's training and validation images at the run's size, or a crop model's crops of them."""
     if spec.crop is None:
-        return load_split(data.d1, "train", spec.image_size, labels=labels), load_split(data.d1, "val", spec.image_size)
+        return (load_split(data.d1, "train", spec.image_size, labels=labels),
+                load_split(data.d1, "val", spec.image_size, labels=labels))
     try:
         grid = stored_size(data.d1, "train")
     except DatasetError as exc:

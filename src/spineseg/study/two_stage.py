@@ -20,8 +20,6 @@ from spineseg.crops import CropGeometry, CropModel
 from spineseg.device import pick_device
 from spineseg.ensemble import combine
 from spineseg.errors import StageOrderError
-from spineseg.metrics import dice
-from spineseg.names import TWO_STAGE
 from spineseg.predict import Segmenter, ensemble_forward
 from spineseg.study.ensemble_inputs import EnsembleInputs
 from spineseg.study.executors import make_executor
@@ -96,9 +94,3 @@ class TwoStage:
             return self.crop.outline(image[:, 0].cpu().numpy(), located, self.device)
 
         return step
-
-    def compete(self, choice: dict, validation: EnsembleInputs) -> dict:
-        """`best_on_validation`'s choice with the variant among the rules (and chosen if it is best)."""
-        rules = {**choice["validation_dsc"]["rules"], TWO_STAGE: float(dice(self.masks(validation), validation.masks).mean())}
-        return {**choice, "best_rule": max(rules, key=rules.get), "two_stage_locator": self.locator,
-                "validation_dsc": {**choice["validation_dsc"], "rules": rules}}

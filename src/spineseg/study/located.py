@@ -1,0 +1,141 @@
+"""The located variant, whole: the locator's training spec and training (stage 3), its chains on every split,
+and its masks in stage 4, where it competes with the rules on validation.
+
+The locator (`spineseg.locator`) names Th8–Th11 by placing the whole chain C7…S1; the mask is then the crop
+model's outline in a box around the four vertebrae it names (without a crop model: the level-aware members'
+vertebrae there), kept to the rows the chain gives those four. It is the only result whose *which four* does
+not come from the members' own level maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spineseg.chain import Chain, located_levels
+from spineseg.crops import CropModel
+from spineseg.device import pick_device
+from spineseg.errors import StageOrderError
+from spineseg.identification import identification_table
+from spineseg.locator import Locator
+from spineseg.names import CENTRES
+from spineseg.study.ensemble_inputs import EnsembleInputs
+from spineseg.study.executors import make_executor
+from spineseg.study.session import Study
+from spineseg.study.stage0_data import StudyData
+from spineseg.study.store import OUTSIDE_CODES, RunSpec, load_chain_prior, load_trained, run_all
+from spineseg.study.training import run_spec
+from spineseg.study.two_stage import trained_crop_model
+from spineseg.vertebrae import REGION_CODES
+
+_OUTSIDE_NAMES = {code: name for name, code in OUTSIDE_CODES.items()}
+
+
+def locator_spec(study: Study, data: StudyData) -> RunSpec | None:
+    """The locator's training run, or None when the profile does not ask for one."""
+    cfg = study.cfg.locator
+    if not cfg.enabled:
+        return None
+    spec = run_spec(study, data, "stage3", cfg.encoder, 0, cfg, augment=True, pretrained=cfg.pretrained, target=CENTRES)
+    return replace(spec, train=replace(spec.train, augmentation=cfg.augmentation))
+
+
+def run_locator(study: Study, data: StudyData) -> pd.DataFrame:
+    """Train the locator (once; a rerun skips it) and return its summary, empty when it is not asked for."""
+    spec = locator_spec(study, data)
+    if spec is None:
+        return pd.DataFrame()
+    executor = make_executor(study.cfg.executor, "stage 3: the locator")
+    summary = run_all([spec], data, study.layout.store, study.cfg.device, executor, hflip=study.cfg.locator.tta_hflip)[0]
+    row = pd.DataFrame([summary])[["encoder", "image_size", "best_val_dsc", "best_epoch", "epochs_run", "seconds"]]
+    return row.rename(columns={"best_val_dsc": "validation identified (centres)"})
+
+
+def cached_chains(study: Study, spec: RunSpec, dataset: str, split: str, ids: list[str]) -> list[Chain]:
+    """The locator's chains of one split (stage 3 wrote them on the split's evaluation grid), checked against its ids."""
+    path = spec.files(study.layout.store).chains(dataset, split)
+    if not path.is_file():
+        raise StageOrderError(f"no locator chains at {path}: run `spineseg run --profile {study.name} --stages 3` first")
+    with np.load(path) as saved:
+        if [str(i) for i in saved["ids"]] != list(ids):
+            raise StageOrderError(f"the locator's chains at {path} do not match the images of {dataset} {split}; rerun stage 3")
+        return [Chain(centres.astype(float), tuple(_OUTSIDE_NAMES[int(c)] for c in outside), evidence.astype(float), 0.0)
+                for centres, outside, evidence in zip(saved["centres"], saved["outside"], saved["evidence"])]
+
+
+def region_masks(chains: list[Chain], shape: tuple[int, int], beside: bool = True) -> np.ndarray:
+    """[N, H, W] where each chain puts Th8–Th11: within half a vertebra's width of the spine, or (`beside` False)
+    every pixel whose nearest placed vertebra is one of the four."""
+    return np.stack([np.isin(located_levels(chain, shape, beside), REGION_CODES) for chain in chains])
+
+
+def vertebrae_outline(levels: list[np.ndarray | None]) -> np.ndarray | None:
+    """The level-aware members' share voting each pixel a vertebra, of any level [N, H, W]; None without such members."""
+    maps = [member > 0 for member in levels if member is not None]
+    return np.mean(maps, axis=0).astype(np.float32) if maps else None
+
+
+@dataclass(frozen=True)
+class Located:
+    """The variant in stage 4: the locator's chains name Th8–Th11, the crop model (or the members) outlines them."""
+
+    study: Study
+    spec: RunSpec
+    crop: CropModel | None
+    threshold: float
+    device: torch.device
+
+    @classmethod
+    def load(cls, study: Study, data: StudyData) -> Located | None:
+        spec = locator_spec(study, data)
+        if spec is None:
+            return None
+        if not spec.files(study.layout.store).done.is_file():
+            raise StageOrderError(f"locator.enabled, but the locator {spec.folder_name()} has not been trained: "
+                                  f"run `spineseg run --profile {study.name} --stages 3` first")
+        device = pick_device(study.cfg.device)
+        return cls(study, spec, trained_crop_model(study, data, device), study.cfg.stage4.threshold, device)
+
+    def chains(self, inputs: EnsembleInputs, dataset: str, split: str) -> list[Chain]:
+        return cached_chains(self.study, self.spec, dataset, split, inputs.ids)
+
+    def masks(self, inputs: EnsembleInputs, dataset: str, split: str) -> np.ndarray:
+        return self.outline(self.chains(inputs, dataset, split), inputs)
+
+    def outline(self, chains: list[Chain], inputs: EnsembleInputs) -> np.ndarray:
+        """The four named vertebrae's mask [N, H, W]; all empty where nothing can outline them."""
+        shape = inputs.masks.shape[1:]
+        if self.crop is not None:
+            probs = self.crop.outline(inputs.images, region_masks(chains, shape), self.device)
+        else:
+            probs = vertebrae_outline(inputs.levels)
+            if probs is None:
+                return np.zeros(inputs.masks.shape, dtype=bool)
+        return (probs > self.threshold) & region_masks(chains, shape, beside=False)
+
+    def centres_table(self, inputs: EnsembleInputs, dataset: str, split: str) -> pd.DataFrame:
+        """Identification of the locator's own centres (no mask: the centre criterion alone)."""
+        chains = self.chains(inputs, dataset, split)
+        return identification_table(np.zeros(inputs.masks.shape, dtype=bool), inputs.labels,
+                                    [chain.region_centres() for chain in chains])
+
+    def timing_step(self, image: torch.Tensor) -> Callable[[], np.ndarray]:
+        """What one image costs: the locator's forward (and its mirror's) and chain, then the crop model."""
+        locator = Locator(load_trained(self.study.layout.store, self.spec, self.device),
+                          load_chain_prior(self.spec.files(self.study.layout.store)), self.study.cfg.locator.tta_hflip)
+        size = self.spec.image_size
+
+        def step() -> np.ndarray:
+            full = image[:, 0].cpu().numpy()
+            small = torch.nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+            factor = np.asarray(full.shape[1:], dtype=float) / np.asarray(size, dtype=float)
+            chains = [chain.scaled(factor) for chain in locator.chains(small, self.device)]
+            region = region_masks(chains, full.shape[1:])
+            return self.crop.outline(full, region, self.device) if self.crop is not None else region
+
+        return step
+
