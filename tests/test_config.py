@@ -69,6 +69,13 @@ def test_overrides_apply_with_types(tmp_path):
     ({"two_stage": {"coordinates": True}}, "coordinates is not available for the crop model"),
     ({"two_stage": {"image_size": [100, 64]}}, "two_stage.image_size = [100, 64]: each side must be a multiple of 32"),
     ({"two_stage": {"margin": -1}}, "two_stage.margin = -1"),
+    ({"data": {"later_batch": 0.2}}, "later_batch splits the AASCE training radiographs by acquisition date; it needs source: aasce"),
+    ({"data": {"source": "aasce", "aasce_src": "x", "later_batch": 1}}, "data.later_batch = 1: Input should be less than 1"),
+    ({"locator": {"repeats": 2}}, "the locator is trained once"),
+    ({"locator": {"crop_height": 64}}, "crop_height is not available for the locator"),
+    ({"locator": {"augmentation": "wild"}}, "locator.augmentation = 'wild'"),
+    ({"locator": {"lr_schedule": "step"}}, "locator.lr_schedule = 'step'"),
+    ({"stage4": {"choose_by": "hd95"}}, "stage4.choose_by = 'hd95'"),
 ])
 def test_bad_profiles_name_the_key_and_file(tmp_path, content, fragment):
     path = _write(tmp_path, content)

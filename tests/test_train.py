@@ -375,3 +375,24 @@ def test_an_epoch_that_keeps_the_best_weights_does_not_rewrite_best_pt(tmp_path)
     later = {"best_model": {"w": torch.ones(2)}, "state": {"history": [{"epoch": 1, "val_dsc": 0.5}, {"epoch": 2, "val_dsc": 0.4}]}}
     _write_derived(tmp_path, later, best_changed=False)
     assert (tmp_path / BEST).stat().st_mtime_ns == written and len((tmp_path / HISTORY).read_text().splitlines()) == 3
+
+
+def test_the_cosine_schedule_warms_up_then_decays_and_depends_on_the_epoch_alone():
+    settings = train_module.TrainSettings(batch_size=2, lr=1e-3, max_epochs=11, patience=3, augment=False, seed=0,
+                                          lr_schedule="cosine")
+    rates = [settings.lr_at(epoch) for epoch in range(11)]
+    assert rates[0] == pytest.approx(1e-4) and rates[1] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(rates[1:], rates[2:])) and rates[-1] > 0
+    assert rates == [settings.lr_at(epoch) for epoch in range(11)]  # a resumed run meets the same rates
+    assert replace(settings, lr_schedule="constant").lr_at(7) == 1e-3
+
+
+def test_run_keys_without_the_new_settings_are_the_keys_they_had():
+    """A run with the article's augmentation and a constant rate keeps the folder name it had before either setting
+    existed, so finished runs are never trained again."""
+    from spineseg.study.store import RunSpec
+
+    settings = train_module.TrainSettings(batch_size=2, lr=1e-3, max_epochs=2, patience=2, augment=True, seed=0)
+    spec = RunSpec("stage2", "MobileNetV2", 64, settings, data="abc")
+    assert spec.key() == "39f4a9e5f1"  # computed at c887a2d, before `augmentation` and `lr_schedule`
+    assert RunSpec("stage2", "MobileNetV2", 64, replace(settings, lr_schedule="cosine"), data="abc").key() != spec.key()

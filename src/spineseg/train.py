@@ -39,6 +39,16 @@ HISTORY = "history.csv"  # one row per epoch
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop, "adamax": torch.optim.Adamax}
+WARMUP_EPOCHS = 1  # the cosine schedule's first epoch climbs from a tenth of the rate
+
+
+def _cosine(lr: float, epoch: int, epochs: int) -> float:
+    if epoch < WARMUP_EPOCHS:
+        return lr / 10
+    return lr * 0.5 * (1 + np.cos(np.pi * (epoch - WARMUP_EPOCHS) / max(epochs - WARMUP_EPOCHS, 1)))
+
+
+LR_SCHEDULES = {"constant": lambda lr, epoch, epochs: lr, "cosine": _cosine}
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,11 @@ class TrainSettings:
     optimizer: str = "adam"  # `OPTIMIZERS`: the article's Adam, or RMSprop / Adamax (Dastgir et al.)
     eval_batch_size: int = 8
     augmentation: str = "paper"  # `spineseg.augment.AUGMENTATIONS`, when `augment`
+    lr_schedule: str = "constant"  # `LR_SCHEDULES`: the article's constant rate, or a cosine decay over max_epochs
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of an epoch (from 0): a function of the epoch alone, so a resumed run follows it too."""
+        return LR_SCHEDULES[self.lr_schedule](self.lr, epoch, self.max_epochs)
 
 
 @dataclass(frozen=True)
@@ -160,6 +175,8 @@ def train_epoch(trainer: Trainer, train: Split, settings: TrainSettings, epoch: 
     if augmentation is not None:
         augmentation.set_random_seed(settings.seed * 1_000_003 + epoch)
     torch.manual_seed(settings.seed * 1_000_003 + epoch)  # dropout / stochastic depth replay on resume too
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = settings.lr_at(epoch)
     trainer.model.train()
     objective = trainer.model.objective
     targets = objective.targets(train)

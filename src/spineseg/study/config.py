@@ -263,6 +263,7 @@ class LocatorSection(Training):
     coordinates: bool = True
     tta_hflip: bool = True
     augmentation: Literal["paper", "anatomy"] = "anatomy"  # `spineseg.augment`: the article's, or one that moves the spine
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # `spineseg.train.LR_SCHEDULES`
     pretrained: Pretrained = "imagenet"
 
     @model_validator(mode="after")

@@ -20,15 +20,18 @@ from skimage.measure import find_contours
 from spineseg import atomic
 from spineseg.data import DatasetError, Sample, load_split, read_manifest
 from spineseg.ensemble import THRESHOLD_GRID, combine
+from spineseg.identification import identification_table, mask_centres, vertebra_centres
 from spineseg.metrics import dice, per_image
-from spineseg.names import EXTRA_RULES, RULES, rule_name
+from spineseg.names import EXTRA_RULES, LOCATED, RULES, rule_name
 from spineseg.study.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
+from spineseg.study.located import Located
+from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage4_ensembles import threshold_curves
 from spineseg.study.tables import CANDIDATE_ORDER, identification_summary, load_identification
 from spineseg.study.training import load_stage_metrics
-from spineseg.vertebrae import BACKGROUND, CODES, IGNORE, N_LEVELS, NAMES, REGION, region_mask
+from spineseg.vertebrae import BACKGROUND, CHAIN_CODES, CODES, IGNORE, N_LEVELS, NAMES, REGION, region_mask
 
 # The colours of every mask figure, keyed on each: a mask tinted where it is right, filled where it is wrong.
 TRUE_POSITIVE = (1.0, 0.85, 0.0)
@@ -371,13 +374,58 @@ def identification_figures(study: Study, data: StudyData) -> dict[str, Figure]:
         return {}
     figures = {}
     for dataset, part in frame.groupby("dataset"):
-        figures[f"level_shifts_{dataset}"] = level_shifts(identification_summary(part), f"Where Th8–Th11 landed — {dataset}")
+        masks = identification_summary(part[part["kind"] != "locator"])  # a locator's centres land nowhere as a mask
+        figures[f"level_shifts_{dataset}"] = level_shifts(masks, f"Where Th8–Th11 landed — {dataset}")
+        worst = worst_identifications(study, data, dataset)
+        if worst is not None:
+            figures[f"identification_failures_{dataset}"] = worst
         inputs = ensemble_inputs(study, data, dataset, "test")
         for name, levels in zip(inputs.names, inputs.levels):
             if levels is not None:
                 slug = name.replace(" ", "_").replace("(", "").replace(")", "")
                 figures[f"levels_{slug}_{dataset}"] = level_confusion(levels, inputs.labels, f"{name}, {dataset}")
     return figures
+
+
+WORST_SHOWN = 6  # identification failures per test set in `worst_identifications`
+CENTRE_LABELS = ("C7", "Th1", "Th8", "Th11", "L5", "S1")  # the chain's vertebrae named beside their dots
+
+
+def worst_identifications(study: Study, data: StudyData, dataset: str) -> Figure | None:
+    """The study's identification failures on one test set, lowest DSC first: the located variant's masks with the
+    locator's chain (where the profile trains one), else the validation-best plain rule's with the centres its
+    mask names; true centres in green, named ones in red. None where every image is identified."""
+    inputs = ensemble_inputs(study, data, dataset, "test")
+    located = Located.load(study, data)
+    if located is not None:
+        masks, title = located.masks(inputs, dataset, "test"), rule_name(LOCATED)
+        named = [chain.centres for chain in located.chains(inputs, dataset, "test")]
+        names = [NAMES[code] for code in CHAIN_CODES]
+    else:
+        best = Learned.load(study.layout.learned).best_rule if study.layout.learned.is_file() else RANKING_RULE
+        rule = best if best in (*RULES, *EXTRA_RULES) else RANKING_RULE
+        masks, title = combine(inputs.probs, rule, study.cfg.stage4.threshold), rule_name(rule)
+        named, names = [mask_centres(mask) for mask in masks], list(REGION)
+    rows = identification_table(masks, inputs.labels)
+    failed = np.nonzero(~rows["identified_strict"].to_numpy(dtype=bool))[0]
+    if not len(failed):
+        return None
+    shown = failed[np.argsort(dice(masks[failed], inputs.masks[failed]), kind="stable")][:WORST_SHOWN]
+    fig, axes = plt.subplots(1, len(shown), figsize=(min(2.2 * len(shown), MAX_WIDTH_IN), 5.6), squeeze=False)
+    for ax, index in zip(axes[0], shown):
+        error_overlay(ax, inputs.images[index], masks[index], inputs.masks[index].astype(bool))
+        truth = vertebra_centres(inputs.labels[index])
+        ax.scatter(truth[:, 1], truth[:, 0], s=6, c=TRUTH, linewidths=0)
+        for (row, col), name in zip(named[index], names):
+            if np.isfinite(row):
+                ax.scatter([col], [row], s=8, c="red", marker="x", linewidths=0.8)
+                if name in CENTRE_LABELS:
+                    ax.annotate(name, (col, row), xytext=(4, 0), textcoords="offset points", fontsize=5, color="red",
+                                path_effects=[withStroke(linewidth=1.5, foreground="white")])
+        ax.set_title(f"{inputs.ids[index][-18:]}\n{rows['failure'].iloc[index]}, DSC {100 * dice(masks[index], inputs.masks[index]):.0f} %",
+                     fontsize=6)
+    fig.suptitle(f"{title}: identification failures, {dataset} test (green: true centres; red: named)", fontsize=8)
+    return fig
 
 
 def live_threshold_explorer(study: Study, data: StudyData, interactive: bool):

@@ -10,7 +10,7 @@ not come from the members' own level maps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -40,8 +40,7 @@ def locator_spec(study: Study, data: StudyData) -> RunSpec | None:
     cfg = study.cfg.locator
     if not cfg.enabled:
         return None
-    spec = run_spec(study, data, "stage3", cfg.encoder, 0, cfg, augment=True, pretrained=cfg.pretrained, target=CENTRES)
-    return replace(spec, train=replace(spec.train, augmentation=cfg.augmentation))
+    return run_spec(study, data, "stage3", cfg.encoder, 0, cfg, augment=True, pretrained=cfg.pretrained, target=CENTRES)
 
 
 def run_locator(study: Study, data: StudyData) -> pd.DataFrame:

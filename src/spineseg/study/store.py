@@ -78,8 +78,9 @@ class RunSpec:
         spec = asdict(self)
         if spec["crop"] is None:
             del spec["crop"]  # runs without crops keep the keys they had before crops existed
-        if spec["train"]["augmentation"] == "paper":
-            del spec["train"]["augmentation"]  # and runs with the article's augmentation theirs
+        for setting, article in (("augmentation", "paper"), ("lr_schedule", "constant")):
+            if spec["train"][setting] == article:
+                del spec["train"][setting]  # and runs with the article's augmentation and rate theirs
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
