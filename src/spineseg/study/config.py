@@ -288,6 +288,10 @@ class Stage4(Section):
 
 
 class Analysis(Section):
+    # the primary endpoint, declared before the run: the validation-chosen best rule against the validation-chosen
+    # best single model on mean DSC (the article's question), or on the share identified strictly (which four
+    # vertebrae; also against the mean-position prior); the other stays a secondary, exploratory measure
+    primary_endpoint: Literal["dsc", "identification"] = "dsc"
     n_boot: _count(100, 100_000) = 2000
     dpi: _count(1, 1200) = 300
     # add F1 as scikit-learn 1.3's f1_score(zero_division=1) scored it: does it explain the article's F1 ≠ DSC?
