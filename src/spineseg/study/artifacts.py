@@ -16,7 +16,8 @@
                               build, the pruning results
         stage6_<comparison>/  runs.csv, metrics_test.csv (decoders, optimizers, attention, pruning); pruning also
                               has one folder per fraction: summary.json (`PruningResult`), metrics.csv, pruned.pt
-        tables/               tableN.csv/.md/.tex, wilcoxon.csv, wilcoxon_readable.*
+        tables/               tableN.csv/.md/.tex, wilcoxon.csv, wilcoxon_readable.*, identification_*
+        results.json, .md     the headline numbers the README quotes (`spineseg.study.results`)
         notebooks/            the rendered notebooks, their HTML copies and <name>.timing.json
         report/               the rendered notebooks as HTML without code (`spineseg report`)
     runs/<profile>+<hash>/    a variant: a run whose overrides change results (`variant_name`), with variant.json,
@@ -309,6 +310,10 @@ class Layout:
 
     def table(self, name: str, suffix: str) -> Path:
         return self.tables_dir / f"{name}.{suffix}"
+
+    def results(self, suffix: str) -> Path:
+        """The headline numbers (`spineseg.study.results`): results.json, and results.md as the README renders it."""
+        return self.run_dir / f"results.{suffix}"
 
     def notebook(self, name: str) -> Path:
         return self.notebooks_dir / f"{name}.ipynb"

@@ -397,7 +397,7 @@ def worst_identifications(study: Study, data: StudyData, dataset: str) -> Figure
     mask names; true centres in green, named ones in red. None where every image is identified."""
     inputs = ensemble_inputs(study, data, dataset, "test")
     located = Located.load(study, data)
-    if located is not None:
+    if located is not None and located.can_outline(inputs):
         masks, title = located.masks(inputs, dataset, "test"), rule_name(LOCATED)
         named = [chain.centres for chain in located.chains(inputs, dataset, "test")]
         names = [NAMES[code] for code in CHAIN_CODES]

@@ -72,10 +72,9 @@ def region_masks(chains: list[Chain], shape: tuple[int, int], beside: bool = Tru
     return np.stack([np.isin(located_levels(chain, shape, beside), REGION_CODES) for chain in chains])
 
 
-def vertebrae_outline(levels: list[np.ndarray | None]) -> np.ndarray | None:
-    """The level-aware members' share voting each pixel a vertebra, of any level [N, H, W]; None without such members."""
-    maps = [member > 0 for member in levels if member is not None]
-    return np.mean(maps, axis=0).astype(np.float32) if maps else None
+def vertebrae_outline(levels: list[np.ndarray | None]) -> np.ndarray:
+    """The level-aware members' share voting each pixel a vertebra, of any level [N, H, W]."""
+    return np.mean([member > 0 for member in levels if member is not None], axis=0).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -102,18 +101,21 @@ class Located:
     def chains(self, inputs: EnsembleInputs, dataset: str, split: str) -> list[Chain]:
         return cached_chains(self.study, self.spec, dataset, split, inputs.ids)
 
+    def can_outline(self, inputs: EnsembleInputs) -> bool:
+        """Whether anything can draw the four vertebrae the locator names: the crop model or a level-aware member.
+        Without either the locator still names them (its centres are scored), but there is no located mask."""
+        return self.crop is not None or any(levels is not None for levels in inputs.levels)
+
     def masks(self, inputs: EnsembleInputs, dataset: str, split: str) -> np.ndarray:
         return self.outline(self.chains(inputs, dataset, split), inputs)
 
     def outline(self, chains: list[Chain], inputs: EnsembleInputs) -> np.ndarray:
-        """The four named vertebrae's mask [N, H, W]; all empty where nothing can outline them."""
+        """The four named vertebrae's mask [N, H, W] (`can_outline` must hold)."""
         shape = inputs.masks.shape[1:]
         if self.crop is not None:
             probs = self.crop.outline(inputs.images, region_masks(chains, shape), self.device)
         else:
             probs = vertebrae_outline(inputs.levels)
-            if probs is None:
-                return np.zeros(inputs.masks.shape, dtype=bool)
         return (probs > self.threshold) & region_masks(chains, shape, beside=False)
 
     def centres_table(self, inputs: EnsembleInputs, dataset: str, split: str) -> pd.DataFrame:

@@ -65,7 +65,7 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     if two_stage is not None:
         candidates[TWO_STAGE] = two_stage.masks(validation)
     located = Located.load(study, data)
-    if located is not None:
+    if located is not None and located.can_outline(validation):
         candidates[LOCATED] = located.masks(validation, "d1", "val")
     choice = best_on_validation(validation, candidates, threshold, choose_by)
     atomic.write_csv(layout.threshold_tuning, tuning)
@@ -82,7 +82,7 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
             masks[TWO_STAGE] = two_stage.masks(inputs)
             best_model = inputs.probs[inputs.names.index(choice["best_model"])]
             masks[SINGLE_CROP] = two_stage.outline(best_model > threshold, inputs.images)
-        if located is not None:
+        if located is not None and located.can_outline(inputs):
             masks[LOCATED] = located.masks(inputs, dataset, split)
         checks.append(rule_checks(inputs, masks, threshold, dataset))
         for rule, mask in masks.items():

@@ -1,0 +1,156 @@
+"""The study's headline numbers as one file the README quotes: ``results.json`` (and a readable ``results.md``).
+
+Stage 5 writes it from the tables and records the run produced — identification and DSC of the chosen models,
+rules and references with their patient-cluster intervals, the declared endpoint's tests, the wall time of
+each stage, the commit and the data fingerprint — so that no number reaches the README by hand:
+`render` turns a results file into the README's section, and a test checks that the README holds exactly
+what `render` makes of the file kept under ``docs/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from spineseg import atomic
+from spineseg.errors import StageOrderError
+from spineseg.names import LOCATED, LOCATOR, PRIOR_BAND, PRIOR_MEAN, rule_name
+from spineseg.study.artifacts import read_table
+from spineseg.study.records import Learned
+from spineseg.study.runner import NOTEBOOKS
+from spineseg.study.session import Study
+from spineseg.study.stage0_data import StudyData
+from spineseg.study.tables import identification_summary, load_identification
+
+FORMAT = "spineseg-results/1"
+DATASETS = {"d1": "dataset-1 test (random split)", "d2": "dataset 2"}
+CRITERIA = (("identified_strict", "Identified strictly"), ("centres_identified", "Centres identified"), ("dsc", "DSC"))
+
+
+def collect(study: Study, data: StudyData) -> dict:
+    """The headline numbers of a finished study, from its files."""
+    frame = load_identification(study)
+    if frame is None or not study.layout.learned.is_file():
+        raise StageOrderError(f"no identification table or learned.json under {study.layout.run_dir}: run stages 4 and 5 first")
+    learned = Learned.load(study.layout.learned)
+    shown = {"best single model (validation)": ("model", learned.best_model),
+             f"best rule (validation): {rule_name(learned.best_rule)}": ("rule", learned.best_rule),
+             rule_name(LOCATED): ("rule", LOCATED), rule_name(LOCATOR): ("locator", LOCATOR),
+             rule_name(PRIOR_MEAN): ("prior", PRIOR_MEAN), rule_name(PRIOR_BAND): ("prior", PRIOR_BAND)}
+    datasets = {}
+    for dataset, part in frame.groupby("dataset"):
+        methods = {}
+        for label, (kind, group) in shown.items():
+            method = part[(part["kind"] == kind) & (part["group"] == group)]
+            if method.empty or (kind, group) in methods.values() or label in methods:
+                continue
+            row = identification_summary(method, study.cfg.analysis.n_boot).iloc[0]
+            methods[label] = {key: _with_interval(row, name) for key, name in CRITERIA if name in row and pd.notna(row[name])}
+            methods[label] |= {"images": int(len(method)), "patients": int(method["patient"].nunique())}
+        datasets[dataset] = {"description": _description(study, dataset), "methods": methods}
+    return {"format": FORMAT, "profile": study.name, "primary_endpoint": study.cfg.analysis.primary_endpoint,
+            "best_rule": learned.best_rule, "best_model": learned.best_model, "datasets": datasets,
+            "endpoint": _endpoint(study), "stage_minutes": _stage_minutes(study),
+            "provenance": _provenance(study) | {"data": data.fingerprint}}
+
+
+def _with_interval(row: pd.Series, name: str) -> dict:
+    value = {"mean": round(float(row[name]), 1)}
+    if f"{name} CI low" in row:
+        value |= {"ci": [round(float(row[f"{name} CI low"]), 1), round(float(row[f"{name} CI high"]), 1)]}
+    return value
+
+
+def _description(study: Study, dataset: str) -> str:
+    if dataset == "d2" and study.cfg.data.source == "aasce" and study.cfg.data.later_batch:
+        return f"dataset 2: the later batch (latest {study.cfg.data.later_batch:.0%} of the training split by acquisition day)"
+    return DATASETS.get(dataset, dataset)
+
+
+def _endpoint(study: Study) -> list[dict]:
+    path = study.layout.table("identification_endpoint", "csv")
+    return read_table(path).to_dict(orient="records") if path.is_file() else []
+
+
+def _stage_minutes(study: Study) -> dict[str, float]:
+    minutes = {}
+    for name in NOTEBOOKS:
+        path = study.layout.notebook_timing(name)
+        if path.is_file():
+            minutes[name] = round(json.loads(path.read_text())["seconds"] / 60, 1)
+    return minutes
+
+
+def _provenance(study: Study) -> dict:
+    """What made the results: the commit, machine and threads that executed the analysis notebook."""
+    path = study.layout.provenance
+    sections = json.loads(path.read_text()) if path.is_file() else {}
+    analysis = sections.get("05_analysis", next(iter(sections.values()), {}))
+    return {key: analysis.get(key) for key in ("git_commit", "git_modified", "machine", "threads")}
+
+
+def write(study: Study, data: StudyData) -> dict:
+    """results.json and results.md in the study's folder; returns the results."""
+    results = collect(study, data)
+    atomic.write_json(study.layout.results("json"), results)
+    atomic.write_text(study.layout.results("md"), render(results))
+    return results
+
+
+def _value(value: dict | None) -> str:
+    if not value:
+        return "—"
+    interval = f" [{value['ci'][0]:.1f}, {value['ci'][1]:.1f}]" if "ci" in value else ""
+    return f"{value['mean']:.1f}{interval}"
+
+
+def render(results: dict) -> str:
+    """The README's results section for one results file (Markdown)."""
+    if results.get("format") != FORMAT:
+        raise StageOrderError(f"not a {FORMAT} file (format {results.get('format')!r})")
+    lines = []
+    for part in results["datasets"].values():
+        lines += [f"**{part['description']}**", "",
+                  "| | identified strictly (%) | centres identified (%) | DSC (%) | images / patients |",
+                  "|---|---:|---:|---:|---:|"]
+        for method, values in part["methods"].items():
+            lines.append(f"| {method} | {_value(values.get('identified_strict'))} | {_value(values.get('centres_identified'))} "
+                         f"| {_value(values.get('dsc'))} | {values['images']} / {values['patients']} |")
+        lines.append("")
+    for row in results["endpoint"]:
+        lines.append(f"- Endpoint ({row['Dataset']}): {row['Best rule']} − {row['Best model']}: "
+                     f"{row['Δ rule − model (pp)']:+.1f} pp [{row['Δ rule − model (pp) CI low']:.1f}, "
+                     f"{row['Δ rule − model (pp) CI high']:.1f}], p = {row['p rule vs model (Wilcoxon by patient, Holm)']}; "
+                     f"{row['Best rule']} − mean-position prior: {row['Δ rule − prior (pp)']:+.1f} pp "
+                     f"[{row['Δ rule − prior (pp) CI low']:.1f}, {row['Δ rule − prior (pp) CI high']:.1f}], "
+                     f"p = {row['p rule vs prior (Wilcoxon by patient, Holm)']}.")
+    minutes = results["stage_minutes"]
+    if minutes:
+        stages = ", ".join(f"{name.split('_', 1)[0]} {value:.1f}" for name, value in minutes.items())
+        lines.append(f"- Wall time (min): {stages}; {sum(minutes.values()):.1f} in all.")
+    provenance = results["provenance"]
+    lines.append(f"- Commit {str(provenance['git_commit'])[:10]}{' (modified)' if provenance['git_modified'] else ''}, "
+                 f"{provenance['machine']}, {provenance['threads']} threads, data {provenance['data']}.")
+    return "\n".join(lines) + "\n"
+
+
+def readme_block(results_file: Path) -> str:
+    """The marked README block of one kept results file: what `render` makes of it, between its two markers."""
+    name = Path(results_file).stem
+    return f"<!-- results:{name} -->\n{render(json.loads(Path(results_file).read_text()))}<!-- /results:{name} -->"
+
+
+def update_readme(readme: Path, results_file: Path) -> bool:
+    """Replace the README's block for `results_file` with its rendering; True when the README changed."""
+    name = Path(results_file).stem
+    text = Path(readme).read_text()
+    pattern = re.compile(rf"<!-- results:{re.escape(name)} -->.*?<!-- /results:{re.escape(name)} -->", re.DOTALL)
+    if not pattern.search(text):
+        raise StageOrderError(f"{readme} has no <!-- results:{name} --> … <!-- /results:{name} --> block to fill")
+    updated = pattern.sub(lambda _: readme_block(results_file), text)
+    if updated != text:
+        atomic.write_text(readme, updated)
+    return updated != text
