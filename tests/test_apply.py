@@ -3,6 +3,7 @@ and that it feeds each member what the study's loader fed it."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -220,7 +221,7 @@ def test_options_without_a_threshold_take_the_studys_t(tmp_path, monkeypatch):
     from spineseg.study import apply
 
     seen = {}
-    monkeypatch.setattr(apply, "load_ensemble", lambda found, device, two_stage: "ensemble")
+    monkeypatch.setattr(apply, "load_ensemble", lambda found, device, *variants: "ensemble")
     monkeypatch.setattr(apply, "predict_files", lambda ensemble, source, out, options, *a: seen.update(t=options.threshold))
     found = SimpleNamespace(crop=None, locator=None, threshold=0.3, origin="a study")
     apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu", tta=True))
@@ -314,3 +315,196 @@ def test_nearest_takes_each_pixel_from_the_mask_pixel_nearest_its_centre():
     assert nearest(mask, (5, 3)) is mask
     assert np.array_equal(nearest(mask, (15, 6)), np.kron(mask, np.ones((3, 2), dtype=bool)))
     assert np.array_equal(nearest(np.kron(mask, np.ones((3, 2), dtype=bool)), (5, 3)), mask)
+
+
+def _saved(folder, name: str, target: str = "binary", weights: bool = True, **changes):
+    """A model folder of an untrained tiny model (`weights` False: model.json alone, as if its weights were lost)."""
+    from spineseg.saved_models import ModelDescription
+    from spineseg.train import BEST
+
+    description = ModelDescription(name, "MobileNetV2", "unet", target, (64, 32), **{"grid": (128, 64), **changes})
+    (folder / name).mkdir(parents=True)
+    if weights:
+        torch.save(description.build().state_dict(), folder / name / BEST)
+    description.save(folder / name)
+    return folder / name
+
+
+# a straight spine on the locator's 64 x 32 grid: C7 at row 2.5, one vertebra every 3 rows, all in column 16.5
+PLACED = np.column_stack([2.5 + 3.0 * np.arange(19), np.full(19, 16.5)])
+
+
+def _prior():
+    from spineseg.chain import ChainPrior
+
+    return ChainPrior.fit(PLACED[None], (64, 32))
+
+
+class PlacesTheChain(torch.nn.Module):
+    """A locator's network that sees nothing and puts each vertebra of the chain at `PLACED`, sure of it."""
+
+    def __init__(self):
+        from spineseg.objectives import gaussians
+
+        super().__init__()
+        self.maps, self.seen = 0.99 * gaussians(PLACED, (64, 32), sigma=1.0)[None], []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[-2:]))
+        return self.maps.expand(len(x), -1, -1, -1)
+
+
+def test_located_outlines_the_four_vertebrae_the_chain_names_and_writes_their_centres(tmp_path, monkeypatch):
+    import spineseg.crops as crops
+    from spineseg.crops import CropGeometry, CropModel
+    from spineseg.locator import Locator
+    from spineseg.study.apply import CENTRE_COLUMNS, OUTLINE_COLOUR, ChainLocator
+    from spineseg.vertebrae import CHAIN
+
+    calls = []
+
+    def crop_model_says_yes_everywhere(model, images, located, geometry, device):
+        calls.append((images.shape, located.shape))
+        return np.ones(images.shape, dtype=np.float32)
+
+    monkeypatch.setattr(crops, "refine", crop_model_says_yes_everywhere)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 128), dtype=np.uint8)).save(tmp_path / "in/a.png")
+    network = PlacesTheChain()
+    locator = ChainLocator(Locator(network, _prior(), hflip=False), (64, 32))
+    ensemble = Ensemble([], grid=(128, 64), crop=CropModel(None, CropGeometry((64, 32))), locator=locator)
+    out = tmp_path / "out"
+    report = predict_files(ensemble, tmp_path / "in", out, CPU, probabilities=True, **QUIET)
+    assert report.written == ["a"] and not report.empty
+    assert network.seen == [(64, 32)] and calls == [((1, 128, 64), (1, 128, 64))]  # chain and boxes at the grid
+
+    chains = pd.read_csv(out / "chains.csv", keep_default_na=False)
+    assert chains["id"].tolist() == ["a"] * 19 and chains["vertebra"].tolist() == list(CHAIN)
+    assert np.allclose(chains[["row", "col"]], PLACED * 4) and (chains["outside"] == "").all()  # at 256 x 128: 4 times
+    table = pd.read_csv(out / "predictions.csv")
+    assert table["rule"].tolist() == ["located"] and table["disagreement"].isna().all()
+    th8_to_th11 = chains.set_index("vertebra").loc[["Th8", "Th9", "Th10", "Th11"], ["row", "col"]].to_numpy()
+    assert np.allclose(table.loc[0, CENTRE_COLUMNS].to_numpy(float), th8_to_th11.ravel())
+
+    # the pixels nearer to Th8…Th11 than to any other vertebra: halfway to Th7 (grid row 50) and to Th12 (74), all across
+    mask = np.asarray(Image.open(out / "masks/a.png")) == 255
+    assert mask.shape == (256, 128) and np.array_equal(np.flatnonzero(mask.any(axis=1)), np.arange(100, 148))
+    assert mask[100:148].all() and table.loc[0, "area_px"] == 48 * 128
+    assert np.array_equal(np.asarray(Image.open(out / "probabilities/a.png")) > 0.5 * 65535, mask)  # at T, the mask
+    drawn = np.asarray(Image.open(out / "overlays/a.png"))
+    assert (drawn[106, 66] == OUTLINE_COLOUR).all() and not (drawn[112, 66] == OUTLINE_COLOUR).all()  # a dot on Th8 only
+
+    assert predict_files(ensemble, tmp_path / "in", out, CPU, probabilities=True, **QUIET).skipped == ["a"]
+    assert predict_files(_constant(-20.0), tmp_path / "in", out, CPU, **QUIET).written == ["a"]  # a rule's mask now
+    assert pd.read_csv(out / "chains.csv").empty and "th8_row" not in pd.read_csv(out / "predictions.csv")
+
+
+def test_located_from_model_folders_needs_no_members_weights(tmp_path):
+    from spineseg.names import CENTRES
+    from spineseg.study.apply import CENTRE_COLUMNS, load_ensemble, predict_with
+    from spineseg.study.bundle import EnsembleFolders
+    from spineseg.vertebrae import CHAIN
+
+    torch.manual_seed(0)
+    member = _saved(tmp_path, "member", weights=False)
+    crop = _saved(tmp_path, "crop", crop={"size": (64, 32)})
+    locator = _saved(tmp_path, "locator", CENTRES, coordinates=True, chain_prior=_prior().to_dict())
+    found = EnsembleFolders([(member, 0.9)], crop, 0.5, "auto", None, "the bundle x.zip", locator, False)
+    loaded = load_ensemble(found, torch.device("cpu"), located=True)
+    assert loaded.members == [] and loaded.grid == (128, 64) and loaded.locator.input_size == (64, 32)
+    assert loaded.locator.locator.hflip is False and loaded.locator.locator.prior == _prior()
+
+    inputs, out = _folder(tmp_path / "in", ["a.png", "b.png"]), tmp_path / "out"
+    assert sorted(predict_with(found, inputs, out, CPU, located=True, **QUIET).written) == ["a", "b"]
+    table = pd.read_csv(out / "predictions.csv")
+    assert set(table["rule"]) == {"located"} and set(CENTRE_COLUMNS) <= set(table)
+    chains = pd.read_csv(out / "chains.csv")
+    assert chains["id"].tolist() == ["a"] * 19 + ["b"] * 19 and chains["vertebra"].tolist() == list(CHAIN) * 2
+    inside = chains[chains["outside"].isna()]  # "" where the chain placed the vertebra; else "above" or "below"
+    assert set(chains["outside"].dropna()) <= {"above", "below"} and inside[["row", "col"]].notna().all(axis=None)
+    assert inside["row"].between(0, 80).all() and inside["col"].between(0, 48).all()  # at the images' 80 x 48
+    for key, row in table.set_index("id").iterrows():
+        named = chains[chains["id"] == key].set_index("vertebra").loc[["Th8", "Th9", "Th10", "Th11"], ["row", "col"]]
+        assert np.allclose(row[CENTRE_COLUMNS].to_numpy(float), named.to_numpy(float).ravel(), equal_nan=True)
+        assert np.asarray(Image.open(out / f"masks/{key}.png")).shape == (80, 48)
+
+    not_a_locator = EnsembleFolders([(member, 0.9)], crop, 0.5, "auto", None, "the bundle x.zip", crop)
+    with pytest.raises(ConfigError, match=r"--located: .*crop is not a locator with its chain prior in model.json"):
+        load_ensemble(not_a_locator, torch.device("cpu"), located=True)
+
+
+@pytest.mark.parametrize(("crop", "missing"), [("crop", "no trained locator ("),
+                                               (None, "no trained locator and no trained crop model")])
+def test_located_without_a_locator_says_what_is_missing_before_any_model_loads(tmp_path, crop, missing):
+    from spineseg.study.apply import predict_with
+    from spineseg.study.bundle import EnsembleFolders
+
+    found = EnsembleFolders([(tmp_path / "never-read", 0.9)], crop and tmp_path / crop, 0.5, "auto", None, "the bundle x.zip")
+    with pytest.raises(ConfigError, match=f"^--located: the bundle x.zip has {re.escape(missing)}"):
+        predict_with(found, tmp_path, tmp_path / "out", CPU, located=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("arguments", "refusal"), [({"two_stage": True}, "--located and --two-stage: "),
+                                                    ({"rule": "max"}, "--rule max and --located: ")])
+def test_located_refuses_another_variant_or_a_rule(tmp_path, arguments, refusal):
+    from spineseg.study.apply import predict_with
+    from spineseg.study.bundle import EnsembleFolders
+
+    never = tmp_path / "never-read"
+    found = EnsembleFolders([(never, 0.9)], never, 0.5, "auto", "max", "the bundle x.zip", never)
+    with pytest.raises(ConfigError, match=f"^{refusal}"):
+        predict_with(found, tmp_path, tmp_path / "out", CPU, located=True, **arguments)
+
+
+def test_a_bundle_of_a_study_where_the_located_variant_won_holds_its_locator(tmp_path, monkeypatch):
+    from spineseg.names import CENTRES, LOCATED
+    from spineseg.saved_models import ModelDescription
+    from spineseg.study import bundle
+    from spineseg.study.bundle import EnsembleFolders, export_bundle, open_bundle
+    from spineseg.study.records import Learned
+    from spineseg.train import BEST
+
+    runs = tmp_path / "runs"
+    folders = {name: runs / name for name in ("member", "crop", "locator")}
+    for name, folder in folders.items():
+        folder.mkdir(parents=True)
+        (folder / BEST).write_bytes(name.encode())  # copied, never loaded
+    ModelDescription("member", "MobileNetV2", "unet", "binary", (64, 32)).save(folders["member"])
+    ModelDescription("crop", "MobileNetV2", "unet", "binary", (64, 32), crop={"size": (64, 32)}).save(folders["crop"])
+    ModelDescription("locator", "MobileNetV2", "unet", CENTRES, (64, 32), chain_prior=_prior().to_dict()).save(folders["locator"])
+    monkeypatch.setattr(bundle, "study_ensemble", lambda study: EnsembleFolders(
+        [(folders["member"], 0.9)], folders["crop"], 0.5, "auto", "max", "the study `tiny`", folders["locator"], False))
+    layout = SimpleNamespace(learned=tmp_path / "learned.json", provenance=tmp_path / "none.json", data_dir=tmp_path / "data",
+                             stage_metrics=lambda stage: tmp_path / "none.csv")
+    study = SimpleNamespace(name="tiny", layout=layout, cfg=SimpleNamespace(description="A tiny study.",
+                                                                            data=SimpleNamespace(source="synthetic")))
+    for best_rule in (LOCATED, "soft"):
+        Learned(0.5, {}, {}, ["member"], "member", best_rule, {"models": {}, "rules": {}}, two_stage_locator="max").save(layout.learned)
+        with open_bundle(export_bundle(study, tmp_path / f"{best_rule}.zip")) as found:
+            card = (found.members[0][0].parents[1] / "MODEL_CARD.md").read_text()
+            if best_rule == LOCATED:
+                assert ModelDescription.load(found.locator_model).chain_prior == _prior().to_dict()
+                assert (found.locator_model / BEST).read_bytes() == b"locator" and (found.crop / BEST).read_bytes() == b"crop"
+                assert found.locator_hflip is False and found.locator == "max"
+                assert "The located variant won on validation: `--located` lets the crop model outline" in card
+            else:
+                assert found.locator_model is None and found.crop is None and found.locator_hflip is True
+                assert "--located" not in card
+
+
+def test_a_variants_model_folder_is_found_once_its_run_has_finished(tmp_path):
+    from spineseg.study.bundle import _trained
+    from spineseg.study.store import RunSpec
+    from spineseg.train import TrainSettings
+
+    spec = RunSpec("stage3", "MobileNetV2", (64, 64), TrainSettings(batch_size=2, lr=1e-3, max_epochs=1, patience=1,
+                                                                            augment=False, seed=0))
+    study = SimpleNamespace(name="tiny", layout=SimpleNamespace(store=tmp_path))
+    files = spec.files(tmp_path)
+    assert _trained(study, None) is None and _trained(study, spec) is None
+    files.folder.mkdir(parents=True)
+    files.model.write_text("{}")
+    assert _trained(study, spec) is None  # not finished
+    files.done.write_text("")
+    assert _trained(study, spec) == files.folder

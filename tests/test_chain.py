@@ -117,7 +117,7 @@ def test_vertebrae_beyond_the_image_are_decoded_outside_and_the_count_holds():
     truth = chain_centres(labels)
     visible = np.where(((truth[:, 0] >= 0) & (truth[:, 0] < labels.shape[0]))[:, None], truth, np.nan)
     chain = decode(maps_at(visible, labels.shape), training_prior())
-    assert chain.outside[:3] == ("above",) * 3 and "" == chain.outside[3]
+    assert chain.outside[:3] == ("above",) * 3 and chain.outside[3] == ""
     assert (centre_errors(chain.region_centres(), vertebra_centres(labels)) == 0).all()
 
 

@@ -92,3 +92,14 @@ def test_a_missing_weights_file_is_one_line_and_leaves_no_run_folder(tmp_path, c
     err = capsys.readouterr().err
     assert err.endswith(f"spineseg: error: stage1.weights_path: {tmp_path / 'nowhere.pt'} does not exist\n")
     assert not (tmp_path / "runs").exists()  # not even the variant folder those overrides would make
+
+
+def test_predict_refuses_located_with_two_stage_in_one_line_before_reading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no project here: the refusal comes first
+    command = ["predict", "--input", str(tmp_path), "--out", str(tmp_path / "out"), "--located"]
+    assert main([*command, "--two-stage"]) == 2
+    assert capsys.readouterr().err == "spineseg: error: --located and --two-stage: each makes its own mask; choose one\n"
+    assert main([*command, "--rule", "max", "--model", str(tmp_path / "missing.zip")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spineseg: error: --rule max and --located: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -63,17 +63,19 @@ def _study(args):
 def _predict(args) -> int:
     from contextlib import nullcontext
 
-    from spineseg.study.apply import InferenceOptions, predict_with
+    from spineseg.study.apply import InferenceOptions, check_variant, predict_with
     from spineseg.study.bundle import open_bundle, study_ensemble
 
     if args.model and (args.profile or args.project):
         raise ConfigError("--model runs a bundle on its own: leave out --profile and --project")
+    check_variant(args.rule, args.two_stage, args.located)  # before the study or the bundle is read
     study = None if args.model else _study(args)
     with open_bundle(args.model) if args.model else nullcontext(study_ensemble(study)) as found:
         device = args.device or (study.cfg.device if study else "auto")
         threshold = found.threshold if args.threshold is None else args.threshold
         options = InferenceOptions(device, found.precision, args.tta, args.batch_size, threshold, args.any_modality)
-        report = predict_with(found, args.input, args.out, options, args.rule, args.probabilities, args.two_stage)
+        report = predict_with(found, args.input, args.out, options, args.rule, args.probabilities, args.two_stage,
+                              args.located)
     return 1 if report.failed and not (report.written or report.skipped) else 0  # nothing usable came of it
 
 
@@ -134,13 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--project", type=Path, help="the project folder of --profile (default: the one this runs in)")
     predict.add_argument("--input", required=True, type=Path, help="a PNG, JPEG or DICOM file, or a folder of them")
     predict.add_argument("--out", required=True, type=Path)
-    predict.add_argument("--rule", help="ensemble rule (default soft voting; with --two-stage, the locator stage 4 chose)")
+    predict.add_argument("--rule", help="ensemble rule (default soft voting; with --two-stage, the locator stage 4 chose; "
+                                        "not with --located)")
     predict.add_argument("--threshold", type=float, help="T (default: the study's stage4.threshold)")
     predict.add_argument("--tta", action="store_true", help="also predict each mirror image, and average")
     predict.add_argument("--probabilities", action="store_true", help="also write 16-bit probability maps")
     predict.add_argument("--batch-size", type=int, default=4)
     predict.add_argument("--two-stage", action="store_true",
                          help="let the study's crop model outline the region in a box around the rule's mask")
+    predict.add_argument("--located", action="store_true",
+                         help="the located variant: the crop model outlines the four vertebrae the study's locator names "
+                              "(also writes their centres and chains.csv)")
     predict.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the profile's; auto for a bundle)")
     predict.add_argument("--any-modality", action="store_true",
                          help="also read DICOMs that are not projection radiographs (CR, DX, RG)")

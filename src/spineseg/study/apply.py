@@ -5,7 +5,10 @@ made) or a bundle's (`spineseg.study.bundle`); either way each member loads from
 model folder, once. Each image is read (PNG, JPEG or DICOM), resized as the study resized its images
 (`spineseg.data.dataset.model_input`: to the stored grid, then to each member's input size), every
 member predicts, the probabilities are resampled to the image's size (as read) and combined by the chosen
-rule (with ``--two-stage``, the crop model then outlines the region in a box around that mask). A huge
+rule (with ``--two-stage``, the crop model then outlines the region in a box around that mask). With
+``--located`` the members take no part: the locator (`spineseg.locator`) places the chain C7…S1 on the
+image at the grid, and the crop model outlines the four vertebrae it names there, as stage 4 made the
+located variant's masks (`spineseg.study.located`); the output folder also gets ``chains.csv``. A huge
 radiograph is read at a reduced size, still at least four times what the models see
 (`spineseg.data.radiographs.load_radiograph`), and segmented there: only its mask (and probability map)
 is brought to the file's size, so memory stays bounded. For each
@@ -33,24 +36,30 @@ from scipy.ndimage import binary_erosion
 from tqdm.auto import tqdm
 
 from spineseg import atomic
+from spineseg.chain import Chain, ChainPrior
 from spineseg.crops import CropModel
 from spineseg.data.dataset import model_input
 from spineseg.data.radiographs import Radiograph, find_radiographs, load_radiograph
 from spineseg.device import pick_device
 from spineseg.ensemble import combine, disagreement
 from spineseg.errors import ConfigError, SpinesegError, StageOrderError
-from spineseg.names import EXTRA_RULES, PRECISIONS, RULES, is_device
+from spineseg.locator import Locator
+from spineseg.names import CENTRES, EXTRA_RULES, LOCATED, PRECISIONS, RULES, is_device
 from spineseg.predict import predict, resample
-from spineseg.saved_models import load_model
+from spineseg.saved_models import ModelDescription, load_model
 from spineseg.study.artifacts import read_table
 from spineseg.study.bundle import EnsembleFolders, study_ensemble
+from spineseg.study.located import crop_outline
 from spineseg.study.session import Study
+from spineseg.vertebrae import CHAIN, REGION
 
-MASKS, OVERLAYS, PROBABILITIES, TABLE = "masks", "overlays", "probabilities", "predictions.csv"
+MASKS, OVERLAYS, PROBABILITIES, TABLE, CHAINS = "masks", "overlays", "probabilities", "predictions.csv", "chains.csv"
 ARTICLE_THRESHOLD = 0.5  # T of the article's ensembles, where no study or bundle says otherwise
 TWO_STAGE_SUFFIX = "+crop"  # a rule's name in predictions.csv when the crop model outlined its mask
 COLUMNS = ["id", "source", "height", "width", "rule", "threshold", "tta", "area_px", "top", "left", "bottom", "right",
            "disagreement"]
+CENTRE_COLUMNS = [f"{name.lower()}_{axis}" for name in REGION for axis in ("row", "col")]  # where --located put Th8–Th11
+CHAIN_COLUMNS = ["id", "vertebra", "row", "col", "outside"]
 OVERLAY_COLOUR = np.array([255, 64, 32])
 OUTLINE_COLOUR = (255, 230, 0)
 
@@ -102,55 +111,110 @@ class Member:
 
 
 @dataclass(frozen=True)
+class ChainLocator:
+    """The located variant's locator, with the input size it was trained at."""
+
+    locator: Locator
+    input_size: tuple[int, int]
+
+    def chains(self, at_grid: np.ndarray, device, precision: str) -> list[Chain]:
+        """Each image's chain on the grid of `at_grid` [N, H, W], found at the locator's input size as stage 3 found it."""
+        small = np.stack([model_input(image, self.input_size) for image in at_grid])
+        factor = np.asarray(at_grid.shape[1:], dtype=float) / np.asarray(self.input_size, dtype=float)
+        return [chain.scaled(factor) for chain in self.locator.chains(small, device, len(small), precision)]
+
+
+@dataclass(frozen=True)
 class Ensemble:
     """What `predict_files` applies: the members, the crop model if asked for, and how radiographs reach them."""
 
     members: list[Member]
     grid: tuple[int, int] | None = None  # the stored size of the study's images: a radiograph is resized there first
     crop: CropModel | None = None  # its boxes are cut from the radiograph at `grid`, as in training
+    locator: ChainLocator | None = None  # the located variant: the crop model outlines the four vertebrae it names
 
     def inputs(self, image: np.ndarray) -> np.ndarray:
         """A radiograph as the study stored its images (at the grid), from which each member's input is resized."""
         return image.astype(np.float32, copy=False) if self.grid is None else model_input(image, self.grid)
 
 
-def load_ensemble(found: EnsembleFolders, device, two_stage: bool = False) -> Ensemble:
-    """The models of a study or a bundle, each from its model folder; the crop model only when asked for (and found)."""
-    loaded = [(load_model(folder, device), weight) for folder, weight in found.members]
-    grids = {description.grid for (description, _), _ in loaded}
+def load_ensemble(found: EnsembleFolders, device, two_stage: bool = False, located: bool = False) -> Ensemble:
+    """The models of a study or a bundle, each from its model folder; the crop model and the locator only when asked
+    for (and found). The located variant's masks need no member: their model.json files still give the grid."""
+    described = [(ModelDescription.load(folder), folder, weight) for folder, weight in found.members]
+    grids = {description.grid for description, _, _ in described}
     if len(grids) != 1:
         raise ConfigError(f"the members of {found.origin} were trained on images stored at different sizes {sorted(map(str, grids))}")
-    members = [Member(description.name, model, description.input_size, weight) for (description, model), weight in loaded]
-    grid, crop = grids.pop(), None
-    if two_stage:
+    grid, crop, locator = grids.pop(), None, None
+    members = [] if located else [Member(description.name, load_model(folder, device)[1], description.input_size, weight)
+                                  for description, folder, weight in described]
+    option = "--located" if located else "--two-stage"
+    if two_stage or located:
         description, model = load_model(found.crop, device)
         if description.crop is None or description.grid is None:
-            raise ConfigError(f"--two-stage: {found.crop} is not a crop model with the grid its crops were cut from")
-        if description.grid != grid:  # its boxes would be cut at a size it never saw
-            members_grid = grid or "sizes their model.json files do not record (rerun stage 3 to describe them)"
-            raise ConfigError(f"--two-stage: the crop model of {found.origin} was trained on images stored at "
-                              f"{description.grid}, its members at {members_grid}; they do not belong together")
+            raise ConfigError(f"{option}: {found.crop} is not a crop model with the grid its crops were cut from")
+        _same_grid(description, grid, option, f"the crop model of {found.origin}")  # its boxes are cut at the grid
         crop = CropModel(model, description.crop)
-    return Ensemble(members, grid, crop)
+    if located:
+        description, model = load_model(found.locator_model, device)
+        _same_grid(description, grid, option, f"the locator of {found.origin}")  # stage 3 found its chains there
+        locator = ChainLocator(Locator(model, _chain_prior(description, found.locator_model), found.locator_hflip),
+                               description.input_size)
+    return Ensemble(members, grid, crop, locator)
+
+
+def _same_grid(description: ModelDescription, grid: tuple[int, int] | None, option: str, what: str) -> None:
+    """A model of a variant sees the radiograph at the grid its members' images were stored at, or it is refused."""
+    if description.grid != grid:
+        members_grid = grid or "sizes their model.json files do not record (rerun stage 3 to describe them)"
+        raise ConfigError(f"{option}: {what} was trained on images stored at {description.grid}, "
+                          f"its members at {members_grid}; they do not belong together")
+
+
+def _chain_prior(description: ModelDescription, folder: Path) -> ChainPrior:
+    """A locator's chain prior, as its model.json records it (the spacing of its training vertebrae)."""
+    if description.target != CENTRES or description.chain_prior is None:
+        raise ConfigError(f"--located: {folder} is not a locator with its chain prior in model.json "
+                          f"(target {description.target!r})")
+    try:
+        return ChainPrior.from_dict(description.chain_prior)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--located: the chain prior in {folder / 'model.json'} is damaged ({exc})") from None
 
 
 def predict_radiographs(study: Study, source: str | Path, out: str | Path, options: InferenceOptions | None = None,
                         rule: str | None = None, probabilities: bool = False, two_stage: bool = False,
-                        log=print) -> PredictionReport:
+                        located: bool = False, log=print) -> PredictionReport:
     """Segment Th8–Th11 on every radiograph at `source` (a file or a folder) with the study's ensemble.
 
     `options` default to the profile's device, precision and stage-4 threshold."""
     found = study_ensemble(study)
     options = options or InferenceOptions(study.cfg.device, found.precision)
-    return predict_with(found, source, out, options, rule, probabilities, two_stage, log)
+    return predict_with(found, source, out, options, rule, probabilities, two_stage, located, log)
+
+
+def check_variant(rule: str | None, two_stage: bool, located: bool) -> None:
+    """Options that do not go together, refused before anything is read: each variant makes its own mask."""
+    if two_stage and located:
+        raise ConfigError("--located and --two-stage: each makes its own mask; choose one")
+    if located and rule is not None:
+        raise ConfigError(f"--rule {rule} and --located: the located mask is the locator's and the crop model's, "
+                          f"made by no rule; leave out --rule")
 
 
 def predict_with(found: EnsembleFolders, source: str | Path, out: str | Path, options: InferenceOptions,
-                 rule: str | None = None, probabilities: bool = False, two_stage: bool = False,
+                 rule: str | None = None, probabilities: bool = False, two_stage: bool = False, located: bool = False,
                  log=print) -> PredictionReport:
     """`predict_files` with a study's or a bundle's models. With `two_stage`, the rule's mask (by default the
-    rule stage 4 chose as the locator on validation) is where the crop model outlines the region; otherwise
-    the rule defaults to soft voting."""
+    rule stage 4 chose as the locator on validation) is where the crop model outlines the region; with `located`,
+    the crop model outlines the four vertebrae the locator names; otherwise the rule defaults to soft voting."""
+    check_variant(rule, two_stage, located)
+    missing = [f"no trained {what}" for what, folder in (("locator", found.locator_model), ("crop model", found.crop))
+               if folder is None] if located else []
+    if missing:
+        raise ConfigError(f"--located: {found.origin} has {' and '.join(missing)} (it needs both locator.enabled and "
+                          f"two_stage.enabled, trained by stage 3; in a bundle, the located variant must have won on "
+                          f"validation)")
     if two_stage and found.crop is None:
         raise ConfigError(f"--two-stage: {found.origin} has no trained crop model (two_stage.enabled is false, "
                           f"stage 3 has not trained it, or, in a bundle, the two-stage variant did not win on validation)")
@@ -161,7 +225,7 @@ def predict_with(found: EnsembleFolders, source: str | Path, out: str | Path, op
     if options.threshold is None:
         options = replace(options, threshold=found.threshold)
     device = pick_device(options.device)
-    return predict_files(load_ensemble(found, device, two_stage), source, out, options, rule, probabilities, log)
+    return predict_files(load_ensemble(found, device, two_stage, located), source, out, options, rule, probabilities, log)
 
 
 def image_id(path: Path, root: Path) -> str:
@@ -184,21 +248,27 @@ def nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask[np.ix_(rows, cols)]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, made_by: str) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, made_by: str, centres: np.ndarray | None = None) -> np.ndarray:
     """The radiograph with the predicted mask tinted and outlined, and what made it (rule and T) written on it:
-    read on its own, without the truth, an overlay still shows where the mask ends and how it was made.
+    read on its own, without the truth, an overlay still shows where the mask ends and how it was made. `centres`
+    [K, 2] (row, column at the mask's size, NaN where none), the vertebrae a locator named, are small dots.
 
     An image smaller than its mask (a huge radiograph read at a reduced size, see
     `spineseg.data.radiographs.WORKING_PIXELS`) gets its overlay at its own size, the mask sampled there."""
+    to_image = np.asarray(image.shape, dtype=float) / np.asarray(mask.shape, dtype=float)
     mask = nearest(mask, image.shape)
     rgb = np.repeat((255 * image).astype(np.uint8)[..., None], 3, axis=2)
     rgb[mask] = (0.65 * rgb[mask] + 0.35 * OVERLAY_COLOUR).astype(np.uint8)
     thickness = max(1, min(mask.shape) // 256)  # about one pixel in 256, so it shows on large radiographs too
     rgb[mask & ~binary_erosion(mask, iterations=thickness, border_value=0)] = OUTLINE_COLOUR
     drawn = Image.fromarray(rgb)
-    size = max(10, min(mask.shape) // 24)
-    ImageDraw.Draw(drawn).text((size // 2, size // 2), made_by, fill=OUTLINE_COLOUR,
-                               font=ImageFont.load_default(size), stroke_width=max(1, size // 10), stroke_fill=(0, 0, 0))
+    draw, size = ImageDraw.Draw(drawn), max(10, min(mask.shape) // 24)
+    draw.text((size // 2, size // 2), made_by, fill=OUTLINE_COLOUR, font=ImageFont.load_default(size),
+              stroke_width=max(1, size // 10), stroke_fill=(0, 0, 0))
+    radius = 2 * thickness
+    for row, col in ([] if centres is None else np.asarray(centres) * to_image):
+        if np.isfinite([row, col]).all():  # PIL's x is the column
+            draw.ellipse((col - radius, row - radius, col + radius, row + radius), fill=OUTLINE_COLOUR, outline=(0, 0, 0))
     return np.asarray(drawn)
 
 
@@ -234,11 +304,13 @@ def predict_files(ensemble: Ensemble, source: str | Path, out: str | Path, optio
     if options.threshold is None:
         options = replace(options, threshold=ARTICLE_THRESHOLD)
     device = pick_device(options.device)
-    label = f"{rule}{TWO_STAGE_SUFFIX}" if ensemble.crop else rule  # how predictions.csv names what made each mask
+    # how predictions.csv names what made each mask
+    label = LOCATED if ensemble.locator else f"{rule}{TWO_STAGE_SUFFIX}" if ensemble.crop else rule
     weights = np.array([member.weight for member in ensemble.members]) if rule == "weighted" else None
     source, out = Path(source), Path(out)
     files = _keys(_inputs_below(source, out), source)
     rows = {row["id"]: row for row in read_table(out / TABLE).to_dict(orient="records")} if (out / TABLE).is_file() else {}
+    chains = _read_chains(out / CHAINS)
     report = PredictionReport()
     todo = []
     for key, path in files.items():
@@ -257,35 +329,79 @@ def predict_files(ensemble: Ensemble, source: str | Path, out: str | Path, optio
                 report.failed[path] = reason
                 log(f"skipped {path}: {reason}")
                 bar.update(1)
-            per_member = [_member_probabilities(member, images, device, options) for member in ensemble.members]
-            for k, (key, path, image, at_grid) in enumerate(images):
-                probs = np.stack([member_probs[k] for member_probs in per_member])  # at the size read
-                mask, probability = combine(probs, rule, options.threshold, weights=weights), probs.mean(axis=0)
-                if ensemble.crop is not None:
-                    probability = ensemble.crop.outline(at_grid[None], mask[None], device)[0]
-                    mask = probability > options.threshold
-                if image.reduced:  # only the result at the file's size: nearest for the mask, bilinear for the map
+            segment = _located if ensemble.locator else partial(_by_rule, rule=rule, weights=weights)
+            for (key, path, image, _), (mask, probability, spread, chain) in zip(images, segment(ensemble, images, device, options)):
+                if mask.shape != image.shape:  # only the result at the file's size: nearest for the mask, bilinear for the map
                     mask = nearest(mask, image.shape)
                     probability = resample(probability[None], image.shape)[0] if probabilities else probability
                 if not mask.any():
                     report.empty.append(key)
                     log(f"warning: {key}: empty mask (nothing reached T = {options.threshold:g}); see its overlay")
-                rows[key] = _row(key, path, image, mask, label, options.threshold, options.tta,
-                                 float(disagreement(probs, options.threshold)[1]))
+                rows[key] = _row(key, path, image, mask, label, options.threshold, options.tta, spread, chain)
+                chains.pop(key, None)  # a chain belongs to a located mask only
+                if chain is not None:
+                    chains[key] = _chain_rows(key, chain)
                 writing.append(pool.submit(_write, out, key, image, mask, f"{label}, T = {options.threshold:g}",
-                                           probability if probabilities else None))
+                                           probability if probabilities else None, chain))
                 report.written.append(key)
                 bar.update(1)
-            _write_table(out, rows)  # after each batch, so that a rerun after Ctrl-C resumes where this one stopped
+            _write_tables(out, rows, chains)  # after each batch, so that a rerun after Ctrl-C resumes where this one stopped
         for job in writing:
             job.result()
-    _write_table(out, rows)
+    _write_tables(out, rows, chains)
     log(f"{report.summary()} → {out}")
     return report
 
 
-def _write_table(out: Path, rows: dict[str, dict]) -> None:
-    atomic.write_csv(out / TABLE, pd.DataFrame(list(rows.values()), columns=COLUMNS).sort_values("id"))
+def _by_rule(ensemble: Ensemble, images: list[tuple], device, options: InferenceOptions, rule: str,
+             weights: np.ndarray | None) -> list[tuple]:
+    """(mask, probability, the members' disagreement, no chain) of each image, at the size it was read: the members'
+    probabilities combined by `rule`, then, with a crop model, its outline in a box around that mask."""
+    per_member = [_member_probabilities(member, images, device, options) for member in ensemble.members]
+    segmented = []
+    for k, (_, _, _, at_grid) in enumerate(images):
+        probs = np.stack([member_probs[k] for member_probs in per_member])
+        mask, probability = combine(probs, rule, options.threshold, weights=weights), probs.mean(axis=0)
+        if ensemble.crop is not None:
+            probability = ensemble.crop.outline(at_grid[None], mask[None], device)[0]
+            mask = probability > options.threshold
+        segmented.append((mask, probability, float(disagreement(probs, options.threshold)[1]), None))
+    return segmented
+
+
+def _located(ensemble: Ensemble, images: list[tuple], device, options: InferenceOptions) -> list[tuple]:
+    """(mask, probability, no disagreement, chain at the image's size) of each image, the mask at the grid as stage 4
+    made the located variant's (`spineseg.study.located.Located.outline`): the crop model's outline in boxes around
+    the four vertebrae the chain names, kept to the pixels nearer to one of them than to any other vertebra."""
+    if not images:
+        return []
+    at_grid = np.stack([at_grid for _, _, _, at_grid in images])
+    chains = ensemble.locator.chains(at_grid, device, options.precision)
+    probs = crop_outline(ensemble.crop, at_grid, chains, device)
+    to_image = [np.asarray(image.shape, dtype=float) / np.asarray(ensemble.grid, dtype=float) for _, _, image, _ in images]
+    return [(p > options.threshold, p, np.nan, chain.scaled(factor)) for p, chain, factor in zip(probs, chains, to_image)]
+
+
+def _read_chains(path: Path) -> dict[str, list[dict]]:
+    """chains.csv of an earlier run, by image id."""
+    chains: dict[str, list[dict]] = {}
+    for row in read_table(path).to_dict(orient="records") if path.is_file() else []:
+        chains.setdefault(row["id"], []).append(row)
+    return chains
+
+
+def _chain_rows(key: str, chain: Chain) -> list[dict]:
+    return [{"id": key, "vertebra": name, "row": round(float(row), 1), "col": round(float(col), 1), "outside": outside}
+            for name, (row, col), outside in zip(CHAIN, chain.centres, chain.outside)]
+
+
+def _write_tables(out: Path, rows: dict[str, dict], chains: dict[str, list[dict]]) -> None:
+    """predictions.csv (with the centre columns when a mask is located) and chains.csv (where one was, or is)."""
+    located = any(row["rule"] == LOCATED for row in rows.values())
+    columns = [*COLUMNS, *CENTRE_COLUMNS] if located else COLUMNS
+    atomic.write_csv(out / TABLE, pd.DataFrame(list(rows.values()), columns=columns).sort_values("id"))
+    if chains or (out / CHAINS).is_file():
+        atomic.write_csv(out / CHAINS, pd.DataFrame([row for key in sorted(chains) for row in chains[key]], columns=CHAIN_COLUMNS))
 
 
 def _folders(probabilities: bool) -> tuple[str, ...]:
@@ -325,18 +441,21 @@ def _reason(path: Path, exc: Exception) -> str:
 
 
 def _row(key: str, path: Path, image: Radiograph, mask: np.ndarray, rule: str, threshold: float, tta: bool,
-         spread: float) -> dict:
+         spread: float, chain: Chain | None) -> dict:
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))  # not every pixel's index
     box = (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) if rows.size else (np.nan,) * 4
+    centres = {} if chain is None else dict(zip(CENTRE_COLUMNS, np.round(chain.region_centres().ravel(), 1)))
     return {"id": key, "source": str(path), "height": image.shape[0], "width": image.shape[1], "rule": rule,
             "threshold": threshold, "tta": tta, "area_px": int(mask.sum()), **dict(zip(("top", "left", "bottom", "right"), box)),
-            "disagreement": round(spread, 6)}
+            "disagreement": round(spread, 6), **centres}
 
 
-def _write(out: Path, key: str, image: Radiograph, mask: np.ndarray, made_by: str, probability: np.ndarray | None) -> None:
+def _write(out: Path, key: str, image: Radiograph, mask: np.ndarray, made_by: str, probability: np.ndarray | None,
+           chain: Chain | None) -> None:
+    centres = None if chain is None else chain.region_centres()
     atomic.write_bytes(out / MASKS / f"{key}.png", _png(np.where(mask, np.uint8(255), np.uint8(0))))  # 1 byte a pixel
-    atomic.write_bytes(out / OVERLAYS / f"{key}.png", _png(overlay(image.pixels, mask, made_by)))
-    if probability is not None:  # 16-bit, 65535 = 1: the members' mean (the crop model's with --two-stage)
+    atomic.write_bytes(out / OVERLAYS / f"{key}.png", _png(overlay(image.pixels, mask, made_by, centres)))
+    if probability is not None:  # 16-bit, 65535 = 1: the members' mean (the crop model's with --two-stage or --located)
         scaled = probability * 65535
         atomic.write_bytes(out / PROBABILITIES / f"{key}.png", _png(np.rint(scaled, out=scaled).astype(np.uint16)))
 

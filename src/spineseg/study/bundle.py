@@ -1,11 +1,12 @@
 """A study's ensemble as a bundle that travels: ``spineseg export`` writes it, ``predict --model`` reads it.
 
 A bundle (a zip, or the folder it unpacks to) holds every selected stage-3 member as a model folder
-(``model.json`` + ``best.pt``, `spineseg.saved_models`), the crop model when the two-stage variant won
-on validation, the study's learned rule and threshold (``learned.json``), ``provenance.json``, a
-model card, and ``bundle.json``, which says how they fit together. Predicting with it needs neither
-the project, nor the profile, nor the training data: the same is true of a study's own run folders,
-which `study_ensemble` finds without reading (or making) any dataset.
+(``model.json`` + ``best.pt``, `spineseg.saved_models`), the crop model when the two-stage or the located
+variant won on validation, the locator when the located variant won, the study's learned rule and
+threshold (``learned.json``), ``provenance.json``, a model card, and ``bundle.json``, which says how they
+fit together. Predicting with it needs neither the project, nor the profile, nor the training data: the
+same is true of a study's own run folders, which `study_ensemble` finds without reading (or making) any
+dataset.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import pandas as pd
 from spineseg import atomic
 from spineseg.data.dataset import MANIFEST
 from spineseg.errors import ConfigError, StageOrderError
-from spineseg.names import TWO_STAGE, rule_name
+from spineseg.names import LOCATED, TWO_STAGE, rule_name
 from spineseg.saved_models import MODEL_FILE, PIXELS, ModelDescription
 from spineseg.stats import PATIENT_KEYS, mean_ci_table
 from spineseg.study.artifacts import BundleFiles, read_table
 from spineseg.study.ensemble_inputs import members_validation_dsc
+from spineseg.study.located import locator_spec
 from spineseg.study.provenance import code_version
 from spineseg.study.records import Learned
 from spineseg.study.session import Study
@@ -43,6 +45,7 @@ from spineseg.study.two_stage import crop_spec
 from spineseg.train import BEST
 
 FORMAT = "spineseg-bundle/1"
+LOCATOR_FOLDER = "locator_model"  # the located variant's locator, beside `BundleFiles.crop_model`
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class EnsembleFolders:
     precision: str  # the study's arithmetic (`auto`: fp16 on a GPU, fp32 on a CPU)
     locator: str | None  # the rule stage 4 put in front of the crop model
     origin: str  # what the messages call it: "the study `smoke`", "the bundle x.zip"
+    locator_model: Path | None = None  # the located variant's locator (`spineseg.locator`)
+    # whether the locator averages each image with its mirror, as the profile's locator.tta_hflip says; where nothing
+    # records it (a bundle's hand-made bundle.json), True: the locator's default, with which stage 3 made its chains
+    locator_hflip: bool = True
 
 
 def trained_data(study: Study) -> StudyData:
@@ -92,20 +99,25 @@ def _finished(study: Study, spec: RunSpec) -> Path:
     return files.folder
 
 
+def _trained(study: Study, spec: RunSpec | None) -> Path | None:
+    """A variant's model folder once its run has finished; None where the profile does not ask for it or it is untrained."""
+    return _finished(study, spec) if spec is not None and spec.files(study.layout.store).done.is_file() else None
+
+
 def study_ensemble(study: Study) -> EnsembleFolders:
-    """The stage-3 members the study selected and its crop model, found from its records alone."""
+    """The stage-3 members the study selected, its crop model and its locator, found from its records alone."""
     data = trained_data(study)
     specs = ensemble_members(study, data)
     members = [(_finished(study, spec), float(dsc)) for spec, dsc in zip(specs, members_validation_dsc(study, specs))]
-    crop = crop_spec(study, data)
-    trained_crop = crop is not None and crop.files(study.layout.store).done.is_file()
     learned = Learned.load(study.layout.learned) if study.layout.learned.is_file() else None
-    return EnsembleFolders(members, _finished(study, crop) if trained_crop else None, study.cfg.stage4.threshold,
-                           study.cfg.precision, learned and learned.two_stage_locator, f"the study `{study.name}`")
+    return EnsembleFolders(members, _trained(study, crop_spec(study, data)), study.cfg.stage4.threshold,
+                           study.cfg.precision, learned and learned.two_stage_locator, f"the study `{study.name}`",
+                           _trained(study, locator_spec(study, data)), study.cfg.locator.tta_hflip)
 
 
 def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
-    """Write the study's ensemble to the zip `out`: its members, the crop model when it won, and what to know."""
+    """Write the study's ensemble to the zip `out`: its members, the crop model and the locator when their variant
+    won, and what to know."""
     out = Path(out)
     if out.suffix.lower() != ".zip":
         raise ConfigError(f"--out {out}: name a .zip file")
@@ -113,7 +125,8 @@ def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
         raise ConfigError(f"--out {out} exists; choose another name{' or pass --force' if out.is_file() else ''}")
     learned = Learned.load(study.layout.learned)
     found = study_ensemble(study)
-    crop = found.crop if learned.best_rule == TWO_STAGE else None
+    crop = found.crop if learned.best_rule in (TWO_STAGE, LOCATED) else None
+    locator = found.locator_model if learned.best_rule == LOCATED else None
     with tempfile.TemporaryDirectory() as folder:
         files = BundleFiles(Path(folder))
         names = [ModelDescription.load(source).name for source, _ in found.members]
@@ -124,6 +137,8 @@ def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
                    for index, ((source, dsc), name) in enumerate(zip(found.members, names), start=1)]
         manifest = {"format": FORMAT, "profile": study.name, "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "members": members, "crop_model": crop and _copy_model(crop, files.crop_model, files),
+                    "locator_model": locator and _copy_model(locator, files.root / LOCATOR_FOLDER, files),
+                    "locator_hflip": found.locator_hflip if locator else None,
                     "threshold": found.threshold, "precision": found.precision, "two_stage_locator": found.locator if crop else None,
                     "best_rule": learned.best_rule, "preprocessing": {"pixels": PIXELS}, "code_version": code_version()}
         atomic.write_json(files.manifest, manifest)
@@ -174,9 +189,11 @@ def _splits(study: Study) -> str:
 def model_card(study: Study, learned: Learned, manifest: dict) -> str:
     """A short model card: what the ensemble is, what it was trained and tested on, how well, and where it fails."""
     members = "\n".join(f"- {m['name']} (validation DSC {100 * m['validation_dsc']:.1f} %)" for m in manifest["members"])
-    two_stage = (f"The two-stage variant won on validation: `--two-stage` lets the crop model outline the region "
-                 f"that `{manifest['two_stage_locator']}` locates." if manifest["crop_model"] else
-                 "The two-stage variant did not win on validation (or was not trained): it is not in this bundle.")
+    variant = {TWO_STAGE: f"The two-stage variant won on validation: `--two-stage` lets the crop model outline the region "
+                          f"that `{manifest['two_stage_locator']}` locates.",
+               LOCATED: "The located variant won on validation: `--located` lets the crop model outline the four vertebrae "
+                        "that the locator (in this bundle) names."}.get(
+        learned.best_rule, "Neither the two-stage nor the located variant won on validation: neither is in this bundle.")
     commit = manifest["code_version"]["git_commit"]
     commit = commit[:12] if re.fullmatch("[0-9a-f]{40}", commit) else commit
     return f"""# Spine region Th8–Th11: an ensemble of U-Nets (profile `{study.name}`)
@@ -189,7 +206,7 @@ Exported {manifest['exported']} by spineseg {manifest['code_version']['spineseg'
 
 Best rule on dataset-1 validation: **{rule_name(learned.best_rule)}**; best single model: {learned.best_model}.
 Threshold T = {manifest['threshold']} (tuned on validation for soft voting: {learned.tuned_threshold:.2f}).
-{two_stage}
+{variant}
 
 ## Data and splits
 Data source: `{study.cfg.data.source}`. Dataset 1 is split by patient into train / validation / test; dataset 2,
@@ -252,8 +269,10 @@ def _read_manifest(root: Path, shown: Path) -> EnsembleFolders:
         members = [(_inside(root, m["folder"], shown), float(m["validation_dsc"])) for m in members]
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"--model {shown}: {files.manifest.name} lists a member without folder or DSC ({exc})") from None
+    locator = manifest.get("locator_model")
     return EnsembleFolders(members, _inside(root, crop, shown) if crop else None, threshold, precision,
-                           manifest.get("two_stage_locator"), f"the bundle {shown}")
+                           manifest.get("two_stage_locator"), f"the bundle {shown}", _inside(root, locator, shown) if locator else None,
+                           manifest.get("locator_hflip") is not False)  # where nothing records it: True (`EnsembleFolders`)
 
 
 def _inside(root: Path, relative: str, shown: Path) -> Path:

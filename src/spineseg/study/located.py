@@ -72,6 +72,14 @@ def region_masks(chains: list[Chain], shape: tuple[int, int], beside: bool = Tru
     return np.stack([np.isin(located_levels(chain, shape, beside), REGION_CODES) for chain in chains])
 
 
+def crop_outline(crop: CropModel, images: np.ndarray, chains: list[Chain], device: torch.device) -> np.ndarray:
+    """The crop model's probabilities [N, H, W] in boxes around the four vertebrae each chain names (images [N, H, W]
+    on the chains' grid), kept to the pixels nearer to one of those four than to any other vertebra, zero elsewhere:
+    the located variant's map wherever it is made (stage 4, `spineseg predict --located`)."""
+    shape = images.shape[1:]
+    return np.where(region_masks(chains, shape, beside=False), crop.outline(images, region_masks(chains, shape), device), 0.0)
+
+
 def vertebrae_outline(levels: list[np.ndarray | None]) -> np.ndarray:
     """The level-aware members' share voting each pixel a vertebra, of any level [N, H, W]."""
     return np.mean([member > 0 for member in levels if member is not None], axis=0).astype(np.float32)
@@ -111,12 +119,10 @@ class Located:
 
     def outline(self, chains: list[Chain], inputs: EnsembleInputs) -> np.ndarray:
         """The four named vertebrae's mask [N, H, W] (`can_outline` must hold)."""
-        shape = inputs.masks.shape[1:]
         if self.crop is not None:
-            probs = self.crop.outline(inputs.images, region_masks(chains, shape), self.device)
-        else:
-            probs = vertebrae_outline(inputs.levels)
-        return (probs > self.threshold) & region_masks(chains, shape, beside=False)
+            return crop_outline(self.crop, inputs.images, chains, self.device) > self.threshold
+        named = region_masks(chains, inputs.masks.shape[1:], beside=False)
+        return (vertebrae_outline(inputs.levels) > self.threshold) & named
 
     def centres_table(self, inputs: EnsembleInputs, dataset: str, split: str) -> pd.DataFrame:
         """Identification of the locator's own centres (no mask: the centre criterion alone)."""
