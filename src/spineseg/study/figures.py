@@ -411,7 +411,9 @@ def worst_identifications(study: Study, data: StudyData, dataset: str) -> Figure
     if not len(failed):
         return None
     shown = failed[np.argsort(dice(masks[failed], inputs.masks[failed]), kind="stable")][:WORST_SHOWN]
-    fig, axes = plt.subplots(1, len(shown), figsize=(min(2.2 * len(shown), MAX_WIDTH_IN), 5.6), squeeze=False)
+    panel = min(2.2, MAX_WIDTH_IN / len(shown))  # inches per image, the height following the images' aspect
+    height, width = inputs.images.shape[1:]
+    fig, axes = plt.subplots(1, len(shown), figsize=(panel * len(shown), panel * height / width + 0.9), squeeze=False)
     for ax, index in zip(axes[0], shown):
         error_overlay(ax, inputs.images[index], masks[index], inputs.masks[index].astype(bool))
         truth = vertebra_centres(inputs.labels[index])
@@ -422,8 +424,8 @@ def worst_identifications(study: Study, data: StudyData, dataset: str) -> Figure
                 if name in CENTRE_LABELS:
                     ax.annotate(name, (col, row), xytext=(4, 0), textcoords="offset points", fontsize=5, color="red",
                                 path_effects=[withStroke(linewidth=1.5, foreground="white")])
-        ax.set_title(f"{inputs.ids[index][-18:]}\n{rows['failure'].iloc[index]}, DSC {100 * dice(masks[index], inputs.masks[index]):.0f} %",
-                     fontsize=6)
+        score = 100 * float(dice(masks[index][None], inputs.masks[index][None])[0])
+        ax.set_title(f"{inputs.ids[index][-18:]}\n{rows['failure'].iloc[index]}, DSC {score:.0f} %", fontsize=6)
     fig.suptitle(f"{title}: identification failures, {dataset} test (green: true centres; red: named)", fontsize=8)
     return fig
 

@@ -53,7 +53,7 @@ def collect(study: Study, data: StudyData) -> dict:
         datasets[dataset] = {"description": _description(study, dataset), "methods": methods}
     return {"format": FORMAT, "profile": study.name, "primary_endpoint": study.cfg.analysis.primary_endpoint,
             "best_rule": learned.best_rule, "best_model": learned.best_model, "datasets": datasets,
-            "endpoint": _endpoint(study), "stage_minutes": _stage_minutes(study),
+            "endpoint": _endpoint(study), "pretraining": _pretraining(study), "stage_minutes": _stage_minutes(study),
             "provenance": _provenance(study) | {"data": data.fingerprint}}
 
 
@@ -73,6 +73,19 @@ def _description(study: Study, dataset: str) -> str:
 def _endpoint(study: Study) -> list[dict]:
     path = study.layout.table("identification_endpoint", "csv")
     return read_table(path).to_dict(orient="records") if path.is_file() else []
+
+
+def _pretraining(study: Study) -> dict:
+    """05's pre-trained vs from-scratch comparison (`spineseg.study.pretraining`), where the profile trains twins."""
+    means, tests = study.layout.table("pretraining", "csv"), study.layout.table("pretraining_wilcoxon", "csv")
+    if not means.is_file():
+        return {}
+    arms = read_table(means).rename(columns={"Unnamed: 0": "arm"})
+    kept = [c for c in ("arm", "runs", "val_dsc", "test_dsc_d1", "test_dsc_d2", "identified_d1") if c in arms]
+    found = {"arms": arms[kept].round(2).to_dict(orient="records")}
+    if tests.is_file():
+        found["tests"] = read_table(tests)[["dataset", "a", "b", "n", "median_diff", "effect_size", "p"]].to_dict(orient="records")
+    return found
 
 
 def _stage_minutes(study: Study) -> dict[str, float]:
@@ -127,6 +140,18 @@ def render(results: dict) -> str:
                      f"{row['Best rule']} − mean-position prior: {row['Δ rule − prior (pp)']:+.1f} pp "
                      f"[{row['Δ rule − prior (pp) CI low']:.1f}, {row['Δ rule − prior (pp) CI high']:.1f}], "
                      f"p = {row['p rule vs prior (Wilcoxon by patient, Holm)']}.")
+    pretraining = results.get("pretraining") or {}
+    if pretraining.get("arms"):
+        lines += ["", "Pre-trained vs from scratch (stage 2, the same encoder, settings and epochs):", "",
+                  "| | validation DSC | test DSC, dataset 1 | test DSC, dataset 2 | identified, dataset 1 (coverage) |",
+                  "|---|---:|---:|---:|---:|"]
+        for arm in pretraining["arms"]:
+            cells = [arm.get(key) for key in ("val_dsc", "test_dsc_d1", "test_dsc_d2", "identified_d1")]
+            lines.append(f"| {arm['arm']} | " + " | ".join("—" if c is None or c != c else f"{c:.1f}" for c in cells) + " |")
+        for test in pretraining.get("tests", []):
+            lines.append(f"- {test['a']} − {test['b']} ({test['dataset']}, test DSC): median per patient "
+                         f"{test['median_diff']}, r = {test['effect_size']:.2f}, p = {test['p']:.2g}, n = {test['n']} patients.")
+        lines.append("")
     minutes = results["stage_minutes"]
     if minutes:
         stages = ", ".join(f"{name.split('_', 1)[0]} {value:.1f}" for name, value in minutes.items())
