@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -93,6 +94,36 @@ def _report(args) -> None:
         print(path)
 
 
+def _results(args) -> None:
+    """Keep a run's results file in the repository and render the README's block from it (no number by hand)."""
+    import shutil
+
+    from spineseg.errors import StageOrderError
+    from spineseg.study.artifacts import Layout
+    from spineseg.study.results import render, update_readme
+    from spineseg.study.session import find_project
+
+    project = find_project()
+    kept = args.keep
+    if args.profile:
+        produced = Layout(project, args.profile).results("json")
+        if not produced.is_file():
+            raise StageOrderError(f"{produced} is missing: run `spineseg run --profile {args.profile}` first (stage 5 writes it)")
+        if kept is None:
+            print(render(json.loads(produced.read_text())), end="")
+            return
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(produced, kept)
+    if kept is None:
+        raise StageOrderError("spineseg results: give --profile (a run's results) or --keep (a kept results file)")
+    if not kept.is_file():
+        raise ConfigError(f"--keep {kept}: no such results file")
+    if args.readme:
+        print(f"{args.readme}: {'updated' if update_readme(args.readme, kept) else 'already as rendered'} from {kept}")
+    else:
+        print(render(json.loads(kept.read_text())), end="")
+
+
 def _bench(args) -> None:
     from spineseg.study.bench import run_bench
     from spineseg.study.session import find_project
@@ -162,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="the rendered study as HTML without code, for readers")
     report.add_argument("--profile", default="quick")
     report.set_defaults(func=_report)
+
+    results = commands.add_parser("results", help="a run's headline numbers: print them, keep the file, render the README")
+    results.add_argument("--profile", help="the run whose runs/<profile>/results.json to read (stage 5 writes it)")
+    results.add_argument("--keep", type=Path, help="the kept copy, e.g. docs/results/aasce.json (with --profile: "
+                                                 "copied there; without: read from there)")
+    results.add_argument("--readme", type=Path, help="fill this README's <!-- results:<name> --> block from --keep")
+    results.set_defaults(func=_results)
 
     bench = commands.add_parser("bench", help="inference, aggregation and training benchmarks")
     bench.add_argument("--profile", default="quick", help="whose stage-3 models and run timings to measure")

@@ -1,0 +1,87 @@
+"""The results file and the README section rendered from it: a number reaches the README only through a file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spineseg.errors import StageOrderError
+from spineseg.study import results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def example() -> dict:
+    method = {"identified_strict": {"mean": 70.0, "ci": [60.0, 80.0]}, "centres_identified": {"mean": 75.5, "ci": [65.0, 85.2]},
+              "dsc": {"mean": 81.0, "ci": [79.0, 83.0]}, "images": 76, "patients": 36}
+    endpoint = {"Dataset": "d2", "Best rule": "Located", "Best model": "Lite1 (levels)", "Δ rule − model (pp)": 12.34,
+                "Δ rule − model (pp) CI low": 2.0, "Δ rule − model (pp) CI high": 22.0,
+                "p rule vs model (Wilcoxon by patient, Holm)": "0.012", "Δ rule − prior (pp)": 40.0,
+                "Δ rule − prior (pp) CI low": 30.0, "Δ rule − prior (pp) CI high": 50.0,
+                "p rule vs prior (Wilcoxon by patient, Holm)": "< 0.001"}
+    return {"format": results.FORMAT, "profile": "aasce", "primary_endpoint": "identification", "best_rule": "located",
+            "best_model": "Lite1 (levels)",
+            "datasets": {"d2": {"description": "dataset 2: the later batch", "methods": {
+                "Located (locator + crop model)": method,
+                "Locator (its centres)": {"centres_identified": {"mean": 76.0, "ci": [66.0, 86.0]}, "images": 76, "patients": 36}}}},
+            "endpoint": [endpoint], "stage_minutes": {"00_data": 0.4, "03_final_training": 30.0},
+            "provenance": {"git_commit": "0123456789abcdef", "git_modified": False, "machine": "x86_64, 2 cores",
+                           "threads": 2, "data": "abc123"}}
+
+
+def test_render_writes_every_number_of_the_file_and_nothing_else():
+    text = results.render(example())
+    assert "| Located (locator + crop model) | 70.0 [60.0, 80.0] | 75.5 [65.0, 85.2] | 81.0 [79.0, 83.0] | 76 / 36 |" in text
+    assert "| Locator (its centres) | — | 76.0 [66.0, 86.0] | — | 76 / 36 |" in text  # a locator draws no mask
+    assert "Located − Lite1 (levels): +12.3 pp [2.0, 22.0], p = 0.012" in text
+    assert "Located − mean-position prior: +40.0 pp [30.0, 50.0], p = < 0.001" in text
+    assert "Wall time (min): 00 0.4, 03 30.0; 30.4 in all." in text
+    assert "Commit 0123456789, x86_64, 2 cores, 2 threads, data abc123." in text
+
+
+def test_render_refuses_a_file_of_another_kind():
+    with pytest.raises(StageOrderError, match="not a spineseg-results/1 file"):
+        results.render({"format": "something else"})
+
+
+def test_the_readme_block_is_replaced_by_the_rendering_and_a_missing_block_is_named(tmp_path):
+    kept = tmp_path / "aasce.json"
+    kept.write_text(json.dumps(example()))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:aasce -->\nstale numbers\n<!-- /results:aasce -->\nafter\n")
+    assert results.update_readme(readme, kept)
+    assert results.readme_block(kept) in readme.read_text() and "stale" not in readme.read_text()
+    assert not results.update_readme(readme, kept)  # rendered already: nothing changes
+    readme.write_text("no block here\n")
+    with pytest.raises(StageOrderError, match="no <!-- results:aasce -->"):
+        results.update_readme(readme, kept)
+
+
+def test_the_readme_quotes_exactly_what_the_kept_results_files_render():
+    """Every results file kept under docs/results/ has its block in the README, as `render` makes it."""
+    kept = sorted((ROOT / "docs" / "results").glob("*.json"))
+    readme = (ROOT / "README.md").read_text()
+    for path in kept:
+        assert results.readme_block(path) in readme, f"README's block for {path.name} differs from its rendering"
+
+
+def test_the_results_command_keeps_a_runs_file_and_fills_the_readme_from_it(tmp_path, capsys, monkeypatch):
+    from spineseg.cli import main
+
+    (tmp_path / "params").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "params" / "real.yaml").write_text("description: x\n")
+    produced = tmp_path / "runs" / "real" / "results.json"
+    produced.parent.mkdir(parents=True)
+    produced.write_text(json.dumps(example()))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:real -->\nold\n<!-- /results:real -->\n")
+    monkeypatch.chdir(tmp_path)
+    kept = tmp_path / "docs" / "results" / "real.json"
+    assert main(["results", "--profile", "real", "--keep", str(kept), "--readme", str(readme)]) == 0
+    assert json.loads(kept.read_text()) == example() and results.readme_block(kept) in readme.read_text()
+    assert "updated" in capsys.readouterr().out
+    assert main(["results", "--profile", "absent"]) == 2
+    assert "runs/absent/results.json is missing" in capsys.readouterr().err
