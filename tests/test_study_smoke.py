@@ -372,7 +372,8 @@ def test_stage_6_compares_decoders_optimisers_attention_and_pruning(project):
 def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
     learned = json.loads((project / "runs/smoke/stage4/learned.json").read_text())
     rules = learned["validation_dsc"]["rules"]
-    assert learned["two_stage_locator"] == max((r for r in rules if r != "two_stage"), key=rules.get)  # on validation
+    plain = [r for r in rules if r not in ("two_stage", "located")]
+    assert learned["two_stage_locator"] == max(plain, key=rules.get)  # on validation, among the rules themselves
     assert learned["best_rule"] == max(rules, key=rules.get) and "two_stage" in rules
     stage4 = pd.read_csv(project / "runs/smoke/stage4/metrics_test.csv")
     assert set(stage4.loc[stage4["group"] == "two_stage", "dataset"]) == {"d1", "d2"}
@@ -389,6 +390,29 @@ def test_the_two_stage_variant_competes_with_the_rules_and_is_timed(project):
     assert "process_peak_rss_mb" in timing and "peak_memory_mb" not in timing  # on a CPU: one process peak, said so
     crop_runs = list((project / "runs/smoke/train").glob("stage3-EfficientNetLite0-crop-64x32px-s0-*/DONE"))
     assert len(crop_runs) == 1
+
+
+def test_the_locator_names_vertebrae_and_identification_stands_beside_the_position_priors(project):
+    """Stage 3 trains the locator and keeps its chains; stage 4 scores its centres, the located masks and the two
+    constants every identification table carries; stage 5 writes the results file."""
+    run = next((project / "runs/smoke/train").glob("stage3-EfficientNetLite0-centres-*"))
+    assert (run / "DONE").is_file() and json.loads((run / "model.json").read_text())["chain_prior"]
+    for dataset, split in (("d1", "val"), ("d1", "test"), ("d2", "test")):
+        with np.load(run / f"chains_{dataset}_{split}.npz") as chains:
+            assert chains["centres"].shape[1:] == (19, 2)
+    frame = read_table(project / "runs/smoke/stage4/identification.csv")
+    assert {"model", "rule", "prior", "locator"} <= set(frame["kind"])
+    assert {"prior_band", "prior_mean", "locator", "located"} <= set(frame["group"])
+    band = frame[frame["group"] == "prior_band"]
+    assert not band["identified_strict"].astype(bool).any()  # a band of rows is never mostly on the spine
+    tables = project / "runs/smoke/tables"
+    for name in ("identification_failures_d1", "identification_vs_prior_d1", "identification_d2"):
+        assert (tables / f"{name}.csv").is_file()
+    results = json.loads((project / "runs/smoke/results.json").read_text())
+    assert set(results["datasets"]) == {"d1", "d2"} and results["primary_endpoint"] == "dsc"
+    assert "Locator (its centres)" in results["datasets"]["d1"]["methods"]
+    timing = pd.read_csv(project / "runs/smoke/stage4/timing.csv")
+    assert (timing["what"] == rule_name("located")).sum() == 1
 
 
 def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path, monkeypatch):

@@ -130,10 +130,13 @@ class Located:
         return identification_table(np.zeros(inputs.masks.shape, dtype=bool), inputs.labels,
                                     [chain.region_centres() for chain in chains])
 
-    def timing_step(self, image: torch.Tensor) -> Callable[[], np.ndarray]:
+    def locator(self) -> Locator:
+        """The trained locator with its chain prior, as stage 3 evaluated it."""
+        return Locator(load_trained(self.study.layout.store, self.spec, self.device),
+                       load_chain_prior(self.spec.files(self.study.layout.store)), self.study.cfg.locator.tta_hflip)
+
+    def timing_step(self, locator: Locator, image: torch.Tensor) -> Callable[[], np.ndarray]:
         """What one image costs: the locator's forward (and its mirror's) and chain, then the crop model."""
-        locator = Locator(load_trained(self.study.layout.store, self.spec, self.device),
-                          load_chain_prior(self.spec.files(self.study.layout.store)), self.study.cfg.locator.tta_hflip)
         size = self.spec.image_size
 
         def step() -> np.ndarray:

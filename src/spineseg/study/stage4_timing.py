@@ -58,10 +58,10 @@ def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
     located = Located.load(study, data)
     if located is not None:
         radiograph = torch.from_numpy(np.array(load_split(data.d1, "test", size).images[:1, None])).to(device)
+        locator = located.locator()
         outline = parameter_count(located.crop.model) / 1e6 if located.crop is not None else 0.0
         rows.append(row(rule_name(LOCATED), 1 + (located.crop is not None),
-                        parameter_count(load_trained(study.layout.store, located.spec, device)) / 1e6 + outline,
-                        located.timing_step(radiograph)))
+                        parameter_count(locator.model) / 1e6 + outline, located.timing_step(locator, radiograph)))
     table = pd.DataFrame(rows)
     if device.type != "cuda":
         table["process_peak_rss_mb"] = peak_memory_mb(device)
