@@ -33,7 +33,7 @@ def _aasce(args) -> None:
     from spineseg.data.aasce import convert
 
     for name, folder in convert(args.src, args.out, splits=args.splits.split(","), size=args.size, seed=args.seed,
-                                force=args.force).items():
+                                force=args.force, later_batch=args.later_batch).items():
         print(f"{name}: {folder}")
 
 
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     aasce.add_argument("--size", type=_size, default=(512, 192),
                        help="HEIGHTxWIDTH (default 512x192, close to the radiographs' aspect) or one side for squares")
     aasce.add_argument("--seed", type=int, default=0)
+    aasce.add_argument("--later-batch", type=float, default=0.0,
+                       help="hold out this share of the training split, its latest acquisitions, as a test set of its own")
     aasce.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     aasce.set_defaults(func=_aasce)
 

@@ -325,6 +325,8 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
     if unnamed:
         raise DatasetError(f"no dataset name given for split(s) {unnamed}")
     size = as_hw(size)
+    if not 0 <= later_batch < 1:
+        raise DatasetError(f"the later batch is a share of the training images in [0, 1), got {later_batch}")
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be a positive number of images, got {limit}")
     found = [s for s in splits if (src / "data" / s).is_dir()]
