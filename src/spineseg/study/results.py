@@ -134,12 +134,11 @@ def render(results: dict) -> str:
                          f"| {_value(values.get('dsc'))} | {values['images']} / {values['patients']} |")
         lines.append("")
     for row in results["endpoint"]:
-        lines.append(f"- Endpoint ({row['Dataset']}): {row['Best rule']} − {row['Best model']}: "
-                     f"{row['Δ rule − model (pp)']:+.1f} pp [{row['Δ rule − model (pp) CI low']:.1f}, "
-                     f"{row['Δ rule − model (pp) CI high']:.1f}], p = {row['p rule vs model (Wilcoxon by patient, Holm)']}; "
-                     f"{row['Best rule']} − mean-position prior: {row['Δ rule − prior (pp)']:+.1f} pp "
-                     f"[{row['Δ rule − prior (pp) CI low']:.1f}, {row['Δ rule − prior (pp) CI high']:.1f}], "
-                     f"p = {row['p rule vs prior (Wilcoxon by patient, Holm)']}.")
+        versus = [f"{row['Best rule']} − {name}: {row[f'Δ rule − {arm} (pp)']:+.1f} pp [{row[f'Δ rule − {arm} (pp) CI low']:.1f}, "
+                  f"{row[f'Δ rule − {arm} (pp) CI high']:.1f}], r = {row[f'r rule vs {arm} (rank-biserial)']:.2f}, "
+                  f"p = {row[f'p rule vs {arm} (Wilcoxon by patient, Holm)']}"
+                  for arm, name in (("model", row["Best model"]), ("prior", "mean-position prior"))]
+        lines.append(f"- Primary endpoint, identified strictly ({row['Dataset']}): {'; '.join(versus)}.")
     pretraining = results.get("pretraining") or {}
     if pretraining.get("arms"):
         lines += ["", "Pre-trained vs from scratch (stage 2, the same encoder, settings and epochs):", "",

@@ -128,6 +128,8 @@ def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | 
     configure_threads(study.cfg.threads)
     data = prepare_data(study)
     facts = provenance.collect(study.project, study.name, overrides, study.cfg.device, study.cfg.threads)
+    # the endpoints as declared, in every stage's record from stage 0 on: written before anything is trained
+    facts["endpoints"] = {"primary": study.cfg.analysis.primary_endpoint, "choose_by": study.cfg.stage4.choose_by}
     provenance.record(study.layout.provenance, notebook, facts)
     # the description is the profile author's text, shown as text: its HTML (a <script>) never runs in the page
     display(Markdown(f"**Profile `{study.name}`** — {html.escape(study.cfg.description)}  \nArtifacts: `{study.layout.run_dir}`"))

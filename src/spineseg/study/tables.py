@@ -383,6 +383,7 @@ def identification_endpoint(study: Study) -> pd.DataFrame:
         for other in ("model", "prior"):
             difference = rule["identified_strict"].astype(float) - scored[other].loc[rule.index, "identified_strict"].astype(float)
             row |= _with_ci(f"Δ rule − {other} (pp)", difference, rule["patient"], n_boot)
+            row[f"r rule vs {other} (rank-biserial)"] = tests.loc[other, "effect_size"]
             row[f"p rule vs {other} (Wilcoxon by patient, Holm)"] = format_p(tests.loc[other, "p_holm"])
         row |= _with_ci("DSC rule (secondary)", rule["dsc"], rule["patient"], n_boot)
         row |= _with_ci("DSC model (secondary)", scored["model"]["dsc"], scored["model"]["patient"], n_boot)
