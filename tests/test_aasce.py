@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -205,24 +206,53 @@ def test_small_csv_rounding_is_tolerated(src: Path, tmp_path: Path) -> None:
     convert(src, tmp_path / "out", size=32)
 
 
-def test_csv_and_mat_disagreement_names_the_image_and_the_gap(src: Path, tmp_path: Path) -> None:
+def test_csv_and_mat_disagreement_drops_that_image_naming_the_gap(src: Path, tmp_path: Path) -> None:
     edit_csv_x(src, 1, 5.0)
-    with pytest.raises(DatasetError, match=r"162 B AP\.jpg.*5\.0 px"):
+    folder = convert(src, tmp_path / "out", size=32)["training"]
+    dropped = pd.read_csv(folder / DROPPED)
+    assert list(dropped["source"]) == ["sunhl-1th-02-Jan-2017-162 B AP.jpg"]
+    assert "landmarks.csv row 2 and sunhl-1th-02-Jan-2017-162 B AP.jpg.mat disagree by up to 5.0 px" in dropped["reason"][0]
+    assert len(read_manifest(folder)) == 2
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda src: (src / "labels/training" / f"{NAME}.mat").unlink(), r"missing landmark file .*162 A AP\.jpg\.mat"),
+    (lambda src: (src / "data/training" / NAME).unlink(), r"missing image .*162 A AP\.jpg"),
+    (lambda src: (src / "data/training" / NAME).write_bytes(b"not a jpeg"), r"unreadable image .*162 A AP\.jpg"),
+    (lambda src: scipy.io.savemat(str(src / "labels/training" / f"{NAME}.mat"), {"pts": stacked_landmarks()}), r"162 A AP\.jpg\.mat: no 'p2'"),
+    (lambda src: (src / "labels/training" / f"{NAME}.mat").write_bytes(b""), r"unreadable landmark file .*162 A AP\.jpg\.mat"),
+    (lambda src: scipy.io.savemat(str(src / "labels/training" / f"{NAME}.mat"), {"p2": np.array(["corner"] * 68)}),
+     r"162 A AP\.jpg\.mat: 'p2' is <U6 of shape \(68,\)"),
+])
+def test_one_broken_record_drops_that_image_not_the_dataset(src: Path, tmp_path: Path, damage, reason: str) -> None:
+    damage(src)
+    folder = convert(src, tmp_path / "out", size=32)["training"]
+    dropped = pd.read_csv(folder / DROPPED)
+    assert list(dropped["source"]) == [NAME] and re.search(reason, dropped["reason"][0])
+    assert len(read_manifest(folder)) == 2
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda src: (src / "labels/training/filenames.csv").write_text(f"{NAME}\n"), r"filenames\.csv lists 1 images but .*landmarks\.csv has 3 rows"),
+    (lambda src: (src / "labels/training/filenames.csv").write_bytes(b"\xff\xfe" + NAME.encode("utf-16-le")), r"filenames\.csv: not UTF-8 text"),
+])
+def test_a_broken_index_of_the_split_names_the_file(src: Path, tmp_path: Path, damage, message: str) -> None:
+    damage(src)
+    with pytest.raises(DatasetError, match=message):
         convert(src, tmp_path / "out", size=32)
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda src: (src / "labels/training" / f"{NAME}.mat").unlink(), r"missing landmark file .*162 A AP\.jpg\.mat"),
-    (lambda src: (src / "data/training" / NAME).unlink(), r"missing image .*162 A AP\.jpg"),
-    (lambda src: (src / "data/training" / NAME).write_bytes(b"not a jpeg"), r"unreadable image .*162 A AP\.jpg"),
-    (lambda src: (src / "labels/training/filenames.csv").write_text(f"{NAME}\n"), r"filenames\.csv lists 1 images but .*landmarks\.csv has 3 rows"),
-    (lambda src: scipy.io.savemat(str(src / "labels/training" / f"{NAME}.mat"), {"pts": stacked_landmarks()}), r"162 A AP\.jpg\.mat: no 'p2'"),
-])
-def test_broken_input_names_the_file(src: Path, tmp_path: Path, damage, message: str) -> None:
-    damage(src)
-    with pytest.raises(DatasetError, match=message):
-        convert(src, tmp_path / "out", size=32)
+def test_corners_far_outside_the_image_are_an_annotation_error(tmp_path: Path) -> None:
+    points = stacked_landmarks().astype(float)
+    points[4 * 8:4 * 9, 0] = 5 * WIDTH  # Th9's corners at five times the image's width
+    manifest, dropped, _ = convert_one_bad_image(tmp_path, points)
+    assert list(dropped["source"]) == [NAME] and "Th9 landmarks outside the 200×400 image" in dropped["reason"][0]
+    points = stacked_landmarks().astype(float)
+    points[0:4, 1] -= 0.05 * HEIGHT + 32  # Th1 overhangs the top by 5 %: the real data overhang by up to 2.5 %
+    points[-4:, 0] = 5 * WIDTH  # L5 far outside: flagged, kept out of the labels, the image kept
+    manifest, dropped, _ = convert_one_bad_image(tmp_path / "again", points)
+    assert dropped.empty and "L5 landmarks outside the 200×400 image" in manifest.set_index("id")["flags"][sample_id(NAME)]
 
 
 OTHER = "sunhl-1th-03-Jan-2017-163 A AP.jpg"
@@ -248,7 +278,7 @@ def test_corners_out_of_order_inside_the_region_drop_that_image_with_its_reason(
 
 def test_a_region_level_out_of_order_drops_the_image(tmp_path: Path) -> None:
     points = stacked_landmarks().astype(float)
-    points[36:40, 1] -= 300  # Th10 drawn near the top of the radiograph
+    points[36:40, 1] -= 250  # Th10 drawn at the top of the radiograph (overhanging it by less than OUTSIDE_TOLERANCE)
     manifest, dropped, _ = convert_one_bad_image(tmp_path, points)
     assert list(manifest["id"]) == [sample_id(OTHER)]
     assert list(dropped["reason"]) == ["Th10 landmarks out of top-to-bottom order"]
@@ -409,16 +439,20 @@ def test_an_output_folder_overlapping_the_source_is_refused_even_with_force(src:
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before  # not a file lost, none added
 
 
-def test_a_truncated_source_image_stops_the_conversion_before_anything_changes(src: Path, tmp_path: Path) -> None:
+def test_a_truncated_source_image_is_dropped_and_a_broken_index_stops_before_anything_changes(src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = convert(src, out, size=32)["training"]
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     image = src / "data" / "training" / "sunhl-1th-03-Jan-2017-163 A AP.jpg"
     image.write_bytes(image.read_bytes()[: len(image.read_bytes()) // 2])
-    with pytest.raises(DatasetError, match="unreadable image .*163 A AP.jpg"):
+    again = convert(src, out, size=32, force=True)["training"]
+    assert len(read_manifest(again)) == 2
+    assert "unreadable image" in pd.read_csv(again / DROPPED).set_index("source")["reason"][image.name]
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (src / "labels/training/landmarks.csv").write_text("1,2,3\n")
+    with pytest.raises(DatasetError, match="landmarks.csv: expected 136 columns"):
         convert(src, out, size=32, force=True)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert read_manifest(first).shape[0] == 3
+    assert read_manifest(first).shape[0] == 2
 
 
 def test_real_annotations_flag_the_levels_out_of_order_or_degenerate(real_src: Path) -> None:

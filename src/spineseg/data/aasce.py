@@ -7,12 +7,14 @@ these tall radiographs close to their aspect; a square stretches them as the art
 do), and the landmarks are scaled with them before rasterising, so masks are drawn at the target
 resolution instead of being resampled.
 
-Annotation errors never cost the dataset. A level whose landmarks are not finite, whose quadrilateral is
-degenerate, or that falls out of the top-to-bottom order (Th1 below Th2, L5 drawn at the top of the image,
-two neighbours swapped) is flagged in the manifest and kept out of the label map when it lies outside
-Th8–Th11: the band between its trusted neighbours (or the image edge) is marked unknown (255), so it
-supervises nothing. Such a problem inside Th8–Th11 would corrupt the target itself: that image is dropped,
-and ``dropped.csv`` beside the manifest gives the reason. The conversion ends with a summary (converted,
+Annotation errors never cost the dataset. A level whose landmarks are not finite, lie far outside the image
+(beyond `OUTSIDE_TOLERANCE` of its side), whose quadrilateral is degenerate, or that falls out of the
+top-to-bottom order (Th1 below Th2, L5 drawn at the top of the image, two neighbours swapped) is flagged in
+the manifest and kept out of the label map when it lies outside Th8–Th11: the band between its trusted
+neighbours (or the image edge) is marked unknown (255), so it supervises nothing. Such a problem inside
+Th8–Th11 would corrupt the target itself: that image is dropped, and ``dropped.csv`` beside the manifest
+gives the reason — as it does for an image or landmark file that is missing, unreadable, or disagrees with
+its row of ``landmarks.csv``. Only a broken index of a split (filenames.csv, landmarks.csv) stops the conversion. The conversion ends with a summary (converted,
 flagged, dropped, radiographs filed twice), printed and written to ``conversion_summary.txt``.
 
 Landmark coordinates are taken as points in continuous image coordinates, the image spanning [0, W] ×
@@ -34,6 +36,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 from PIL import Image, UnidentifiedImageError
+from scipy.io.matlab import MatReadError
 from skimage.draw import polygon
 from tqdm.auto import tqdm
 
@@ -59,6 +62,8 @@ OUTLINE_ORDER = (0, 1, 3, 2)
 # landmarks.csv is p2 / (W, H) rounded to 5 significant digits (≤ 0.04 px off in the real data), so
 # 2 px only trips on a genuine mismatch, such as rows of the two files belonging to different images.
 CSV_TOLERANCE_PX = 2.0
+# A corner this share of the image's side beyond its edge is an annotation error (the real data overhang by ≤ 2.5 %).
+OUTSIDE_TOLERANCE = 0.1
 TEST_ONLY = MappingProxyType({"training": False, "test": True})
 DROPPED = "dropped.csv"  # beside a dataset's manifest: the images left out, and why
 SUMMARY = "conversion_summary.txt"  # in the output folder
@@ -128,8 +133,11 @@ class _SplitAnnotations:
 def _read_filenames(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"missing {path}")
-    with open(path, encoding="utf-8") as fh:
-        return [line.strip() for line in fh if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.strip() for line in fh if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})") from None
 
 
 def _read_landmarks(path: Path) -> np.ndarray:
@@ -151,10 +159,10 @@ def _read_p2(path: Path) -> np.ndarray:
         points = scipy.io.loadmat(str(path))["p2"]
     except KeyError:
         raise DatasetError(f"{path}: no 'p2' variable") from None
-    except (ValueError, OSError, TypeError) as exc:
+    except (ValueError, OSError, TypeError, NotImplementedError, MatReadError) as exc:
         raise DatasetError(f"unreadable landmark file {path} ({exc})") from None
-    if points.shape != (N_LANDMARKS, 2):
-        raise DatasetError(f"{path}: 'p2' has shape {points.shape}, expected ({N_LANDMARKS}, 2)")
+    if points.shape != (N_LANDMARKS, 2) or not np.issubdtype(points.dtype, np.number):
+        raise DatasetError(f"{path}: 'p2' is {points.dtype} of shape {points.shape}, expected ({N_LANDMARKS}, 2) numbers")
     return points.astype(np.float64)
 
 
@@ -195,12 +203,15 @@ def _levels_in_every_chain(centres: np.ndarray, candidates: list[int]) -> set[in
     return {candidates[i] for i in on_some if position_taken[ending[i]] == 1}
 
 
-def _untrusted_levels(quads: np.ndarray) -> dict[int, str]:
-    """Levels whose landmarks cannot be drawn, and why: not finite, degenerate, or out of order."""
+def _untrusted_levels(quads: np.ndarray, width: int, height: int) -> dict[int, str]:
+    """Levels whose landmarks cannot be drawn, and why: not finite, far outside the image, degenerate, or out of order."""
     untrusted = {}
+    reach = OUTSIDE_TOLERANCE * np.array([width, height])
     for k, quad in enumerate(quads):
         if not np.isfinite(quad).all():
             untrusted[k] = "not finite"
+        elif (quad < -reach).any() or (quad > np.array([width, height]) + reach).any():
+            untrusted[k] = f"outside the {width}×{height} image"
         elif (area := _signed_area(quad)) <= 0:
             untrusted[k] = f"degenerate or corners out of order (area {area:.1f} px² walking TL, TR, BR, BL)"
     drawable = [k for k in range(len(quads)) if k not in untrusted]
@@ -217,8 +228,10 @@ def _region_problems(untrusted: Mapping[int, str]) -> str:
 def _read_split(src: Path, split: str, limit: int | None, size: tuple[int, int]) -> _SplitAnnotations:
     """Read and check every annotation of a split before anything is written.
 
-    Missing or unreadable files, and landmark files that disagree, stop the conversion: the
-    distribution itself is broken. An image whose Th8–Th11 cannot be drawn is dropped.
+    The split's index (filenames.csv, landmarks.csv) must be whole: a broken index stops the conversion.
+    One bad record never costs the dataset: an image that is missing or unreadable, whose landmark file
+    is missing, unreadable or disagrees with its landmarks.csv row, whose id another image already has,
+    or whose Th8–Th11 cannot be drawn, is dropped with its reason.
     """
     image_dir, label_dir = src / "data" / split, src / "labels" / split
     filenames_csv, landmarks_csv = label_dir / "filenames.csv", label_dir / "landmarks.csv"
@@ -229,28 +242,35 @@ def _read_split(src: Path, split: str, limit: int | None, size: tuple[int, int])
         filenames, landmarks = filenames[:limit], landmarks[:limit]
     records, dropped, owner_of_id = [], [], {}
     for row, (filename, normalised) in enumerate(zip(filenames, landmarks)):
-        image_path = image_dir / filename
-        width, height = _image_size(image_path)
-        mat_path = label_dir / f"{filename}.mat"
-        points = _read_p2(mat_path)
-        from_csv = np.column_stack([normalised[:N_LANDMARKS] * width, normalised[N_LANDMARKS:] * height])
-        gaps = np.abs(from_csv - points)[np.isfinite(from_csv) & np.isfinite(points)]  # missing points are flagged below
-        disagreement = float(gaps.max(initial=0.0))
-        if disagreement > CSV_TOLERANCE_PX:
-            raise DatasetError(f"{filename}: {landmarks_csv.name} row {row + 1} and {mat_path.name} disagree by up to "
-                               f"{disagreement:.1f} px (tolerance {CSV_TOLERANCE_PX:g} px)")
-        quads = points.reshape(len(LEVELS), 4, 2)[:, OUTLINE_ORDER]
-        identifier = sample_id(filename)
-        if identifier in owner_of_id:
-            raise DatasetError(f"{filenames_csv}: {owner_of_id[identifier]!r} and {filename!r} both map to id {identifier!r}")
-        owner_of_id[identifier] = filename
-        record = _Annotated(filename, image_path, width, height, quads, _untrusted_levels(quads))
-        problem = _region_problems(record.untrusted) or _empty_region(record, size)
+        try:
+            record = _read_record(filename, image_dir, label_dir, normalised, f"{landmarks_csv.name} row {row + 1}")
+            identifier = sample_id(filename)
+            if identifier in owner_of_id:
+                raise DatasetError(f"{owner_of_id[identifier]!r} already has its id {identifier!r}")
+            problem = _region_problems(record.untrusted) or _empty_region(record, size)
+        except DatasetError as exc:
+            problem = str(exc)
         if problem:
             dropped.append((filename, problem))
         else:
+            owner_of_id[identifier] = filename
             records.append(record)
     return _SplitAnnotations(records, dropped)
+
+
+def _read_record(filename: str, image_dir: Path, label_dir: Path, normalised: np.ndarray, csv_row: str) -> _Annotated:
+    """One image's size and landmarks, checked against its landmarks.csv row; a `DatasetError` names what is wrong."""
+    image_path, mat_path = image_dir / filename, label_dir / f"{filename}.mat"
+    width, height = _image_size(image_path)
+    points = _read_p2(mat_path)
+    from_csv = np.column_stack([normalised[:N_LANDMARKS] * width, normalised[N_LANDMARKS:] * height])
+    gaps = np.abs(from_csv - points)[np.isfinite(from_csv) & np.isfinite(points)]  # missing points are flagged later
+    disagreement = float(gaps.max(initial=0.0))
+    if disagreement > CSV_TOLERANCE_PX:
+        raise DatasetError(f"{csv_row} and {mat_path.name} disagree by up to {disagreement:.1f} px "
+                           f"(tolerance {CSV_TOLERANCE_PX:g} px)")
+    quads = points.reshape(len(LEVELS), 4, 2)[:, OUTLINE_ORDER]
+    return _Annotated(filename, image_path, width, height, quads, _untrusted_levels(quads, width, height))
 
 
 def _empty_region(record: _Annotated, size: tuple[int, int]) -> str:
