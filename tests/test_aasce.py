@@ -421,8 +421,13 @@ def test_a_non_empty_output_folder_is_refused_unless_forced(src: Path, tmp_path:
     with pytest.raises(DatasetError, match=f"{out} is not empty.*--force"):
         convert(src, out, size=32)
     assert (out / "mine.txt").read_text() == "a user's file"
-    folders = convert(src, out, size=32, force=True)
-    assert not (out / "mine.txt").exists() and read_manifest(folders["training"]).shape[0] == 3
+    with pytest.raises(DatasetError, match="holds mine.txt, which no spineseg conversion wrote"):
+        convert(src, out, size=32, force=True)  # --force replaces datasets, never a user's file
+    assert (out / "mine.txt").read_text() == "a user's file"
+    (out / "mine.txt").unlink()
+    convert(src, out, size=32)
+    folders = convert(src, out, size=32, force=True)  # a folder of its own datasets and summary: replaced
+    assert read_manifest(folders["training"]).shape[0] == 3
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
 
 

@@ -43,6 +43,40 @@ def test_data_synth_refuses_a_non_empty_folder_without_force(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err and (tmp_path / "notes.txt").exists()
 
 
+def test_force_replaces_only_what_a_conversion_wrote_and_the_folder_follows_the_umask(tmp_path, capsys):
+    import os
+    import stat
+
+    out = tmp_path / "v"
+    out.mkdir()
+    (out / "important.txt").write_text("keep me")
+    assert main(["data", "synth", "--out", str(out), "--size", "32", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "v holds important.txt, which no spineseg conversion wrote" in err and (out / "important.txt").read_text() == "keep me"
+    (out / "important.txt").unlink()
+    previous = os.umask(0o022)
+    try:
+        assert main(["data", "synth", "--out", str(out), "--size", "32", "--force"]) == 0  # an empty folder
+        assert main(["data", "synth", "--out", str(out), "--size", "32", "--force", "--seed", "1"]) == 0  # its own datasets
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and sorted(p.name for p in out.iterdir()) == ["d1", "d2"]
+
+
+def test_seeds_and_sizes_past_their_bounds_are_refused_before_any_work(tmp_path, capsys):
+    source = tmp_path / "nothing-read"
+    for command, message in (
+        (["data", "aasce", "--src", str(source), "--out", str(tmp_path / "a"), "--seed", "-1"], "seed must be an integer in [0, 4294967295], got -1"),
+        (["data", "aasce", "--src", str(source), "--out", str(tmp_path / "a"), "--size", "100000x100000"],
+         "image size must be at most 8192 pixels a side, got (100000, 100000)"),
+        (["data", "synth", "--out", str(tmp_path / "s"), "--size", "100000"], "image size must be at most 8192 pixels a side"),
+        (["data", "synth", "--out", str(tmp_path / "s"), "--seed", "-3"], "seed must be an integer in [0, 4294967295], got -3"),
+    ):
+        assert main(command) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was written, not even an empty folder
+
+
 def test_sizes_on_the_command_line():
     import argparse
 

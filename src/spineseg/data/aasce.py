@@ -14,8 +14,9 @@ the manifest and kept out of the label map when it lies outside Th8–Th11: the 
 neighbours (or the image edge) is marked unknown (255), so it supervises nothing. Such a problem inside
 Th8–Th11 would corrupt the target itself: that image is dropped, and ``dropped.csv`` beside the manifest
 gives the reason — as it does for an image or landmark file that is missing, unreadable, or disagrees with
-its row of ``landmarks.csv``. Only a broken index of a split (filenames.csv, landmarks.csv) stops the conversion. The conversion ends with a summary (converted,
-flagged, dropped, radiographs filed twice), printed and written to ``conversion_summary.txt``.
+its row of ``landmarks.csv``. Only a broken index of a split (filenames.csv, landmarks.csv) stops the
+conversion. The conversion ends with a summary (converted, flagged, dropped, radiographs filed twice),
+printed and written to ``conversion_summary.txt``.
 
 Landmark coordinates are taken as points in continuous image coordinates, the image spanning [0, W] ×
 [0, H] (the distributors' own convention: ``landmarks.csv`` = ``p2`` / (W, H)); a target pixel belongs to
@@ -42,10 +43,12 @@ from tqdm.auto import tqdm
 
 from spineseg import atomic
 from spineseg.data.dataset import (
+    CONVERSION_SUMMARY,
     DatasetError,
     Sample,
     Size,
     as_hw,
+    check_seed,
     fresh_output,
     hold_out_latest,
     read_manifest,
@@ -66,7 +69,7 @@ CSV_TOLERANCE_PX = 2.0
 OUTSIDE_TOLERANCE = 0.1
 TEST_ONLY = MappingProxyType({"training": False, "test": True})
 DROPPED = "dropped.csv"  # beside a dataset's manifest: the images left out, and why
-SUMMARY = "conversion_summary.txt"  # in the output folder
+SUMMARY = CONVERSION_SUMMARY  # in the output folder
 LATER = "later"  # the name (in `names`) of the training split's latest acquisitions, held out as a test set
 DEFAULT_NAMES = MappingProxyType({"training": "aasce_train", "test": "aasce_test", LATER: "aasce_later"})
 
@@ -344,7 +347,7 @@ def convert(src: str | Path, out: str | Path, splits: Sequence[str] = ("training
     unnamed = [s for s in (*splits, *([LATER] if later_batch else [])) if s not in names]
     if unnamed:
         raise DatasetError(f"no dataset name given for split(s) {unnamed}")
-    size = as_hw(size)
+    size, seed = as_hw(size), check_seed(seed)
     if not 0 <= later_batch < 1:
         raise DatasetError(f"the later batch is a share of the training images in [0, 1), got {later_batch}")
     if limit is not None and limit < 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -29,9 +30,11 @@ from PIL import Image, UnidentifiedImageError
 from spineseg import atomic
 from spineseg.data.twins import TWIN_THRESHOLD, Twin, find_twins, join_patients, spine_crop
 from spineseg.errors import DatasetError
+from spineseg.limits import MAX_SEED, MAX_SIDE
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.csv"
+CONVERSION_SUMMARY = "conversion_summary.txt"  # what a converter writes beside its datasets
 REQUIRED_COLUMNS = ("id", "split", "image", "mask")
 FILE_COLUMNS = ("image", "mask", "labels")
 PAPER_FRACTIONS = (0.7, 0.1, 0.2)
@@ -41,11 +44,19 @@ Size = int | tuple[int, int]  # a square side, or (height, width)
 
 
 def as_hw(size: Size) -> tuple[int, int]:
-    """A size as (height, width)."""
+    """A size as (height, width), each side in [MIN_SIZE, MAX_SIDE]."""
     height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
     if min(height, width) < MIN_SIZE:
         raise DatasetError(f"image size must be at least {MIN_SIZE} pixels, got {size}")
+    if max(height, width) > MAX_SIDE:
+        raise DatasetError(f"image size must be at most {MAX_SIDE} pixels a side, got {size}")
     return int(height), int(width)
+
+
+def check_seed(seed: int) -> int:
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise DatasetError(f"seed must be an integer in [0, {MAX_SEED}], got {seed}")
+    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -217,15 +228,23 @@ def fresh_output(out: str | Path, force: bool = False) -> Iterator[Path]:
     """A temporary folder beside `out` to write datasets into, renamed to `out` when the block succeeds.
 
     A non-empty `out` is refused unless `force`, and then replaced only once the new content is
-    complete: a failure half-way (a truncated source image, Ctrl-C) leaves `out` as it was.
+    complete: a failure half-way (a broken source index, Ctrl-C) leaves `out` as it was. `force` replaces
+    only what a conversion wrote (datasets and the conversion summary): a folder holding anything else is
+    refused, naming it. The new folder follows the umask, like any folder the user makes.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DatasetError(f"{out} is not empty: choose a new or empty folder, or pass --force to replace it")
+    foreign = sorted(entry.name for entry in out.iterdir() if not _ours(entry)) if out.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DatasetError(f"{out} holds {shown}, which no spineseg conversion wrote: --force replaces only a folder of "
+                           f"spineseg datasets; choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would stay on `out`, unreadable to workers of another account
     try:
         yield staging
         if out.exists():
@@ -238,6 +257,18 @@ def fresh_output(out: str | Path, force: bool = False) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _ours(entry: Path) -> bool:
+    """What a spineseg conversion leaves in its output folder: datasets (a folder with a manifest), its summary."""
+    return (entry / MANIFEST).is_file() if entry.is_dir() else entry.name == CONVERSION_SUMMARY
+
+
+def _umask() -> int:
+    """The process's umask (os offers it only by setting it: set and restore at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_manifest(folder: str | Path) -> pd.DataFrame:

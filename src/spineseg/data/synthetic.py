@@ -25,7 +25,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from spineseg.data.dataset import DatasetError, Sample, fresh_output, write_dataset
+from spineseg.data.dataset import DatasetError, Sample, as_hw, check_seed, fresh_output, write_dataset
 from spineseg.vertebrae import BACKGROUND, CODES, region_mask
 
 LEVELS = ("C6", "C7", *(f"Th{k}" for k in range(1, 13)), "L1", "L2", "L3")
@@ -339,8 +339,8 @@ def _check(domain: str, size: int, seed: int) -> DomainStyle:
         raise DatasetError(f"unknown domain {domain!r}; valid domains: {', '.join(DOMAINS)}")
     if int(size) < MIN_SIZE:
         raise DatasetError(f"size must be at least {MIN_SIZE} pixels, got {size}")
-    if int(seed) < 0:
-        raise DatasetError(f"seed must be a non-negative integer, got {seed}")
+    as_hw(int(size))
+    check_seed(seed)
     return DOMAINS[domain]
 
 

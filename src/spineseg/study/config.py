@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from spineseg.encoders import PAPER_ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder, has_imagenet_weights
 from spineseg.errors import ConfigError
+from spineseg.limits import MAX_SEED, MAX_SIDE
 from spineseg.names import EXTRA_RULES, OPTIMIZER_NAMES, PRECISIONS, RULES, TARGETS, is_device
 
 
@@ -62,7 +63,6 @@ def _at_least(minimum: int):
     return check
 
 
-MAX_SIDE = 8192  # pixels: a typo beyond this would exhaust memory before it taught anything
 
 
 def _at_most_max_side(size: tuple[int, int]) -> tuple[int, int]:
@@ -86,7 +86,7 @@ Repeats = _count(1, 1000)
 Epochs = _count(1, 10_000)
 BatchSize = _count(1, 1024)
 Threads = _count(0, 1024)
-Seed = _count(0, 2**32 - 1)  # numpy's seeds
+Seed = _count(0, MAX_SEED)
 Fraction = Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, le=1)]
 LearningRate = Annotated[float, BeforeValidator(_yaml_float), Field(gt=0, lt=1)]
 StoredSize = Annotated[tuple[int, int], BeforeValidator(_pair), AfterValidator(_at_least(16)), AfterValidator(_at_most_max_side)]

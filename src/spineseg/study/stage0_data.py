@@ -85,6 +85,9 @@ def prepare_data(study: Study) -> StudyData:
     if not cfg.later_batch:
         wanted.pop("later_batch")  # a store converted before the later batch existed stays valid
     if atomic.read_json_cache(stamp) != wanted:
+        # the stage's own records of the data it replaces go first: the converter replaces only what it wrote
+        for record in (stamp, study.layout.data_check("d1"), study.layout.data_check("d2"), study.layout.cross_twins):
+            record.unlink(missing_ok=True)
         if cfg.source == "synthetic":
             from spineseg.data.synthetic import synthesize
 
