@@ -236,6 +236,7 @@ def _bundle_zip(path, manifest: dict, member: bytes = b"weights") -> None:
 
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("bundle.json", json.dumps(manifest))
+        archive.writestr("members/0-a/model.json", "{}")
         archive.writestr("members/0-a/best.pt", member)
 
 
@@ -246,7 +247,8 @@ def test_a_damaged_or_odd_bundle_is_one_error_naming_it(tmp_path):
                 "threshold": 0.5, "precision": "auto"}
     odd = tmp_path / "odd.zip"
     _bundle_zip(odd, manifest)
-    with pytest.raises(ConfigError, match=f"--model {odd}: 3 is not a folder inside the bundle"), open_bundle(odd):
+    with pytest.raises(ConfigError, match=f"--model {odd}: bundle.json field crop_model = 3: Input should be a valid string"), \
+            open_bundle(odd):
         pass
     empty_crop = tmp_path / "empty_crop.zip"
     _bundle_zip(empty_crop, {**manifest, "crop_model": ""})

@@ -64,12 +64,15 @@ def _study(args):
 def _predict(args) -> int:
     from contextlib import nullcontext
 
-    from spineseg.study.apply import InferenceOptions, check_variant, predict_with
+    from spineseg.study.apply import InferenceOptions, check_folders, check_variant, predict_with
     from spineseg.study.bundle import open_bundle, study_ensemble
 
     if args.model and (args.profile or args.project):
         raise ConfigError("--model runs a bundle on its own: leave out --profile and --project")
-    check_variant(args.rule, args.two_stage, args.located)  # before the study or the bundle is read
+    # everything the command line alone decides is checked before a study or a bundle (minutes to unpack) is read
+    check_variant(args.rule, args.two_stage, args.located)
+    InferenceOptions(args.device or "auto", "auto", args.tta, args.batch_size, args.threshold, args.any_modality)
+    check_folders(args.input, args.out)
     study = None if args.model else _study(args)
     with open_bundle(args.model) if args.model else nullcontext(study_ensemble(study)) as found:
         device = args.device or (study.cfg.device if study else "auto")
@@ -77,7 +80,7 @@ def _predict(args) -> int:
         options = InferenceOptions(device, found.precision, args.tta, args.batch_size, threshold, args.any_modality)
         report = predict_with(found, args.input, args.out, options, args.rule, args.probabilities, args.two_stage,
                               args.located)
-    return 1 if report.failed and not (report.written or report.skipped) else 0  # nothing usable came of it
+    return 1 if report.failed else 0  # some radiographs could not be segmented: the exit says so (see --help)
 
 
 def _export(args) -> None:

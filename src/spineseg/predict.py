@@ -106,23 +106,39 @@ def resample(maps: np.ndarray, size: tuple[int, int], nearest: bool = False) -> 
     return out[:, 0].numpy().astype(maps.dtype)
 
 
-def load_state(path: str | os.PathLike) -> dict:
-    """A state dict of tensors; a file that is anything else is one clear error, and nothing in it runs."""
+def load_state(path: str | os.PathLike, shown: str | None = None) -> dict:
+    """A state dict of finite tensors; a file that is anything else (empty, a list, a bare tensor, text, NaN weights)
+    is one clear error naming it (as `shown`, where given), and nothing in it runs."""
     path = Path(path)
+    shown = shown or str(path)
     if not path.is_file():
-        raise ModelError(f"{path} is missing")
+        raise ModelError(f"{shown} is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message advises weights_only=False: the one thing not to do here
-        raise ModelError(f"{path} holds more than weights (objects that could run code); refused") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise ModelError(f"{path}: not a readable weights file ({str(exc).splitlines()[0]})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's message advises weights_only=False: the one thing not to do here
+        if "was not an allowed global" in str(exc):
+            raise ModelError(f"{shown} holds more than weights (objects that could run code); refused") from None
+        raise ModelError(f"{shown}: not a readable weights file (no torch state dict)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as exc:  # IndexError: a 0-byte file
+        raise ModelError(f"{shown}: not a readable weights file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelError(f"{shown}: not a state dict (names → tensors) but {type(state).__name__}")
+    broken = next((name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise ModelError(f"{shown}: {broken} holds NaN or infinite weights; the model would predict nothing sensible")
+    return state
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, device: torch.device) -> nn.Module:
+def load_weights(model: nn.Module, path: str | os.PathLike, device: torch.device, shown: str | None = None) -> nn.Module:
     """A model with the weights saved at `path` (a state dict), in evaluation mode on `device`."""
-    try:
-        model.load_state_dict(load_state(path))
-    except RuntimeError as exc:
-        raise ModelError(f"{path} does not fit this network: {str(exc).splitlines()[0]}") from None
+    shown = shown or str(path)
+    state, expected = load_state(path, shown), model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    reshaped = [name for name in expected if name in state and state[name].shape != expected[name].shape]
+    if missing or unexpected or reshaped:
+        first = (f"{missing[0]} is missing" if missing else f"{unexpected[0]} is not in the network" if unexpected
+                 else f"{reshaped[0]} has shape {tuple(state[reshaped[0]].shape)}, the network {tuple(expected[reshaped[0]].shape)}")
+        raise ModelError(f"{shown} does not fit this network: {first} ({len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(reshaped)} of another shape)")
+    model.load_state_dict(state)
     return model.to(device).eval()

@@ -11,14 +11,18 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from spineseg import atomic
 from spineseg.crops import CropGeometry
+from spineseg.encoders import canonical_architecture, canonical_encoder
 from spineseg.errors import ModelError
+from spineseg.limits import MAX_SIDE
 from spineseg.models import build_model
-from spineseg.names import CENTRES
+from spineseg.names import CENTRES, PRECISIONS, TARGETS
 from spineseg.objectives import objective
 from spineseg.predict import Segmenter, load_weights
 from spineseg.train import BEST
@@ -87,16 +91,21 @@ class ModelDescription:
         return path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> ModelDescription:
+    def load(cls, folder: str | os.PathLike, shown: str | None = None) -> ModelDescription:
+        """The description in a folder, every field checked for its type and bounds (`_Described`): a file from
+        elsewhere is one error naming it (`shown`, e.g. a bundle's entry, else its path) and the field."""
         path = Path(folder) / MODEL_FILE
+        shown = shown or str(path)
         values = atomic.read_json_object(path, ModelError, f"{Path(folder)} is not a spineseg model folder")
         if values.get("format") != FORMAT:
-            raise ModelError(f"{path}: format {values.get('format')!r}, expected {FORMAT!r}")
-        known = set(cls.__dataclass_fields__)
+            raise ModelError(f"{shown}: format {values.get('format')!r}, expected {FORMAT!r}")
         try:
-            return cls(**{key: value for key, value in values.items() if key in known})
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"{path}: {exc}") from None
+            checked = _Described.model_validate(values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"])
+            raise ModelError(f"{shown}: {field} = {error.get('input')!r}: {error['msg']}") from None
+        return cls(**checked.model_dump(exclude={"crop"}), crop=checked.crop and CropGeometry(**checked.crop.model_dump()))
 
     def build(self) -> Segmenter:
         """The untrained network this folder's weights fit (never downloads anything)."""
@@ -106,7 +115,44 @@ class ModelDescription:
         return Segmenter(net, task, self.coordinates)
 
 
-def load_model(folder: str | os.PathLike, device: torch.device) -> tuple[ModelDescription, Segmenter]:
-    """A model folder's description and its network with the best weights, in evaluation mode on `device`."""
-    description = ModelDescription.load(folder)
-    return description, load_weights(description.build(), Path(folder) / BEST, device)
+Side = Annotated[int, Field(strict=True, ge=1, le=MAX_SIDE)]
+Share = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+
+
+class _Crop(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    size: tuple[Side, Side]
+    margin: Share = 1.0
+    jitter: Share = 0.4
+    scale_jitter: Share = 0.1
+    copies: Annotated[int, Field(strict=True, ge=1, le=100)] = 2
+
+
+class _Described(BaseModel):
+    """model.json as this version writes it: strict types (``"no"`` is not a boolean, ``"64"`` not a size) and the
+    study's bounds on every size, so that a hand-edited or foreign file fails here, naming its field."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: StrictStr
+    encoder: Annotated[StrictStr, AfterValidator(canonical_encoder)]
+    architecture: Annotated[StrictStr, AfterValidator(canonical_architecture)]
+    target: Literal[(*TARGETS, CENTRES)]  # type: ignore[valid-type]
+    input_size: tuple[Side, Side]
+    coordinates: StrictBool = False
+    attention: StrictBool = False
+    grid: tuple[Side, Side] | None = None
+    crop: _Crop | None = None
+    weights_origin: dict = Field(default_factory=dict)
+    precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]
+    metrics: dict = Field(default_factory=dict)
+    code_version: dict = Field(default_factory=dict)
+    chain_prior: dict | None = None
+
+
+def load_model(folder: str | os.PathLike, device: torch.device, shown: str | None = None) -> tuple[ModelDescription, Segmenter]:
+    """A model folder's description and its network with the best weights, in evaluation mode on `device`; messages
+    name the folder as `shown` (a bundle's entry, say) where given."""
+    description = ModelDescription.load(folder, shown)
+    return description, load_weights(description.build(), Path(folder) / BEST, device, shown and f"{shown}/{BEST}")

@@ -166,6 +166,11 @@ def _read_dicom(path: Path, any_modality: bool, needed: tuple[int, int] | None) 
         raise DatasetError(f"{path}: DICOM modality {modality}, not a projection radiograph "
                            f"({', '.join(PROJECTION_MODALITIES)}); --any-modality reads it anyway")
     rows, columns, frames = (int(getattr(dataset, name, None) or 1) for name in ("Rows", "Columns", "NumberOfFrames"))
+    samples = int(getattr(dataset, "SamplesPerPixel", None) or 1)
+    if frames > 1:  # a cine or a stack: which frame is the radiograph is not for us to guess
+        raise DatasetError(f"{path}: a DICOM of {frames} frames; export the one radiograph as a single-frame file")
+    if samples not in (1, 3):
+        raise DatasetError(f"{path}: {samples} samples per pixel; a radiograph has 1 (grayscale) or 3 (RGB)")
     if rows * columns * frames > pixel_limit():  # as PIL refuses a PNG or JPEG, before decoding
         raise DatasetError(f"{path}: {columns} x {rows} pixels{f' x {frames} frames' if frames > 1 else ''} "
                            f"({rows * columns * frames / 1e6:.3g} MP), over the limit of {pixel_limit() / 1e6:.3g} MP "
@@ -183,8 +188,8 @@ def _read_dicom(path: Path, any_modality: bool, needed: tuple[int, int] | None) 
     del dataset  # and the decoded pixel data it holds
     if not pixels.flags.writeable:
         pixels = pixels.copy()  # it is normalised in place
-    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-        pixels = pixels[..., :3].mean(axis=-1, dtype=np.float32)
+    if samples == 3:  # colour by the header, not by a last axis that happens to be 3 or 4 long
+        pixels = pixels.mean(axis=-1, dtype=np.float32)
     if pixels.ndim != 2:
         raise DatasetError(f"{path}: expected one 2-D image, got pixel data of shape {pixels.shape}")
     if photometric == "MONOCHROME1":

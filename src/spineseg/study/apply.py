@@ -21,6 +21,7 @@ is reported per image and counted in the summary.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Iterable
@@ -141,22 +142,22 @@ class Ensemble:
 def load_ensemble(found: EnsembleFolders, device, two_stage: bool = False, located: bool = False) -> Ensemble:
     """The models of a study or a bundle, each from its model folder; the crop model and the locator only when asked
     for (and found). The located variant's masks need no member: their model.json files still give the grid."""
-    described = [(ModelDescription.load(folder), folder, weight) for folder, weight in found.members]
+    described = [(ModelDescription.load(folder, found.shown(folder)), folder, weight) for folder, weight in found.members]
     grids = {description.grid for description, _, _ in described}
     if len(grids) != 1:
         raise ConfigError(f"the members of {found.origin} were trained on images stored at different sizes {sorted(map(str, grids))}")
     grid, crop, locator = grids.pop(), None, None
-    members = [] if located else [Member(description.name, load_model(folder, device)[1], description.input_size, weight)
+    members = [] if located else [Member(description.name, load_model(folder, device, found.shown(folder))[1], description.input_size, weight)
                                   for description, folder, weight in described]
     option = "--located" if located else "--two-stage"
     if two_stage or located:
-        description, model = load_model(found.crop, device)
+        description, model = load_model(found.crop, device, found.shown(found.crop))
         if description.crop is None or description.grid is None:
             raise ConfigError(f"{option}: {found.crop} is not a crop model with the grid its crops were cut from")
         _same_grid(description, grid, option, f"the crop model of {found.origin}")  # its boxes are cut at the grid
         crop = CropModel(model, description.crop)
     if located:
-        description, model = load_model(found.locator_model, device)
+        description, model = load_model(found.locator_model, device, found.shown(found.locator_model))
         _same_grid(description, grid, option, f"the locator of {found.origin}")  # stage 3 found its chains there
         locator = ChainLocator(Locator(model, _chain_prior(description, found.locator_model), found.locator_hflip),
                                description.input_size)
@@ -229,9 +230,11 @@ def predict_with(found: EnsembleFolders, source: str | Path, out: str | Path, op
 
 
 def image_id(path: Path, root: Path) -> str:
-    """A file-name-safe id from the path below the input folder (sub/dir/x.png → sub__dir__x)."""
+    """A file-name-safe id from the path below the input folder (sub/dir/x.png → sub__dir__x): letters of any script
+    are kept (знімок_1 and пацієнт_1 stay apart); a name of nothing but punctuation gets one from its path's hash."""
     relative = path.relative_to(root) if root.is_dir() else Path(path.name)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", "__".join(relative.with_suffix("").parts)).strip("_.")
+    key = re.sub(r"[^\w.-]+", "_", "__".join(relative.with_suffix("").parts)).strip("_.")
+    return key or f"image-{hashlib.sha1(relative.as_posix().encode()).hexdigest()[:10]}"
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -288,12 +291,24 @@ def _same_settings(row: dict, rule: str, threshold: float, tta: bool) -> bool:
     return row["rule"] == rule and np.isclose(float(row["threshold"]), threshold) and str(row.get("tta")) == str(tta)
 
 
-def _inputs_below(source: Path, out: Path) -> list[Path]:
-    """The radiographs at `source`, less anything under `out` (a rerun must not read its own outputs back)."""
+def check_folders(source: str | Path, out: str | Path) -> None:
+    """--input and --out that cannot work together, refused before anything is read or written."""
+    source, out = Path(source).resolve(), Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; name a folder for the masks, overlays and predictions.csv")
+    if source == out or source.is_relative_to(out):
+        raise ConfigError(f"--out {out} is, or holds, the --input {source}: the outputs would mix with the radiographs; "
+                          f"name another folder")
+
+
+def _inputs_below(source: Path, out: Path) -> list[Path]:
+    """The radiographs at `source`, less anything under `out` (a rerun must not read its own outputs back)."""
+    check_folders(source, out)
     outputs = out.resolve()
-    return [path for path in find_radiographs(source) if not path.resolve().is_relative_to(outputs)]
+    found = [path for path in find_radiographs(source) if not path.resolve().is_relative_to(outputs)]
+    if not found:
+        raise ConfigError(f"--input {source}: no PNG, JPEG or DICOM radiograph found there")
+    return found
 
 
 def predict_files(ensemble: Ensemble, source: str | Path, out: str | Path, options: InferenceOptions,

@@ -360,6 +360,11 @@ class BundleFiles:
     def crop_model(self) -> Path:
         return self.root / "crop_model"
 
+    @property
+    def locator_model(self) -> Path:
+        """The located variant's locator (`spineseg.locator`)."""
+        return self.root / "locator_model"
+
 
 def bench_dir(project: Path) -> Path:
     return Path(project) / "runs" / "bench"
