@@ -233,3 +233,21 @@ def test_a_multi_frame_or_odd_sample_dicom_is_one_line(tmp_path):
         load_radiograph(path)
     write_dicom(path, np.zeros((50, 3), np.uint16))
     assert load_radiograph(path).pixels.shape == (50, 3)  # one frame, 3 columns: a narrow grayscale image
+
+
+@pytest.mark.parametrize("code", ["EROFS", "ENOSPC"])
+def test_a_read_only_or_full_disk_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, code):
+    """Row 16: a 37-line traceback before; every write is atomic, so the line can say what was written is whole."""
+    import errno
+
+    import spineseg.data.synthetic as synthetic
+    from spineseg.cli import main
+
+    def fails(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(tmp_path / "runs" / "x.csv"))
+
+    monkeypatch.setattr(synthetic, "synthesize", fails)
+    assert main(["data", "synth", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"spineseg: error: cannot write {tmp_path / 'runs' / 'x.csv'}: {os.strerror(getattr(errno, code))}; "
+                   f"files written before are complete\n")

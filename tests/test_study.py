@@ -157,6 +157,31 @@ def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
     assert (folder / "best.pt").stat().st_mtime_ns == before
 
 
+def test_a_damaged_prediction_file_is_named_and_made_again_from_best_pt_without_training(tmp_path):
+    """Issue #34 row 17: a truncated probs_*.npz failed every rerun with BadZipFile deep in stage 4."""
+    from spineseg.errors import StageOrderError
+
+    d1 = write_rectangles(tmp_path, "d1", 20)
+    data = StudyData(d1, None, fingerprint="f")
+    spec = RunSpec(stage="t", encoder="MobileNetV2", image_size=64, data=data.fingerprint,
+                   train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=1, patience=1, augment=False, seed=0))
+    summary = execute(spec, data, tmp_path / "store", device="cpu")
+    files = spec.files(tmp_path / "store")
+    path = files.probs("d1", "test")
+    intact = load_probs(tmp_path / "store", spec, "d1", "test").probs
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StageOrderError, match=f"{path} is damaged .*delete it and rerun stage 3: it is made again from"):
+        load_probs(tmp_path / "store", spec, "d1", "test")
+    path.unlink()
+    trained = files.best.stat().st_mtime_ns
+    assert execute(spec, data, tmp_path / "store", device="cpu") == summary
+    assert files.best.stat().st_mtime_ns == trained  # evaluated again, not trained
+    np.testing.assert_allclose(load_probs(tmp_path / "store", spec, "d1", "test").probs, intact, atol=1e-3)
+    files.summary.write_text("{")
+    with pytest.raises(StageOrderError, match=f"{files.summary} is damaged .*delete {files.folder} to train this run again"):
+        execute(spec, data, tmp_path / "store", device="cpu")
+
+
 def test_a_finished_run_describes_its_model_so_that_it_loads_without_its_spec(tmp_path):
     import torch
 
@@ -307,6 +332,20 @@ def test_overrides_that_change_results_get_their_own_run_folder(tmp_path):
     assert layout.store == tmp_path / "runs/quick/train" and layout.data_dir == tmp_path / "runs/quick/data"  # shared
     assert Layout.of(tmp_path, "quick", {"data.seed": 3}).data_dir == tmp_path / "runs" / variant_name("quick", {"data.seed": 3}) / "data"
     assert Layout.of(tmp_path, "quick", {"stage4.threshold": 0.3}, in_place=True).run_dir == tmp_path / "runs/quick"
+
+
+def test_editing_the_profile_makes_the_same_overrides_a_new_variant(tmp_path):
+    """Issue #34: a variant named by its overrides alone kept the stage copies it took from the profile as it was."""
+    from spineseg.study.artifacts import Layout
+
+    (tmp_path / "params").mkdir()
+    profile = tmp_path / "params/mine.yaml"
+    profile.write_text("stage3: {max_epochs: 4}\n")
+    before = Layout.of(tmp_path, "mine", {"stage4.threshold": 0.3}).run_dir
+    assert before == Layout.of(tmp_path, "mine", {"stage4.threshold": 0.3}).run_dir  # stable while the file is
+    profile.write_text("stage3: {max_epochs: 5}\n")
+    assert Layout.of(tmp_path, "mine", {"stage4.threshold": 0.3}).run_dir != before
+    assert Layout.of(tmp_path, "mine", {}).run_dir == tmp_path / "runs/mine"  # the profile's own run keeps its name
 
 
 def test_a_variant_starts_from_the_profiles_stages_before_the_first_it_changes(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from conftest import running, write_dicom
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
-from spineseg.study.artifacts import read_table, variant_name
+from spineseg.study.artifacts import Layout, read_table
 from spineseg.study.runner import NOTEBOOKS, run_study
 from spineseg.study.tables import CANDIDATE_ORDER, METRIC_COLUMNS
 
@@ -223,7 +223,7 @@ def test_the_paper_profile_in_miniature_trains_the_plain_unet_offline_and_stops_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no weights cached here, and no network
     fresh = _copy_project(tmp_path)
     run_study(fresh, "paper", stages=[0, 2], overrides=PAPER_IN_MINIATURE, log=lambda message: None)
-    ranking = read_table(fresh / "runs" / variant_name("paper", PAPER_IN_MINIATURE) / "stage2/ranking.csv")  # its own run
+    ranking = read_table(Layout.of(fresh, "paper", PAPER_IN_MINIATURE).run_dir / "stage2/ranking.csv")  # its own run
     assert ranking["encoder"].tolist() == ["None"] and ranking["selected"].all()
     with pytest.raises(NotebookFailed) as info:  # stage 1's VGG16 wants ImageNet weights
         run_study(fresh, "paper", stages=[1], overrides=PAPER_IN_MINIATURE, log=lambda message: None)
@@ -526,7 +526,7 @@ def test_a_notebook_rerun_with_other_settings_leaves_the_study_as_it_was(project
                     "-p", "profile", "smoke", "-y", "overrides: {stage4.threshold: 0.3}"],
                    cwd=project, env=env, check=True, capture_output=True)
     assert snapshot() == before
-    variant = project / "runs" / variant_name("smoke", {"stage4.threshold": 0.3})
+    variant = Layout.of(project, "smoke", {"stage4.threshold": 0.3}).run_dir
     assert (variant / "stage4/metrics_test.csv").is_file() and (variant / "stage3/metrics_test.csv").is_file()
     assert json.loads((variant / "variant.json").read_text())["overrides"] == {"stage4.threshold": 0.3}
     assert json.loads((variant / "provenance.json").read_text())["04_ensembles"]["overrides"] == {"stage4.threshold": 0.3}

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 from spineseg.errors import ConfigError, SpinesegError
+
+UNWRITABLE = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
 
 def _size(text: str):
@@ -230,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
     except SpinesegError as exc:  # the user's input; anything else is a bug and keeps its traceback
         print(f"spineseg: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        # the machine's state, not a bug: a read-only or full disk, a folder of another account. Every write is
+        # atomic (`spineseg.atomic`), so what was written before stays whole.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"spineseg: error: cannot write{where}: {exc.strerror}; files written before are complete", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _quiet_shutdown()

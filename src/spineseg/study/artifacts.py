@@ -162,14 +162,22 @@ def result_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     return {key: value for key, value in (overrides or {}).items() if key.split(".")[0] not in HOW_NOT_WHAT}
 
 
-def variant_name(profile: str, overrides: Mapping[str, Any] | None) -> str:
+def variant_name(profile: str, overrides: Mapping[str, Any] | None, content: bytes = b"") -> str:
     """The run folder's name: the profile, or ``<profile>+<hash>`` for overrides that change results, so a rerun
-    with other settings never rewrites the tables, figures and stage files of the profile's own run."""
+    with other settings never rewrites the tables, figures and stage files of the profile's own run. The hash
+    covers the profile file's `content` too: after the profile is edited, the same overrides make a new variant
+    instead of keeping stage copies taken from the profile as it was."""
     changed = result_overrides(overrides)
     if not changed:
         return profile
-    digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode() + b"\0" + content).hexdigest()[:8]
     return f"{profile}+{digest}"
+
+
+def profile_content(project: Path, profile: str) -> bytes:
+    """The bytes of params/<profile>.yaml (empty where it is missing: `load_profile` says so)."""
+    path = Path(project) / "params" / f"{profile}.yaml"
+    return path.read_bytes() if path.is_file() else b""
 
 
 def first_stage_changed(overrides: Mapping[str, Any] | None) -> int:
@@ -194,7 +202,7 @@ class Layout:
     @classmethod
     def of(cls, project: Path, profile: str, overrides: Mapping[str, Any] | None = None, in_place: bool = False) -> Layout:
         """The layout a run with `overrides` writes to; `in_place` writes into the profile's own folder anyway."""
-        run = profile if in_place else variant_name(profile, overrides)
+        run = profile if in_place else variant_name(profile, overrides, profile_content(project, profile))
         flips = [key for key in result_overrides(overrides) if key.endswith(".tta_hflip")]
         if run != profile and flips:
             # flip TTA is how the shared trained runs are evaluated, kept in their folders: a variant would rewrite them

@@ -9,6 +9,8 @@ not come from the members' own level maps.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,7 +29,7 @@ from spineseg.study.ensemble_inputs import EnsembleInputs
 from spineseg.study.executors import make_executor
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
-from spineseg.study.store import OUTSIDE_CODES, RunSpec, load_chain_prior, load_trained, run_all
+from spineseg.study.store import OUTSIDE_CODES, RunSpec, damaged, load_chain_prior, load_trained, run_all
 from spineseg.study.training import run_spec
 from spineseg.study.two_stage import trained_crop_model
 from spineseg.vertebrae import REGION_CODES
@@ -59,11 +61,15 @@ def cached_chains(study: Study, spec: RunSpec, dataset: str, split: str, ids: li
     path = spec.files(study.layout.store).chains(dataset, split)
     if not path.is_file():
         raise StageOrderError(f"no locator chains at {path}: run `spineseg run --profile {study.name} --stages 3` first")
-    with np.load(path) as saved:
-        if [str(i) for i in saved["ids"]] != list(ids):
-            raise StageOrderError(f"the locator's chains at {path} do not match the images of {dataset} {split}; rerun stage 3")
-        return [Chain(centres.astype(float), tuple(_OUTSIDE_NAMES[int(c)] for c in outside), evidence.astype(float), 0.0)
-                for centres, outside, evidence in zip(saved["centres"], saved["outside"], saved["evidence"])]
+    try:
+        with np.load(path) as saved:
+            found, centres, outside, evidence = [str(i) for i in saved["ids"]], saved["centres"], saved["outside"], saved["evidence"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise damaged(path, exc) from None
+    if found != list(ids):
+        raise StageOrderError(f"the locator's chains at {path} do not match the images of {dataset} {split}; rerun stage 3")
+    return [Chain(c.astype(float), tuple(_OUTSIDE_NAMES[int(k)] for k in o), e.astype(float), 0.0)
+            for c, o, e in zip(centres, outside, evidence)]
 
 
 def region_masks(chains: list[Chain], shape: tuple[int, int], beside: bool = True) -> np.ndarray:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -232,10 +234,10 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", w
     wait for it to finish, or with ``wait=False`` return None at once so the caller can do other runs.
     """
     files = spec.files(store)
-    if files.done.is_file() and _evaluated_as(files, hflip):
+    if files.done.is_file() and _evaluated_as(files, hflip) and _predictions_present(spec, files, data):
         if not files.model.is_file():  # finished before runs described their models
             describe(spec, files, training_grid(data)).save(files.folder)
-        return json.loads(files.summary.read_text())
+        return _summary(files)
     files.lease.parent.mkdir(parents=True, exist_ok=True)
     lease = FileLock(files.lease)
     try:
@@ -244,13 +246,36 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", w
         return None
     try:
         if files.done.is_file():  # finished, perhaps by the previous holder
-            if not _evaluated_as(files, hflip):
+            if not (_evaluated_as(files, hflip) and _predictions_present(spec, files, data)):
                 torch_device = pick_device(device)
                 _evaluate(load_trained(store, spec, torch_device), spec, files, data, torch_device, hflip)
-            return json.loads(files.summary.read_text())
+            return _summary(files)
         return _train(spec, files, data, device, hflip)
     finally:
         lease.release()
+
+
+def _predictions_present(spec: RunSpec, files: RunFiles, data: StudyData) -> bool:
+    """Every prediction file the run's evaluation writes is there: one deleted as damaged is made again from best.pt."""
+    if spec.crop is not None:
+        return True
+    written = files.chains if spec.target == CENTRES else files.probs
+    return all(written(name, split).is_file() and files.metrics(name, split).is_file()
+               for name, folder, split in data.eval_splits() if split in splits_present(folder))
+
+
+def _summary(files: RunFiles) -> dict:
+    try:
+        return json.loads(files.summary.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StageOrderError(f"{files.summary} is damaged ({type(exc).__name__}); delete {files.folder} to train this "
+                              f"run again") from None
+
+
+def damaged(path: Path, exc: Exception) -> StageOrderError:
+    """A run's cached prediction file that cannot be read: what to do, in one line."""
+    return StageOrderError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                           f"delete it and rerun stage 3: it is made again from the run's best.pt, nothing is retrained")
 
 
 def starting_model(spec: RunSpec, store: Path) -> Segmenter:
@@ -368,9 +393,12 @@ def load_probs(store: Path, spec: RunSpec, dataset: str, split: str) -> CachedPr
     path = spec.files(store).probs(dataset, split)
     if not path.is_file():
         raise StageOrderError(f"no cached probabilities at {path}; run the stage that trains {spec.candidate} first")
-    with np.load(path) as npz:
-        levels = npz["levels"] if "levels" in npz.files else None
-        return CachedPrediction([str(i) for i in npz["ids"]], npz["probs"].astype(np.float32), levels)
+    try:
+        with np.load(path) as npz:
+            levels = npz["levels"] if "levels" in npz.files else None
+            return CachedPrediction([str(i) for i in npz["ids"]], npz["probs"].astype(np.float32), levels)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise damaged(path, exc) from None
 
 
 def load_metrics(store: Path, specs: Iterable[RunSpec], group: Callable[[RunSpec], str],
