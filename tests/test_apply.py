@@ -223,7 +223,7 @@ def test_options_without_a_threshold_take_the_studys_t(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(apply, "load_ensemble", lambda found, device, *variants: "ensemble")
     monkeypatch.setattr(apply, "predict_files", lambda ensemble, source, out, options, *a: seen.update(t=options.threshold))
-    found = SimpleNamespace(crop=None, locator=None, threshold=0.3, origin="a study")
+    found = SimpleNamespace(crop=None, locator=None, threshold=0.3, origin="a study", best_rule=None)
     apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu", tta=True))
     assert seen["t"] == 0.3
     apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu", threshold=0.7))
@@ -510,3 +510,19 @@ def test_a_variants_model_folder_is_found_once_its_run_has_finished(tmp_path):
     assert _trained(study, spec) is None  # not finished
     files.done.write_text("")
     assert _trained(study, spec) == files.folder
+
+
+@pytest.mark.parametrize(("best", "expected", "said"), [
+    ("located", (None, False, True), "the located variant"),
+    ("two_stage", (None, True, False), "the two-stage variant behind max"),
+    ("staple", ("staple", False, False), "validation-best rule is staple"),
+    ("stacking", ("soft", False, False), "learned what predict does not carry: soft voting instead"),
+])
+def test_without_a_rule_predict_applies_what_stage_4_chose_on_validation(best, expected, said):
+    """Issue #35: the model card named the validation-best rule, and predict ran soft voting regardless."""
+    from spineseg.study.apply import chosen
+
+    lines = []
+    found = SimpleNamespace(best_rule=best, locator="max")
+    assert chosen(found, lines.append) == expected
+    assert len(lines) == 1 and said in lines[0]

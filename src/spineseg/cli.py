@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--project", type=Path, help="the project folder of --profile (default: the one this runs in)")
     predict.add_argument("--input", required=True, type=Path, help="a PNG, JPEG or DICOM file, or a folder of them")
     predict.add_argument("--out", required=True, type=Path)
-    predict.add_argument("--rule", help="ensemble rule (default soft voting; with --two-stage, the locator stage 4 chose; "
+    predict.add_argument("--rule", help="ensemble rule (default: what stage 4 chose on validation, the located or "
+                                        "two-stage variant included; with --two-stage, the locator stage 4 chose; "
                                         "not with --located)")
     predict.add_argument("--threshold", type=float, help="T (default: the study's stage4.threshold)")
     predict.add_argument("--tta", action="store_true", help="also predict each mirror image, and average")

@@ -45,7 +45,7 @@ from spineseg.device import pick_device
 from spineseg.ensemble import combine, disagreement
 from spineseg.errors import ConfigError, SpinesegError, StageOrderError
 from spineseg.locator import Locator
-from spineseg.names import CENTRES, EXTRA_RULES, LOCATED, PRECISIONS, RULES, is_device
+from spineseg.names import CENTRES, EXTRA_RULES, LOCATED, PRECISIONS, RULES, TWO_STAGE, is_device
 from spineseg.predict import predict, resample
 from spineseg.saved_models import ModelDescription, load_model
 from spineseg.study.artifacts import read_table
@@ -208,8 +208,11 @@ def predict_with(found: EnsembleFolders, source: str | Path, out: str | Path, op
                  log=print) -> PredictionReport:
     """`predict_files` with a study's or a bundle's models. With `two_stage`, the rule's mask (by default the
     rule stage 4 chose as the locator on validation) is where the crop model outlines the region; with `located`,
-    the crop model outlines the four vertebrae the locator names; otherwise the rule defaults to soft voting."""
+    the crop model outlines the four vertebrae the locator names. Given none of rule, `two_stage`, `located`, what
+    stage 4 chose on validation (`chosen`); soft voting where it chose nothing."""
     check_variant(rule, two_stage, located)
+    if rule is None and not (two_stage or located) and found.best_rule:
+        rule, two_stage, located = chosen(found, log)
     missing = [f"no trained {what}" for what, folder in (("locator", found.locator_model), ("crop model", found.crop))
                if folder is None] if located else []
     if missing:
@@ -227,6 +230,24 @@ def predict_with(found: EnsembleFolders, source: str | Path, out: str | Path, op
         options = replace(options, threshold=found.threshold)
     device = pick_device(options.device)
     return predict_files(load_ensemble(found, device, two_stage, located), source, out, options, rule, probabilities, log)
+
+
+def chosen(found: EnsembleFolders, log=print) -> tuple[str | None, bool, bool]:
+    """(rule, two_stage, located) of what stage 4 chose on validation, as predict can run it: a rule, the two-stage
+    variant behind its locating rule, or the located variant; soft voting where the choice learned something predict
+    does not carry (a tuned T, the stacker, calibration) or is a baseline, said in one line."""
+    best = found.best_rule
+    if best == LOCATED:
+        log("the study's validation-best result is the located variant: predicting with it (--rule gives another)")
+        return None, False, True
+    if best == TWO_STAGE:
+        log(f"the study's validation-best result is the two-stage variant behind {found.locator}: predicting with it")
+        return None, True, False
+    if best in (*RULES, *EXTRA_RULES):
+        log(f"the study's validation-best rule is {best}: predicting with it (--rule gives another)")
+        return best, False, False
+    log(f"the study's validation-best result ({best}) learned what predict does not carry: soft voting instead")
+    return "soft", False, False
 
 
 def image_id(path: Path, root: Path) -> str:

@@ -71,6 +71,7 @@ class EnsembleFolders:
     # records it (a bundle's hand-made bundle.json), True: the locator's default, with which stage 3 made its chains
     locator_hflip: bool = True
     root: Path | None = None  # a bundle's unpacked folder: messages name a model by its entry in the bundle
+    best_rule: str | None = None  # what stage 4 chose on validation, `predict`'s default
 
     def shown(self, folder: Path) -> str | None:
         """How messages name a model folder: its entry in the bundle (the unpacked path is gone when one is read)."""
@@ -127,7 +128,8 @@ def study_ensemble(study: Study) -> EnsembleFolders:
     learned = Learned.load(study.layout.learned) if study.layout.learned.is_file() else None
     return EnsembleFolders(members, _trained(study, crop_spec(study, data)), study.cfg.stage4.threshold,
                            study.cfg.precision, learned and learned.two_stage_locator, f"the study `{study.name}`",
-                           _trained(study, locator_spec(study, data)), study.cfg.locator.tta_hflip)
+                           _trained(study, locator_spec(study, data)), study.cfg.locator.tta_hflip,
+                           best_rule=learned and learned.best_rule)
 
 
 def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
@@ -268,6 +270,7 @@ class _Manifest(BaseModel):
     threshold: Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)]
     precision: Literal[PRECISIONS]  # type: ignore[valid-type]
     two_stage_locator: StrictStr | None = None
+    best_rule: StrictStr | None = None
 
     @model_validator(mode="after")
     def _each_member_once(self) -> _Manifest:
@@ -393,7 +396,7 @@ def _bundle_folders(root: Path, manifest: _Manifest, shown: Path) -> EnsembleFol
     return EnsembleFolders([(folder(m.folder), m.validation_dsc) for m in manifest.members], crop, manifest.threshold,
                            manifest.precision, manifest.two_stage_locator, f"the bundle {shown}", locator,
                            manifest.locator_hflip is not False,  # where nothing records it: True (`EnsembleFolders`)
-                           root)
+                           root, manifest.best_rule)
 
 
 def _inside(root: Path, relative: str, shown: Path) -> Path:
