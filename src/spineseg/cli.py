@@ -14,6 +14,15 @@ from spineseg.errors import ConfigError, SpinesegError
 UNWRITABLE = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("spineseg")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _size(text: str):
     """``512`` or ``512x192`` (height × width)."""
     try:
@@ -138,7 +147,10 @@ def _bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spineseg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="spineseg", description=__doc__,
+                                     epilog="exit status: 0 done; 1 done, but some radiographs could not be segmented "
+                                            "(predict); 2 an error in what was asked (one line says which); 130 Ctrl-C")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="make or convert datasets").add_subparsers(dest="data_command", required=True)
@@ -169,12 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     predict = commands.add_parser("predict", help="segment Th8–Th11 on new radiographs with a study's ensemble or a bundle")
-    predict.add_argument("--model", type=Path, help="a bundle from `spineseg export` (.zip or its unpacked folder): "
+    predict.add_argument("-m", "--model", type=Path, help="a bundle from `spineseg export` (.zip or its unpacked folder): "
                                                     "runs anywhere, without the project")
     predict.add_argument("--profile", help="the study whose stage-3 models to use (default quick; run it first)")
     predict.add_argument("--project", type=Path, help="the project folder of --profile (default: the one this runs in)")
-    predict.add_argument("--input", required=True, type=Path, help="a PNG, JPEG or DICOM file, or a folder of them")
-    predict.add_argument("--out", required=True, type=Path)
+    predict.add_argument("-i", "--input", required=True, type=Path, help="a PNG, JPEG or DICOM file, or a folder of them")
+    predict.add_argument("-o", "--out", required=True, type=Path)
     predict.add_argument("--rule", help="ensemble rule (default: what stage 4 chose on validation, the located or "
                                         "two-stage variant included; with --two-stage, the locator stage 4 chose; "
                                         "not with --located)")

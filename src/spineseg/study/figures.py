@@ -42,6 +42,7 @@ TRUTH = "#2ca02c"
 MASK_KEY = {"TP: predicted and true": TRUE_POSITIVE, "FP: predicted, not true": FALSE_POSITIVE,
             "FN: true, missed": FALSE_NEGATIVE}
 MAX_WIDTH_IN = 20
+EMBEDDED_FONTS = {"pdf.fonttype": 42, "ps.fonttype": 42}  # TrueType in the PDFs, as journals ask, not Type 3
 
 
 REGION_COLOURS = ("#e41a1c", "#ff7f00", "#4daf4a", "#377eb8")
@@ -51,7 +52,7 @@ def save(fig: Figure, study: Study, name: str) -> list[Path]:
     """The figure as PNG (at the profile's dpi) and PDF, each written atomically."""
     paths = [study.layout.figure(name, "png"), study.layout.figure(name, "pdf")]
     for path in paths:
-        with atomic.atomic_path(path) as tmp:
+        with atomic.atomic_path(path) as tmp, plt.rc_context(EMBEDDED_FONTS):
             fig.savefig(tmp, format=path.suffix[1:], dpi=study.cfg.analysis.dpi, bbox_inches="tight")
     return paths
 
