@@ -1,6 +1,7 @@
 """The `smoke` profile end to end through papermill, in a throwaway copy of the project."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -331,12 +332,15 @@ def test_every_latex_table_compiles_with_pdflatex(project, tmp_path):
 
     tables = sorted((project / "runs/smoke/tables").glob("*.tex"))
     assert len(tables) > 20
-    document = "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n%s\\end{document}\n"
+    document = "\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n%s\\end{document}\n"
     for table in tables:
         (tmp_path / "doc.tex").write_text(document % f"\\input{{{table}}}\n")
         done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
                               capture_output=True, text=True)
         assert done.returncode == 0, (table.name, [line for line in done.stdout.splitlines() if line.startswith("!")])
+        overfull = [float(width) for width in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", done.stdout)]
+        assert max(overfull, default=0.0) < 1.0, (table.name, overfull)  # every table fits the text width
+        assert "Table 1: Table" not in (tmp_path / "doc.log").read_text()
 
 
 def test_every_figure_is_saved_at_the_profiles_dpi_and_at_most_20_inches_wide(project):

@@ -6,6 +6,7 @@ Every table value is a percentage with two decimals: the mean over images of a p
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import pandas as pd
@@ -508,10 +509,15 @@ def latex_table(table: pd.DataFrame, title: str, label: str, note: str | None = 
     escaped.index.name = latex_text(escaped.index.name) if escaped.index.name is not None else None
     text_columns = [c for c in escaped.columns if not pd.api.types.is_numeric_dtype(escaped[c])]
     escaped[text_columns] = escaped[text_columns].map(lambda v: v if pd.isna(v) else latex_text(v))
+    numbered = re.match(r"Table \d+\. ", title)  # LaTeX numbers its tables: "Table 1: Table 2. …" otherwise
     body = escaped.to_latex(index=index, float_format="%.2f", na_rep=latex_text(MISSING), escape=False,
-                            caption=latex_text(title), label=label)
+                            caption=latex_text(title[numbered.end():] if numbered else title), label=label)
+    # a table wider than the text is scaled down to it (graphicx's \resizebox), a narrower one left as it is
+    body = body.replace("\\begin{tabular}", "\\begingroup\\setbox0=\\hbox{\\begin{tabular}", 1)
+    body = body.replace("\\end{tabular}\n", "\\end{tabular}}\\ifdim\\wd0>\\linewidth\\resizebox{\\linewidth}{!}"
+                                           "{\\box0}\\else\\box0\\fi\\endgroup\n", 1)
     if note:
-        body = body.replace("\\end{tabular}\n", f"\\end{{tabular}}\n\\par\\footnotesize {latex_text(note)}\n")
+        body = body.replace("\\endgroup\n", f"\\endgroup\n\\par\\footnotesize {latex_text(note)}\n", 1)
     return body
 
 
