@@ -129,7 +129,10 @@ def test_captions_say_how_each_stage_differs_from_the_article(tmp_path):
     table2 = tables.caption(study, "table2")
     assert "4 candidate(s) × 1 training(s) (article: CheXpert and VinDr-SpineXR radiographs, ImageNet weights, " \
            "≤ 300 epochs at 256×256, 20 encoders × 10 trainings)" in table2
-    assert "encoders this run did not train show —" in table2
+    assert "did not train show —" not in table2  # the file has no article columns: its caption says none
+    assert "encoders this run did not train show —" in tables.caption(study, "table2", beside_article=True)
+    smoke_encoder = Study(Profile.model_validate({"stage1": {"encoder": "MobileNetV2"}}), Layout(tmp_path, "other"))
+    assert "U-Net with MobileNetV2 (article: VGG16) backbone" in tables.caption(smoke_encoder, "table1")
     assert "this run: synthetic radiographs, from scratch, ≤ 2 epochs at 64×64, the 0 selected model(s)" in \
         tables.caption(study, "table8")
     assert "HD95 and ASSD in px of the stored grid (128×128)" in tables.caption(study, "table10")

@@ -25,7 +25,7 @@ def show_tables(study: Study, tables: Mapping[str, pd.DataFrame], captions: Mapp
     table at a time."""
     with pd.option_context(*[item for pair in WHOLE.items() for item in pair]):
         for name, table in tables.items():
-            display(Markdown(f"**{(captions or {}).get(name) or caption(study, name)}**"))
+            display(Markdown(f"**{(captions or {}).get(name) or caption(study, name, beside_article=True)}**"))
             if name == "wilcoxon_readable":
                 _show_wilcoxon(table)
             elif name == "table13":

@@ -111,9 +111,12 @@ ENCODER_TABLES = ("table2", "table3", "table4", "table5")
 EMPTY_RULE_TABLES = {"table8": "d1", "table9": "d2"}
 
 
-def caption(study: Study, name: str) -> str:
-    """A table's caption, saying how this run differs from the article: data, weights, epochs, sizes."""
+def caption(study: Study, name: str, beside_article: bool = False) -> str:
+    """A table's caption, saying how this run differs from the article: data, weights, epochs, sizes. It describes
+    the file it heads; `beside_article` for the notebooks' display, which adds the article's values."""
     base = TABLE_CAPTIONS.get(name, name)
+    if name == "table1" and study.cfg.stage1.encoder != "VGG16":  # the article's title names its encoder
+        base = base.replace("VGG16", f"{study.cfg.stage1.encoder} (article: VGG16)")
     if name == "best_vs_single" and study.cfg.analysis.primary_endpoint != "dsc":
         return base.replace("Primary endpoint:", "Secondary endpoint (the profile's primary is identification):")
     if name not in TABLE_STAGES:
@@ -124,7 +127,7 @@ def caption(study: Study, name: str) -> str:
     if name in BOUNDARY_TABLES:
         parts.append(f"HD95 and ASSD in px of the stored grid{_stored_grid(study)}")
     parts.append(against_article(study, TABLE_STAGES[name]))
-    if name in ENCODER_TABLES:
+    if name in ENCODER_TABLES and beside_article:
         parts.append("the article's encoders this run did not train show — beside the article's values")
     return " — ".join(parts)
 
