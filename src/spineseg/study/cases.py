@@ -121,8 +121,9 @@ def uncertainty_plot(cases: pd.DataFrame, summary: dict, dataset: str) -> plt.Fi
     ax.axhline(100 * FAILED_BELOW, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("members' disagreement (mean probability spread)")
     ax.set_ylabel("soft-voting DSC (%)")
-    ax.set_title(f"{dataset}: AUROC {summary['auroc']:.2f} for DSC < {100 * FAILED_BELOW:.0f} %, "
-                 f"Spearman ρ {summary['spearman']:.2f}", fontsize=8)
+    auroc = (f"AUROC {summary['auroc']:.2f}" if np.isfinite(summary["auroc"])
+             else "AUROC undefined (every image on one side)")  # no failed image, or no other
+    ax.set_title(f"{dataset}: {auroc} for DSC < {100 * FAILED_BELOW:.0f} %, Spearman ρ {summary['spearman']:.2f}", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -356,8 +356,8 @@ def level_confusion(levels: np.ndarray, labels: np.ndarray, title: str) -> plt.F
             on = truth == code
             if on.any():
                 counts[code - 1, np.bincount(predicted[on], minlength=N_LEVELS + 1)[:N_LEVELS + 1].argmax()] += 1
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    ax.imshow(counts, cmap="Blues")
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    fig.colorbar(ax.imshow(counts, cmap="Blues"), ax=ax, label="vertebrae", shrink=0.8)
     names = [NAMES[c] for c in codes]
     ax.set_xticks(range(N_LEVELS + 1), ["none", *names], rotation=90, fontsize=6)
     ax.set_yticks(range(N_LEVELS), names, fontsize=6)
