@@ -204,3 +204,29 @@ def test_captions_say_which_candidates_started_from_imagenet(tmp_path):
     assert run_setting(study, "stage2").weights == "ImageNet weights for EfficientNetLite0, the others from scratch"
     every = Study(Profile.model_validate({"stage2": {**stage2, "pretrained": "imagenet"}}), Layout(tmp_path, "all"))
     assert run_setting(every, "stage2").weights == "ImageNet weights"
+
+
+def test_the_identification_endpoint_compares_the_chosen_rule_with_the_chosen_model_and_the_prior(tmp_path):
+    """The declared primary endpoint: paired by image, intervals by patient, Holm over the two tests."""
+    from spineseg import atomic
+    from spineseg.study.records import Learned
+
+    study = Study(Profile.model_validate({"analysis": {"primary_endpoint": "identification", "n_boot": 200}}),
+                  Layout(tmp_path, "p"))
+    patients = [f"p{k // 2}" for k in range(40)]
+    rows = []
+    for group, kind, found in (("located", "rule", [True] * 36 + [False] * 4), ("Lite1 (levels)", "model", [True] * 20 + [False] * 20),
+                               ("prior_mean", "prior", [True] * 8 + [False] * 32)):
+        rows += [{"group": group, "kind": kind, "dataset": "d2", "id": f"i{k}", "patient": patients[k],
+                  "identified_strict": found[k], "dsc": 0.8} for k in range(40)]
+    study.layout.identification.parent.mkdir(parents=True)
+    atomic.write_csv(study.layout.identification, pd.DataFrame(rows))
+    Learned(0.5, {"coef": [1.0], "intercept": 0.0}, {}, ["Lite1 (levels)"], "Lite1 (levels)", "located",
+            {"models": {}, "rules": {}}).save(study.layout.learned)
+    row = tables.identification_endpoint(study).iloc[0]
+    assert (row["Best rule"], row["Best model"]) == ("Located (locator + crop model)", "Lite1 (levels)")
+    assert row["Identified strictly rule"] == 90 and row["Identified strictly prior"] == 20
+    assert row["Δ rule − model (pp)"] == 40 and row["Δ rule − prior (pp)"] == 70
+    assert 0 < row["Δ rule − prior (pp) CI low"] < 70 < row["Δ rule − prior (pp) CI high"] <= 100
+    assert row["r rule vs prior (rank-biserial)"] == 1.0 and row["p rule vs prior (Wilcoxon by patient, Holm)"] == "<0.001"
+    assert (row["patients"], row["images"]) == (20, 40)

@@ -21,7 +21,7 @@ def example() -> dict:
                 "p rule vs model (Wilcoxon by patient, Holm)": "0.012", "r rule vs model (rank-biserial)": 0.5,
                 "Δ rule − prior (pp)": 40.0, "r rule vs prior (rank-biserial)": 0.9,
                 "Δ rule − prior (pp) CI low": 30.0, "Δ rule − prior (pp) CI high": 50.0,
-                "p rule vs prior (Wilcoxon by patient, Holm)": "< 0.001"}
+                "p rule vs prior (Wilcoxon by patient, Holm)": "<0.001"}
     return {"format": results.FORMAT, "profile": "aasce", "primary_endpoint": "identification", "best_rule": "located",
             "best_model": "Lite1 (levels)",
             "datasets": {"d2": {"description": "dataset 2: the later batch", "methods": {
@@ -37,7 +37,7 @@ def test_render_writes_every_number_of_the_file_and_nothing_else():
     assert "| Located (locator + crop model) | 70.0 [60.0, 80.0] | 75.5 [65.0, 85.2] | 81.0 [79.0, 83.0] | 76 / 36 |" in text
     assert "| Locator (its centres) | — | 76.0 [66.0, 86.0] | — | 76 / 36 |" in text  # a locator draws no mask
     assert "Located − Lite1 (levels): +12.3 pp [2.0, 22.0], r = 0.50, p = 0.012" in text
-    assert "Located − mean-position prior: +40.0 pp [30.0, 50.0], r = 0.90, p = < 0.001" in text
+    assert "Located − mean-position prior: +40.0 pp [30.0, 50.0], r = 0.90, p = <0.001" in text
     assert "Wall time (min): 00 0.4, 03 30.0; 30.4 in all." in text
     assert "Commit 0123456789, x86_64, 2 cores, 2 threads, data abc123." in text
 
