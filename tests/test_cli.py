@@ -54,13 +54,15 @@ def test_force_replaces_only_what_a_conversion_wrote_and_the_folder_follows_the_
     err = capsys.readouterr().err
     assert "v holds important.txt, which no spineseg conversion wrote" in err and (out / "important.txt").read_text() == "keep me"
     (out / "important.txt").unlink()
+    from spineseg.data.synthetic import synthesize
+
     previous = os.umask(0o022)
-    try:
-        assert main(["data", "synth", "--out", str(out), "--size", "32", "--force"]) == 0  # an empty folder
-        assert main(["data", "synth", "--out", str(out), "--size", "32", "--force", "--seed", "1"]) == 0  # its own datasets
+    try:  # the library call behind `data synth`, with few images
+        synthesize(out, size=32, counts={"d1": 6}, force=True)  # an empty folder
+        synthesize(out, size=32, counts={"d1": 6}, seed=1, force=True)  # a folder of its own datasets
     finally:
         os.umask(previous)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and sorted(p.name for p in out.iterdir()) == ["d1", "d2"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 and sorted(p.name for p in out.iterdir()) == ["d1"]
 
 
 def test_seeds_and_sizes_past_their_bounds_are_refused_before_any_work(tmp_path, capsys):

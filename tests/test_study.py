@@ -11,7 +11,7 @@ import spineseg.study.store as store_module
 from conftest import write_rectangles
 from spineseg.crops import CropGeometry
 from spineseg.data import DatasetError, write_dataset
-from spineseg.errors import ConfigError
+from spineseg.errors import ConfigError, StageOrderError
 from spineseg.study import stage0_data
 from spineseg.study.session import open_study
 from spineseg.study.stage0_data import StudyData, data_summary, prepare_data
@@ -155,30 +155,17 @@ def test_a_run_writes_every_artifact_and_is_skipped_when_done(tmp_path):
     assert run_all([spec], data, tmp_path / "store", device="cpu", log=said.append) == [summary]
     assert said == ["1 of 1 runs already finished: skipped"]
     assert (folder / "best.pt").stat().st_mtime_ns == before
-
-
-def test_a_damaged_prediction_file_is_named_and_made_again_from_best_pt_without_training(tmp_path):
-    """Issue #34 row 17: a truncated probs_*.npz failed every rerun with BadZipFile deep in stage 4."""
-    from spineseg.errors import StageOrderError
-
-    d1 = write_rectangles(tmp_path, "d1", 20)
-    data = StudyData(d1, None, fingerprint="f")
-    spec = RunSpec(stage="t", encoder="MobileNetV2", image_size=64, data=data.fingerprint,
-                   train=TrainSettings(batch_size=4, lr=1e-3, max_epochs=1, patience=1, augment=False, seed=0))
-    summary = execute(spec, data, tmp_path / "store", device="cpu")
-    files = spec.files(tmp_path / "store")
-    path = files.probs("d1", "test")
-    intact = load_probs(tmp_path / "store", spec, "d1", "test").probs
+    # issue #34 row 17: a truncated prediction file failed every rerun with BadZipFile deep in stage 4
+    path = spec.files(tmp_path / "store").probs("d2", "test")
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(StageOrderError, match=f"{path} is damaged .*delete it and rerun stage 3: it is made again from"):
-        load_probs(tmp_path / "store", spec, "d1", "test")
+        load_probs(tmp_path / "store", spec, "d2", "test")
     path.unlink()
-    trained = files.best.stat().st_mtime_ns
     assert execute(spec, data, tmp_path / "store", device="cpu") == summary
-    assert files.best.stat().st_mtime_ns == trained  # evaluated again, not trained
-    np.testing.assert_allclose(load_probs(tmp_path / "store", spec, "d1", "test").probs, intact, atol=1e-3)
-    files.summary.write_text("{")
-    with pytest.raises(StageOrderError, match=f"{files.summary} is damaged .*delete {files.folder} to train this run again"):
+    assert (folder / "best.pt").stat().st_mtime_ns == before  # evaluated again, not trained
+    np.testing.assert_allclose(load_probs(tmp_path / "store", spec, "d2", "test").probs, probs, atol=1e-3)
+    (folder / "summary.json").write_text("{")
+    with pytest.raises(StageOrderError, match=f"summary.json is damaged .*delete {folder} to train this run again"):
         execute(spec, data, tmp_path / "store", device="cpu")
 
 
