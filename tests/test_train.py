@@ -396,3 +396,15 @@ def test_run_keys_without_the_new_settings_are_the_keys_they_had():
     spec = RunSpec("stage2", "MobileNetV2", 64, settings, data="abc")
     assert spec.key() == "39f4a9e5f1"  # computed at c887a2d, before `augmentation` and `lr_schedule`
     assert RunSpec("stage2", "MobileNetV2", 64, replace(settings, lr_schedule="cosine"), data="abc").key() != spec.key()
+
+
+def test_epochs_before_the_first_eligible_one_are_never_chosen_nor_spend_patience():
+    settings = train_module.TrainSettings(batch_size=2, lr=1e-3, max_epochs=10, patience=2, augment=False, seed=0,
+                                          choose_after=0.5)
+    assert settings.first_eligible == 5 and replace(settings, choose_after=0.0).first_eligible == 1
+    progress = train_module._Progress()
+    scores = [0.9, 0.2, 0.2, 0.2, 0.5, 0.6, 0.55, 0.58]  # a lucky first epoch, then noise, then the real curve
+    for epoch, score in enumerate(scores, start=1):
+        progress.record(score, 1.0, 1.0, eligible=epoch >= settings.first_eligible)
+        assert not progress.finished(settings) or epoch == 8
+    assert (progress.best_epoch, progress.best_val_dsc) == (6, 0.6) and progress.finished(settings)  # two bad epochs after 6

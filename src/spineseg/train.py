@@ -69,6 +69,14 @@ class TrainSettings:
     eval_batch_size: int = 8
     augmentation: str = "paper"  # `spineseg.augment.AUGMENTATIONS`, when `augment`
     lr_schedule: str = "constant"  # `LR_SCHEDULES`: the article's constant rate, or a cosine decay over max_epochs
+    # the share of max_epochs before which no checkpoint is chosen (0: any epoch): where the validation score is a
+    # noisy count of a few dozen images, an early lucky epoch would stop a cosine schedule long before it anneals
+    choose_after: float = 0.0
+
+    @property
+    def first_eligible(self) -> int:
+        """The first epoch (from 1) whose checkpoint may be chosen."""
+        return max(1, int(np.ceil(self.choose_after * self.max_epochs)))
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of an epoch (from 0): a function of the epoch alone, so a resumed run follows it too."""
@@ -99,13 +107,14 @@ class _Progress:
         # Derived from the settings, not stored: called again with more epochs (or patience), go on.
         return self.bad_epochs >= settings.patience or self.epoch >= settings.max_epochs
 
-    def record(self, val_dsc: float, train_loss: float, seconds: float) -> bool:
-        """Book one finished epoch; True when it is the best so far."""
+    def record(self, val_dsc: float, train_loss: float, seconds: float, eligible: bool = True) -> bool:
+        """Book one finished epoch; True when it is the best so far. An epoch not `eligible` to be chosen (before
+        `TrainSettings.first_eligible`) neither becomes the best nor spends patience."""
         self.epoch += 1
-        improved = val_dsc > self.best_val_dsc
+        improved = eligible and val_dsc > self.best_val_dsc
         if improved:
             self.best_val_dsc, self.best_epoch, self.bad_epochs = val_dsc, self.epoch, 0
-        elif self.best_val_dsc > 0:
+        elif eligible and self.best_val_dsc > 0:
             # Patience starts once the model segments anything: from scratch, the first epochs can
             # predict no foreground at all (DSC 0) while the loss is still falling.
             self.bad_epochs += 1
@@ -263,10 +272,11 @@ def fit(model: Segmenter, train: Split, val: Split, settings: TrainSettings, fol
         started = time.perf_counter()
         loss = train_epoch(trainer, train, settings, progress.epoch, augmentation)
         val_dsc = score(model)
-        improved = progress.record(val_dsc, loss, time.perf_counter() - started)
-        if improved:
+        eligible = progress.epoch + 1 >= settings.first_eligible
+        improved = progress.record(val_dsc, loss, time.perf_counter() - started, eligible)
+        if improved or not eligible:  # before an epoch may be chosen, best.pt holds the latest weights
             best_model = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-        _checkpoint(folder, trainer, progress, best_model, improved)
+        _checkpoint(folder, trainer, progress, best_model, improved or not eligible)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", val_dsc=f"{val_dsc:.4f}", best=f"{progress.best_val_dsc:.4f}")
     bar.close()

@@ -264,6 +264,10 @@ class LocatorSection(Training):
     tta_hflip: bool = True
     augmentation: Literal["paper", "anatomy"] = "anatomy"  # `spineseg.augment`: the article's, or one that moves the spine
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # `spineseg.train.LR_SCHEDULES`
+    # checkpoints are chosen by validation identification from this share of max_epochs on: a few dozen
+    # validation images move the share identified by ±10 pp from epoch to epoch, and an early lucky epoch would
+    # end the cosine schedule long before it anneals (`spineseg.train.TrainSettings.choose_after`)
+    choose_after: Fraction = 0.5
     pretrained: Pretrained = "imagenet"
 
     @model_validator(mode="after")

@@ -80,7 +80,7 @@ class RunSpec:
         spec = asdict(self)
         if spec["crop"] is None:
             del spec["crop"]  # runs without crops keep the keys they had before crops existed
-        for setting, article in (("augmentation", "paper"), ("lr_schedule", "constant")):
+        for setting, article in (("augmentation", "paper"), ("lr_schedule", "constant"), ("choose_after", 0.0)):
             if spec["train"][setting] == article:
                 del spec["train"][setting]  # and runs with the article's augmentation and rate theirs
         return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
