@@ -149,7 +149,7 @@ def render(results: dict) -> str:
             lines.append(f"| {arm['arm']} | " + " | ".join("—" if c is None or c != c else f"{c:.1f}" for c in cells) + " |")
         for test in pretraining.get("tests", []):
             lines.append(f"- {test['a']} − {test['b']} ({test['dataset']}, test DSC): median per patient "
-                         f"{test['median_diff']}, r = {test['effect_size']:.2f}, p = {test['p']:.2g}, n = {test['n']} patients.")
+                         f"{test['median_diff']}, r = {test['effect_size']}, p = {test['p']}, n = {test['n']} patients.")
         lines.append("")
     minutes = results["stage_minutes"]
     if minutes:
