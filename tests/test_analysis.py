@@ -88,7 +88,9 @@ def test_write_table_formats(tmp_path):
     assert caption.startswith(tables.TABLE_CAPTIONS["table8"]) and "ensembles at T = 0.5 (article: 0.5)" in caption
     markdown = (folder / "table8.md").read_text()
     assert "88.12" in markdown and caption in markdown and "| Min         |  —    |" in markdown
-    assert tables.latex_text(caption) in (folder / "table8.tex").read_text()
+    tex = (folder / "table8.tex").read_text()
+    assert caption.startswith("Table 8. ")  # the display numbers it; LaTeX numbers its own tables
+    assert "\\caption{" + tables.latex_text(caption.removeprefix("Table 8. ")) + "}" in tex and "Table 8" not in tex
     csv = pd.read_csv(folder / "table8.csv", index_col=0)
     assert csv.loc["Soft voting", "DSC"] == pytest.approx(88.123) and pd.isna(csv.loc["Min", "DSC"])
 
@@ -106,7 +108,8 @@ def test_the_latex_copy_escapes_caption_names_cells_and_note(tmp_path, monkeypat
     assert r" & n\_images & $\Delta$ DSC (pp) & p\_holm \\" in tex
     assert r"100\% $\pm$ 2 $\geq$ 1 -- x & 3 & 1.50 & < 0.001 \\" in tex
     assert r"a\_b & 4 & --- & \#1 \& \$2 \\" in tex
-    assert "\\end{tabular}\n\\par\\footnotesize note: 5 \\% of $\\rho$\n\\end{table}" in tex
+    assert "\\end{tabular}}" in tex and "\\resizebox{\\linewidth}{!}" in tex  # scaled only when wider than the text
+    assert "\\endgroup\n\\par\\footnotesize note: 5 \\% of $\\rho$\n\\end{table}" in tex
 
 
 def test_every_caption_and_note_is_ascii_latex(tmp_path):
