@@ -27,6 +27,10 @@ def example() -> dict:
             "datasets": {"d2": {"description": "dataset 2: the later batch", "methods": {
                 "Located (locator + crop model)": method,
                 "Locator (its centres)": {"centres_identified": {"mean": 76.0, "ci": [66.0, 86.0]}, "images": 76, "patients": 36}}}},
+            "failures": {"d2": {"Located (locator + crop model)": {"identified": 70.0, "one level off": 25.0,
+                                                                   "three vertebrae": 5.0, "empty": 0.0}}},
+            "locator": {"encoder": "EfficientNetLite0", "image_size": [256, 96], "augmentation": "anatomy", "best_epoch": 20,
+                        "epochs_run": 24, "max_epochs": 24, "validation_identified": 84.6, "minutes": 9.1},
             "endpoint": [endpoint], "stage_minutes": {"00_data": 0.4, "03_final_training": 30.0},
             "provenance": {"git_commit": "0123456789abcdef", "git_modified": False, "machine": "x86_64, 2 cores",
                            "threads": 2, "data": "abc123"}}
@@ -38,6 +42,9 @@ def test_render_writes_every_number_of_the_file_and_nothing_else():
     assert "| Locator (its centres) | — | 76.0 [66.0, 86.0] | — | 76 / 36 |" in text  # a locator draws no mask
     assert "Located − Lite1 (levels): +12.3 pp [2.0, 22.0], r = 0.50, p = 0.012" in text
     assert "Located − mean-position prior: +40.0 pp [30.0, 50.0], r = 0.90, p = <0.001" in text
+    assert "- What kind of wrong, Located (locator + crop model) (% of images): one level off 25.0, three vertebrae 5.0." in text
+    assert ("The locator: EfficientNetLite0 at 256 × 96, anatomy augmentation, 9.1 min; the checkpoint of epoch 20 of 24 "
+            "(of at most 24), chosen on validation, where its centres identified 84.6 %.") in text
     assert "Wall time (min): 00 0.4, 03 30.0; 30.4 in all." in text
     assert "Commit 0123456789, x86_64, 2 cores, 2 threads, data abc123." in text
 

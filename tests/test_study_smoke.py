@@ -415,6 +415,11 @@ def test_the_locator_names_vertebrae_and_identification_stands_beside_the_positi
     results = json.loads((project / "runs/smoke/results.json").read_text())
     assert set(results["datasets"]) == {"d1", "d2"} and results["primary_endpoint"] == "dsc"
     assert "Locator (its centres)" in results["datasets"]["d1"]["methods"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert results["locator"]["best_epoch"] == summary["best_epoch"] and results["locator"]["augmentation"] == "anatomy"
+    chosen = results["failures"]["d2"][rule_name(results["best_rule"])]  # what kind of wrong the chosen rule is
+    assert sum(chosen.values()) == pytest.approx(100, abs=0.6) and chosen["identified"] == pytest.approx(
+        results["datasets"]["d2"]["methods"][f"best rule (validation): {rule_name(results['best_rule'])}"]["identified_strict"]["mean"], abs=0.1)
     timing = pd.read_csv(project / "runs/smoke/stage4/timing.csv")
     assert (timing["what"] == rule_name("located")).sum() == 1
 

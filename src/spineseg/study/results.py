@@ -19,6 +19,7 @@ from spineseg import atomic
 from spineseg.errors import StageOrderError
 from spineseg.names import LOCATED, LOCATOR, PRIOR_BAND, PRIOR_MEAN, rule_name
 from spineseg.study.artifacts import read_table
+from spineseg.study.located import locator_spec
 from spineseg.study.records import Learned
 from spineseg.study.runner import NOTEBOOKS
 from spineseg.study.session import Study
@@ -53,7 +54,9 @@ def collect(study: Study, data: StudyData) -> dict:
         datasets[dataset] = {"description": _description(study, dataset), "methods": methods}
     return {"format": FORMAT, "profile": study.name, "primary_endpoint": study.cfg.analysis.primary_endpoint,
             "best_rule": learned.best_rule, "best_model": learned.best_model, "datasets": datasets,
-            "endpoint": _endpoint(study), "pretraining": _pretraining(study), "stage_minutes": _stage_minutes(study),
+            "failures": _failures(study, [rule_name(learned.best_rule), learned.best_model]),
+            "locator": _locator(study, data), "endpoint": _endpoint(study), "pretraining": _pretraining(study),
+            "stage_minutes": _stage_minutes(study),
             "provenance": _provenance(study) | {"data": data.fingerprint}}
 
 
@@ -68,6 +71,29 @@ def _description(study: Study, dataset: str) -> str:
     if dataset == "d2" and study.cfg.data.source == "aasce" and study.cfg.data.later_batch:
         return f"dataset 2: the later batch (latest {study.cfg.data.later_batch:.0%} of the training split by acquisition day)"
     return DATASETS.get(dataset, dataset)
+
+
+def _failures(study: Study, labels: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """What kind of wrong the validation-chosen rule and model are on each test set (% of images, 05's taxonomy)."""
+    found = {}
+    for dataset in DATASETS:
+        path = study.layout.table(f"identification_failures_{dataset}", "csv")
+        if path.is_file():
+            table = read_table(path).set_index("Unnamed: 0")
+            found[dataset] = {label: table.loc[label].round(1).to_dict() for label in dict.fromkeys(labels) if label in table.index}
+    return found
+
+
+def _locator(study: Study, data: StudyData) -> dict:
+    """How the locator was trained and which checkpoint validation chose."""
+    spec = locator_spec(study, data)
+    summary = spec.files(study.layout.store).summary if spec else None
+    if summary is None or not summary.is_file():
+        return {}
+    run = json.loads(summary.read_text())
+    return {"encoder": run["encoder"], "image_size": run["image_size"], "augmentation": run["augmentation"],
+            "best_epoch": run["best_epoch"], "epochs_run": run["epochs_run"], "max_epochs": run["max_epochs"],
+            "validation_identified": round(100 * run["best_val_dsc"], 1), "minutes": round(run["seconds"] / 60, 1)}
 
 
 def _endpoint(study: Study) -> list[dict]:
@@ -133,6 +159,19 @@ def render(results: dict) -> str:
             lines.append(f"| {method} | {_value(values.get('identified_strict'))} | {_value(values.get('centres_identified'))} "
                          f"| {_value(values.get('dsc'))} | {values['images']} / {values['patients']} |")
         lines.append("")
+        dataset = next(key for key, value in results["datasets"].items() if value is part)
+        for method, kinds in results.get("failures", {}).get(dataset, {}).items():
+            wrong = ", ".join(f"{kind} {share:.1f}" for kind, share in kinds.items() if kind != "identified" and share > 0)
+            lines.append(f"- What kind of wrong, {method} (% of images): {wrong or 'none'}.")
+        if results.get("failures", {}).get(dataset):
+            lines.append("")
+    locator = results.get("locator")
+    if locator:
+        height, width = locator["image_size"]
+        lines.append(f"- The locator: {locator['encoder']} at {height} × {width}, {locator['augmentation']} augmentation, "
+                     f"{locator['minutes']:.1f} min; the checkpoint of epoch {locator['best_epoch']} of "
+                     f"{locator['epochs_run']} (of at most {locator['max_epochs']}), chosen on validation, where its "
+                     f"centres identified {locator['validation_identified']:.1f} %.")
     for row in results["endpoint"]:
         versus = [f"{row['Best rule']} − {name}: {row[f'Δ rule − {arm} (pp)']:+.1f} pp [{row[f'Δ rule − {arm} (pp) CI low']:.1f}, "
                   f"{row[f'Δ rule − {arm} (pp) CI high']:.1f}], r = {row[f'r rule vs {arm} (rank-biserial)']:.2f}, "
