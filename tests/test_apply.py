@@ -4,6 +4,7 @@ and that it feeds each member what the study's loader fed it."""
 from __future__ import annotations
 
 import re
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -194,6 +195,15 @@ def test_an_image_too_large_to_decode_is_one_line_and_the_run_goes_on(members, t
     assert report.written == ["small"] and list(report.failed) == [huge]
     assert report.failed[huge].startswith("DecompressionBombError: ")
     assert [line for line in said if huge in line] == [f"skipped {huge}: {report.failed[huge]}"]
+
+
+def test_an_image_between_pils_limit_and_twice_it_is_segmented_without_a_warning(members, tmp_path, monkeypatch):
+    inputs = _folder(tmp_path / "in", ["large.png"])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 80 x 48 = 3840 pixels: over the limit, under twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning would fail the read
+        report = predict_files(members, inputs, tmp_path / "out", CPU, log=lambda line: None)
+    assert report.written == ["large"] and not report.failed
 
 
 @pytest.mark.parametrize("content", [None, b"not a zip"])

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -309,7 +310,12 @@ def open_image(path: Path, decode: bool = True) -> Image.Image:
     if not path.is_file():
         raise DatasetError(f"missing file {path}")
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():
+            # between PIL's limit and twice it PIL only warns: such an image is read (at a reduced size where the
+            # model needs far less, `radiographs.load_radiograph`) and its size said where it matters, not in a
+            # warning on stderr; past twice the limit PIL's DecompressionBombError still refuses it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
         if decode:
             img.load()
         return img
