@@ -17,6 +17,7 @@ from spineseg.stats import (
     bootstrap_ci,
     format_p,
     format_wilcoxon,
+    holm_across,
     mean_ci_table,
     one_vs_rest,
     paired_wilcoxon,
@@ -261,6 +262,14 @@ def test_family_applies_holm_within_each_dataset_and_metric():
     over_all_twelve = multipletests(table["p"], method="holm")[1]
     assert not np.allclose(over_all_twelve, table["p_holm"])
     assert (table["n"] == 25).all()
+
+
+def test_holm_across_adjusts_every_testable_p_of_all_families_at_once():
+    p = pd.Series([0.01, np.nan, 0.04, 0.03, 0.2])
+    adjusted = holm_across(p)
+    assert adjusted.tolist()[0] == pytest.approx(0.04) and np.isnan(adjusted[1])  # 4 testable: 0.01 × 4
+    assert adjusted[[0, 2, 3, 4]].tolist() == pytest.approx(multipletests([0.01, 0.04, 0.03, 0.2], method="holm")[1].tolist())
+    assert holm_across(pd.Series([np.nan, np.nan])).isna().all()
 
 
 def test_family_marks_group_absent_from_a_dataset_as_untestable():

@@ -207,6 +207,16 @@ def wilcoxon_family(
     return table
 
 
+def holm_across(p: pd.Series) -> pd.Series:
+    """Holm's adjustment over every testable p of a whole set of families: the secondary tests of a study taken
+    as one family, so that no claim among them rests on the number of tests having been split into cells."""
+    adjusted = pd.Series(np.nan, index=p.index)
+    testable = p.notna()
+    if testable.any():
+        adjusted[testable] = multipletests(p[testable].to_numpy(), method="holm")[1]
+    return adjusted
+
+
 def all_pairs(groups: Iterable[str]) -> list[tuple[str, str]]:
     """Every unordered pair of distinct groups, in the order the groups were given."""
     return list(combinations(dict.fromkeys(groups), 2))
@@ -337,6 +347,9 @@ def format_wilcoxon(table: pd.DataFrame | dict) -> pd.DataFrame:
     )
     if "p_holm" in table.columns:
         readable["p_holm"] = [format_p(p) for p in table["p_holm"]]
+    if "p_holm_all" in table.columns:
+        readable["p_holm_all"] = [format_p(p) for p in table["p_holm_all"]]
+    if "p_holm" in table.columns:
         readable["significant"] = table["significant"].map({True: "yes", False: "no"})
         # a side is "better" only where the difference is significant
         readable["better"] = table["better"].where(table["significant"], NOT_SIGNIFICANT)
