@@ -32,6 +32,18 @@ def test_bad_override_and_missing_aasce_source(tmp_path, capsys):
     assert "key.sub=value" in capsys.readouterr().err
 
 
+def test_run_takes_threads_and_device_as_how_it_runs_not_a_variant(monkeypatch):
+    import spineseg.study.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "run_study", lambda project, profile, stages, overrides, in_place: calls.append(overrides))
+    assert main(["run", "--profile", "smoke", "--threads", "1", "--device", "cpu", "--set", "stage2.repeats=2"]) == 0
+    assert calls == [{"stage2.repeats": 2, "threads": 1, "device": "cpu"}]
+    from spineseg.study.artifacts import variant_name
+
+    assert variant_name("smoke", {"threads": 1, "device": "cpu"}) == "smoke"  # the profile's own folder
+
+
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "spineseg", "--help"], capture_output=True, text=True, check=True)
     assert "data" in result.stdout and "run" in result.stdout and "bench" in result.stdout

@@ -55,6 +55,8 @@ def _run(args) -> None:
     from spineseg.study.session import find_project
 
     overrides = dict(parse_override(text) for text in args.set or [])
+    # how the study runs, never what it finds: the profile's own folder, no variant (`artifacts.HOW_NOT_WHAT`)
+    overrides |= {key: value for key, value in (("threads", args.threads), ("device", args.device)) if value is not None}
     run_study(find_project(), args.profile, parse_stages(args.stages), overrides, in_place=args.in_place)
 
 
@@ -176,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default="quick")
     run.add_argument("--stages", help="e.g. 2,3 or 1-4 (default: all)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile value, e.g. stage2.repeats=3")
+    run.add_argument("--threads", type=int, metavar="N",
+                     help="torch threads (default: the profile's; 0 = every core), e.g. 1 to leave the machine usable")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the profile's, usually auto)")
     run.add_argument("--in-place", action="store_true",
                      help="write into runs/<profile> even when --set changes results (default: runs/<profile>+<hash>)")
     run.set_defaults(func=_run)
