@@ -226,18 +226,20 @@ def test_two_stage_without_a_crop_model_says_so_before_any_model_loads(tmp_path)
         predict_with(found, tmp_path, tmp_path / "out", CPU, two_stage=True)
 
 
-def test_options_without_a_threshold_take_the_studys_t(tmp_path, monkeypatch):
-    """`predict_radiographs(study, …, InferenceOptions(tta=True))` predicts at the study's T, not at 0.5."""
+def test_options_left_open_take_the_studys_t_and_flipping(tmp_path, monkeypatch):
+    """`predict_radiographs(study, …, InferenceOptions())` predicts at the study's T, not at 0.5, and flips each
+    image where the study's stage 3 evaluated its members so; what the options give overrides both."""
     from spineseg.study import apply
 
     seen = {}
     monkeypatch.setattr(apply, "load_ensemble", lambda found, device, *variants: "ensemble")
-    monkeypatch.setattr(apply, "predict_files", lambda ensemble, source, out, options, *a: seen.update(t=options.threshold))
-    found = SimpleNamespace(crop=None, locator=None, threshold=0.3, origin="a study", best_rule=None)
-    apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu", tta=True))
-    assert seen["t"] == 0.3
-    apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu", threshold=0.7))
-    assert seen["t"] == 0.7
+    monkeypatch.setattr(apply, "predict_files",
+                        lambda ensemble, source, out, options, *a: seen.update(t=options.threshold, tta=options.tta))
+    found = SimpleNamespace(crop=None, locator=None, threshold=0.3, origin="a study", best_rule=None, members_hflip=True)
+    apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu"))
+    assert seen == {"t": 0.3, "tta": True}
+    apply.predict_with(found, tmp_path, tmp_path / "out", InferenceOptions(device="cpu", threshold=0.7, tta=False))
+    assert seen == {"t": 0.7, "tta": False}
 
 
 def _bundle_zip(path, manifest: dict, member: bytes = b"weights") -> None:

@@ -461,6 +461,28 @@ def _spineseg(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spineseg", *arguments], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def test_predict_without_a_rule_reproduces_what_stage_4_chose_on_the_test_split(project, tmp_path):
+    """By default predict applies the study's validation-chosen rule or variant, its T and its flipping: on the
+    stored test images each mask scores the DSC stage 4 recorded for the chosen result."""
+    from PIL import Image
+
+    best = json.loads((project / "runs/smoke/stage4/learned.json").read_text())["best_rule"]
+    scored = read_table(project / "runs/smoke/stage4/metrics_test.csv")
+    chosen = scored[(scored["group"] == best) & (scored["dataset"] == "d2")].set_index("id")["dsc"]
+    data = project / "runs/smoke/data/d2"
+    manifest = pd.read_csv(data / "manifest.csv", dtype=str)
+    (tmp_path / "in").mkdir()
+    for image in manifest["image"]:
+        shutil.copy(data / image, tmp_path / "in")
+    made = _spineseg("predict", "--profile", "smoke", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), cwd=project)
+    assert made.returncode == 0, made.stderr
+    assert "validation-best" in made.stdout and len(chosen) == len(manifest) > 0
+    for row in manifest.itertuples():
+        mask = np.asarray(Image.open(tmp_path / "out/masks" / f"{row.id}.png")) > 0
+        truth = np.asarray(Image.open(data / row.mask)) > 0
+        assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) == pytest.approx(chosen[row.id], abs=0.005), row.id
+
+
 def test_an_exported_bundle_predicts_anywhere_what_the_study_predicts(project, tmp_path):
     from PIL import Image
 

@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "two-stage variant included; with --two-stage, the locator stage 4 chose; "
                                         "not with --located)")
     predict.add_argument("--threshold", type=float, help="T (default: the study's stage4.threshold)")
-    predict.add_argument("--tta", action="store_true", help="also predict each mirror image, and average")
+    predict.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                         help="also predict each mirror image, and average (default: as the study's stage 3 did, "
+                              "stage3.tta_hflip; --no-tta to skip it)")
     predict.add_argument("--probabilities", action="store_true", help="also write 16-bit probability maps")
     predict.add_argument("--batch-size", type=int, default=4)
     predict.add_argument("--two-stage", action="store_true",

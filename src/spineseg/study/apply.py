@@ -85,7 +85,7 @@ class InferenceOptions:
 
     device: str = "auto"
     precision: str = "auto"
-    tta: bool = False  # also predict each mirror image, and average
+    tta: bool | None = None  # also predict each mirror image, and average; None: as the study's stage 3 evaluated
     batch_size: int = 4
     threshold: float | None = None  # None: the T the study's stage 4 used (or the bundle's)
     any_modality: bool = False  # read DICOMs that are not projection radiographs too
@@ -228,6 +228,8 @@ def predict_with(found: EnsembleFolders, source: str | Path, out: str | Path, op
     rule = check_rule(rule or (found.locator if two_stage else "soft"))  # before the models load
     if options.threshold is None:
         options = replace(options, threshold=found.threshold)
+    if options.tta is None:
+        options = replace(options, tta=found.members_hflip)
     device = pick_device(options.device)
     return predict_files(load_ensemble(found, device, two_stage, located), source, out, options, rule, probabilities, log)
 
@@ -339,6 +341,8 @@ def predict_files(ensemble: Ensemble, source: str | Path, out: str | Path, optio
     check_rule(rule)
     if options.threshold is None:
         options = replace(options, threshold=ARTICLE_THRESHOLD)
+    if options.tta is None:  # an ensemble without a study: its members as they are
+        options = replace(options, tta=False)
     device = pick_device(options.device)
     # how predictions.csv names what made each mask
     label = LOCATED if ensemble.locator else f"{rule}{TWO_STAGE_SUFFIX}" if ensemble.crop else rule

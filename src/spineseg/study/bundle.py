@@ -72,6 +72,9 @@ class EnsembleFolders:
     locator_hflip: bool = True
     root: Path | None = None  # a bundle's unpacked folder: messages name a model by its entry in the bundle
     best_rule: str | None = None  # what stage 4 chose on validation, `predict`'s default
+    # whether the study's stage 3 averaged each member's image with its mirror (stage3.tta_hflip): the members'
+    # probabilities stage 4 combined, so `predict`'s default; False where nothing records it (an older bundle)
+    members_hflip: bool = False
 
     def shown(self, folder: Path) -> str | None:
         """How messages name a model folder: its entry in the bundle (the unpacked path is gone when one is read)."""
@@ -129,7 +132,7 @@ def study_ensemble(study: Study) -> EnsembleFolders:
     return EnsembleFolders(members, _trained(study, crop_spec(study, data)), study.cfg.stage4.threshold,
                            study.cfg.precision, learned and learned.two_stage_locator, f"the study `{study.name}`",
                            _trained(study, locator_spec(study, data)), study.cfg.locator.tta_hflip,
-                           best_rule=learned and learned.best_rule)
+                           best_rule=learned and learned.best_rule, members_hflip=study.cfg.stage3.tta_hflip)
 
 
 def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
@@ -157,7 +160,8 @@ def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
                     "locator_model": locator and _copy_model(locator, files.locator_model, files),
                     "locator_hflip": found.locator_hflip if locator else None,
                     "threshold": found.threshold, "precision": found.precision, "two_stage_locator": found.locator if crop else None,
-                    "best_rule": learned.best_rule, "preprocessing": {"pixels": PIXELS}, "code_version": code_version()}
+                    "best_rule": learned.best_rule, "members_hflip": found.members_hflip,
+                    "preprocessing": {"pixels": PIXELS}, "code_version": code_version()}
         atomic.write_json(files.manifest, manifest)
         learned.save(files.learned)
         if study.layout.provenance.is_file():
@@ -222,8 +226,10 @@ Exported {manifest['exported']} by spineseg {manifest['code_version']['spineseg'
 {members}
 
 Best rule on dataset-1 validation: **{rule_name(learned.best_rule)}**; best single model: {learned.best_model}.
-Threshold T = {manifest['threshold']} (tuned on validation for soft voting: {learned.tuned_threshold:.2f}).
+Threshold T = {manifest['threshold']} (tuned on validation for soft voting: {learned.tuned_threshold:.2f}, reported, not applied).
 {variant}
+`spineseg predict` without `--rule` applies this choice at T = {manifest['threshold']}{_mirror(manifest)}; `--rule`,
+`--threshold` and `--tta`/`--no-tta` override it, and `predictions.csv` records what made each mask.
 
 ## Data and splits
 Data source: `{study.cfg.data.source}`. Dataset 1 is split by patient into train / validation / test; dataset 2,
@@ -250,6 +256,11 @@ Run it: `spineseg predict --model THIS.zip --input my_xrays/ --out predictions/`
 """
 
 
+def _mirror(manifest: dict) -> str:
+    return (", each member's image averaged with its mirror image as the study evaluated them"
+            if manifest.get("members_hflip") else "")
+
+
 class _Member(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -271,6 +282,7 @@ class _Manifest(BaseModel):
     precision: Literal[PRECISIONS]  # type: ignore[valid-type]
     two_stage_locator: StrictStr | None = None
     best_rule: StrictStr | None = None
+    members_hflip: StrictBool = False
 
     @model_validator(mode="after")
     def _each_member_once(self) -> _Manifest:
@@ -396,7 +408,7 @@ def _bundle_folders(root: Path, manifest: _Manifest, shown: Path) -> EnsembleFol
     return EnsembleFolders([(folder(m.folder), m.validation_dsc) for m in manifest.members], crop, manifest.threshold,
                            manifest.precision, manifest.two_stage_locator, f"the bundle {shown}", locator,
                            manifest.locator_hflip is not False,  # where nothing records it: True (`EnsembleFolders`)
-                           root, manifest.best_rule)
+                           root, manifest.best_rule, manifest.members_hflip)
 
 
 def _inside(root: Path, relative: str, shown: Path) -> Path:
