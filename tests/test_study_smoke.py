@@ -504,8 +504,13 @@ def test_an_exported_bundle_predicts_anywhere_what_the_study_predicts(project, t
     members = json.loads((project / "runs/smoke/stage4/learned.json").read_text())["models"]
     assert {"bundle.json", "learned.json", "provenance.json", "MODEL_CARD.md"} <= names
     assert sum(name.startswith("members/") and name.endswith("/model.json") for name in names) == len(members)
-    for heading in ("## Data and splits", "95 % bootstrap CI", "## Intended use", "## Known failure modes"):
+    for heading in ("## Data and splits", "95 % bootstrap CI", "## Intended use", "## Known failure modes",
+                    "## Licence and citation", "identified strictly %", "test HD95 px", "predict runs it"):
         assert heading in card, heading
+    rows = [line.split("|")[1:-1] for line in card.splitlines() if line.startswith("| d1 ")]
+    validation = [float(cells[2]) for cells in rows if cells[2].strip() != "—"]
+    assert validation and validation == sorted(validation, reverse=True)  # the rules in their validation order
+    assert {cells[-1].strip() for cells in rows} <= {"yes", "no: reported only"}
 
     inside = _spineseg("predict", "--profile", "smoke", "--input", str(inputs), "--out", str(tmp_path / "inside"), cwd=project)
     outside = _spineseg("predict", "--model", "smoke.zip", "--input", str(inputs), "--out", "predicted", cwd=elsewhere)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 from spineseg import atomic
 from spineseg.data.dataset import MANIFEST
 from spineseg.errors import ConfigError, StageOrderError
-from spineseg.names import LOCATED, PRECISIONS, TWO_STAGE, rule_name
+from spineseg.names import EXTRA_RULES, LOCATED, PRECISIONS, RULES, TWO_STAGE, rule_name
 from spineseg.saved_models import MODEL_FILE, PIXELS, ModelDescription
 from spineseg.stats import PATIENT_KEYS, mean_ci_table
 from spineseg.study.artifacts import BundleFiles, read_table
@@ -180,20 +180,48 @@ def _copy_model(source: Path, target: Path, files: BundleFiles) -> str:
     return target.relative_to(files.root).as_posix()
 
 
-def _scores(study: Study, learned: Learned) -> str:
-    """Test DSC of each rule and member with 95 % bootstrap CIs (by patient), from stage 4's per-image metrics."""
+def _scores(study: Study, learned: Learned, manifest: dict) -> str:
+    """Each rule's test DSC, HD95 and share identified strictly with 95 % bootstrap CIs by patient, from stage 4's
+    per-image records; the rules in the order of the validation score stage 4 chose by, each marked runnable or not."""
     path = study.layout.stage_metrics("stage4")
     if not path.is_file():
         return "_stage 4 has no test metrics_"
     frame = read_table(path)
-    table = mean_ci_table(frame, by=["dataset", "group"], metrics=["dsc"], n_boot=1000, cluster_on=PATIENT_KEYS)
-    table["rule"] = table["group"].map(rule_name)
-    table["validation DSC"] = table["group"].map(learned.validation_dsc.get("rules", {}))
-    table["test DSC (95 % CI)"] = [f"{100 * m:.1f} ({100 * lo:.1f}–{100 * hi:.1f})" for m, lo, hi in
-                                   zip(table["mean"], table["low"], table["high"])]
-    table["validation DSC"] = [f"{100 * v:.1f}" if pd.notna(v) else "—" for v in table["validation DSC"]]
-    return table[["dataset", "rule", "n", "n_clusters", "validation DSC", "test DSC (95 % CI)"]].rename(
-        columns={"n": "images", "n_clusters": "patients"}).to_markdown(index=False)
+    table = mean_ci_table(frame, by=["dataset", "group"], metrics=["dsc", "hd95"], n_boot=1000, cluster_on=PATIENT_KEYS)
+    cells = {(row.dataset, row.group, row.metric): row for row in table.itertuples()}
+    identification = study.layout.stage_dir("stage4") / "identification.csv"
+    if identification.is_file():
+        rules = read_table(identification).query("kind == 'rule'").astype({"identified_strict": float})
+        shares = mean_ci_table(rules, by=["dataset", "group"], metrics=["identified_strict"], n_boot=1000,
+                               cluster_on=PATIENT_KEYS)
+        cells |= {(row.dataset, row.group, row.metric): row for row in shares.itertuples()}
+    chosen_by = learned.validation_identified if learned.validation_identified else learned.validation_dsc
+    validation = chosen_by.get("rules", {})
+    measure = "identified strictly" if learned.validation_identified else "DSC"
+    order = sorted({group for _, group, _ in cells}, key=lambda group: (-validation.get(group, -1.0), rule_name(group)))
+    runnable = {TWO_STAGE: bool(manifest.get("crop_model")), LOCATED: bool(manifest.get("locator_model"))}
+    rows = []
+    for dataset in sorted({dataset for dataset, _, _ in cells}):
+        for group in order:
+            if (dataset, group, "dsc") not in cells:
+                continue
+            shown = {metric: _interval(cells.get((dataset, group, metric)), scale)
+                     for metric, scale in (("dsc", 100), ("hd95", 1), ("identified_strict", 100))}
+            rows.append({"dataset": dataset, "rule": rule_name(group), f"validation {measure}": _percent(validation.get(group)),
+                         "test DSC %": shown["dsc"], "test HD95 px": shown["hd95"],
+                         "identified strictly %": shown["identified_strict"],
+                         "predict runs it": "yes" if runnable.get(group, group in (*RULES, *EXTRA_RULES)) else "no: reported only"})
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def _interval(row, scale: float) -> str:
+    if row is None or pd.isna(row.mean):
+        return "—"
+    return f"{scale * row.mean:.1f} ({scale * row.low:.1f}–{scale * row.high:.1f})"
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None or pd.isna(value) else f"{100 * value:.1f}"
 
 
 def _splits(study: Study) -> str:
@@ -209,7 +237,9 @@ def _splits(study: Study) -> str:
 
 def model_card(study: Study, learned: Learned, manifest: dict) -> str:
     """A short model card: what the ensemble is, what it was trained and tested on, how well, and where it fails."""
-    members = "\n".join(f"- {m['name']} (validation DSC {100 * m['validation_dsc']:.1f} %)" for m in manifest["members"])
+    members = "\n".join(f"- {m['name']} (validation DSC {100 * m['validation_dsc']:.1f} %"
+                        f"{'; **nothing on validation: this member adds only noise**' if m['validation_dsc'] == 0 else ''})"
+                        for m in manifest["members"])
     variant = {TWO_STAGE: f"The two-stage variant won on validation: `--two-stage` lets the crop model outline the region "
                           f"that `{manifest['two_stage_locator']}` locates.",
                LOCATED: "The located variant won on validation: `--located` lets the crop model outline the four vertebrae "
@@ -236,8 +266,10 @@ Data source: `{study.cfg.data.source}`. Dataset 1 is split by patient into train
 when present, is an external test set only. Images in this study:
 {_splits(study)}
 
-## Scores (DSC %, per image; 95 % bootstrap CI by patient)
-{_scores(study, learned)}
+## Scores (test, per image; 95 % bootstrap CI by patient; rules in the order of their validation score)
+Identified strictly: the mask covers each of Th8–Th11 by half or more and lies mostly on them
+(`spineseg.identification`); a mask of the right shape one vertebra off scores a DSC near 75 % and is not identified.
+{_scores(study, learned, manifest)}
 
 ## Intended use
 Research: outlining the vertebral bodies Th8–Th11 on frontal (AP/PA) projection radiographs of the spine or
@@ -250,10 +282,29 @@ chest, grayscale, for studies like the one that trained it. Not a medical device
   another detector's contrast) are outside what the scores above describe.
 
 ## Inputs
-{PIXELS}.
+{PIXELS}. The members read it at {_size(study.cfg.stage3.image_size)} pixels (height × width); masks come back at
+the file's own size.
+
+## Licence and citation
+The weights carry the terms of the data that trained them{_data_terms(study)}. Cite the article this study
+reproduces: Koniukhov, Morgun, Nemchenko, "Improving the efficiency of spine region segmentation using an ensemble
+of pre-trained neural networks", Biophysical Bulletin 55 (2026).
 
 Run it: `spineseg predict --model THIS.zip --input my_xrays/ --out predictions/`.
 """
+
+
+def _size(size) -> str:
+    return " × ".join(str(side) for side in size) if isinstance(size, (list, tuple)) else f"{size} × {size}"
+
+
+def _data_terms(study: Study) -> str:
+    if study.cfg.data.source == "aasce":
+        return (" (AASCE/BoostNet spinal radiographs, SpineWeb dataset 16, released for research; cite Wu et al., "
+                "\"Automatic landmark estimation for adolescent idiopathic scoliosis assessment using BoostNet\", MICCAI 2017)")
+    if study.cfg.data.source == "synthetic":
+        return " (synthetic radiographs that spineseg draws: no terms beyond the code's)"
+    return ""
 
 
 def _mirror(manifest: dict) -> str:
