@@ -56,6 +56,14 @@ def test_the_index_links_the_pages_in_order_with_one_line_each_and_escapes_the_d
                      ("02_backbone_selection.html", "02 · backbone_selection", "What 02_backbone_selection does, in short.")]
 
 
+def test_the_report_goes_where_out_says_with_the_same_pages(tmp_path):
+    _project(tmp_path)
+    index, *pages = write_report(tmp_path, "p", tmp_path / "elsewhere")
+    assert index == tmp_path / "elsewhere/index.html" and [page.parent for page in pages] == [tmp_path / "elsewhere"] * 2
+    default = write_report(tmp_path, "p")
+    assert [path.read_text() for path in default] == [index.read_text(), *(page.read_text() for page in pages)]
+
+
 def test_the_html_copy_with_code_keeps_everything_and_is_titled(tmp_path):
     layout = _project(tmp_path)
     page = export_html(layout.notebook("00_data"), tmp_path / "00.html").read_text()

@@ -107,7 +107,7 @@ def _report(args) -> None:
     from spineseg.study.runner import write_report
     from spineseg.study.session import find_project
 
-    for path in write_report(find_project(), args.profile):
+    for path in write_report(find_project(), args.profile, args.out):
         print(path)
 
 
@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="the rendered study as HTML without code, for readers")
     report.add_argument("--profile", default="quick")
+    report.add_argument("-o", "--out", type=Path, help="the folder to write the pages to (default: runs/<profile>/report/)")
     report.set_defaults(func=_report)
 
     results = commands.add_parser("results", help="a run's headline numbers: print them, keep the file, render the README")

@@ -199,14 +199,16 @@ def report_index(project: Path, profile: str, rendered: Sequence[Path]) -> str:
             f"<p>{html.escape(description)}</p>\n<ol>\n" + "\n".join(items) + "\n</ol>\n</body>\n</html>\n")
 
 
-def write_report(project: Path, profile: str) -> list[Path]:
-    """``runs/<profile>/report/``: ``index.html``, then the rendered notebooks as HTML without their code cells."""
+def write_report(project: Path, profile: str, out: Path | None = None) -> list[Path]:
+    """``runs/<profile>/report/`` (or `out`): ``index.html``, then the rendered notebooks as HTML without their
+    code cells, each page self-contained, so the folder can be copied or served as it is."""
     layout = Layout(Path(project).resolve(), profile)
     rendered = [layout.notebook(name) for name in NOTEBOOKS if layout.notebook(name).is_file()]
     if not rendered:
         raise StageOrderError(f"no rendered notebooks under {layout.notebooks_dir}: run `spineseg run --profile {profile}` first")
-    pages = [export_html(path, layout.report(path.stem), code=False) for path in rendered]
-    index = layout.report("index")
+    page = layout.report if out is None else (lambda name: Path(out) / f"{name}.html")
+    pages = [export_html(path, page(path.stem), code=False) for path in rendered]
+    index = page("index")
     atomic.write_text(index, report_index(layout.project, profile, rendered))
     return [index, *pages]
 
