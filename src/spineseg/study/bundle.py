@@ -28,6 +28,7 @@ from typing import Annotated, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
+from tqdm.auto import tqdm
 
 from spineseg import atomic
 from spineseg.data.dataset import MANIFEST
@@ -168,8 +169,12 @@ def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
             shutil.copy(study.layout.provenance, files.provenance)
         atomic.write_text(files.card, model_card(study, learned, manifest))
         with atomic.atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(p for p in files.root.rglob("*") if p.is_file()):
-                archive.write(path, path.relative_to(files.root).as_posix())
+            entries = sorted(p for p in files.root.rglob("*") if p.is_file())
+            with tqdm(total=sum(p.stat().st_size for p in entries), desc=f"zipping {out.name}", unit="B",
+                      unit_scale=True) as bar:  # deflating the weights takes minutes
+                for path in entries:
+                    archive.write(path, path.relative_to(files.root).as_posix())
+                    bar.update(path.stat().st_size)
     return out
 
 
