@@ -488,15 +488,19 @@ def test_a_bundle_of_a_study_where_the_located_variant_won_holds_its_locator(tmp
     ModelDescription("crop", "MobileNetV2", "unet", "binary", (64, 32), crop={"size": (64, 32)}).save(folders["crop"])
     ModelDescription("locator", "MobileNetV2", "unet", CENTRES, (64, 32), chain_prior=_prior().to_dict()).save(folders["locator"])
     monkeypatch.setattr(bundle, "study_ensemble", lambda study: EnsembleFolders(
-        [(folders["member"], 0.9)], folders["crop"], 0.5, "auto", "max", "the study `tiny`", folders["locator"], False))
+        [(folders["member"], 0.9)], folders["crop"], 0.5, "auto", "max", "the study `tiny`", folders["locator"], False,
+        members_hflip=True))
     layout = SimpleNamespace(learned=tmp_path / "learned.json", provenance=tmp_path / "none.json", data_dir=tmp_path / "data",
                              stage_metrics=lambda stage: tmp_path / "none.csv")
     study = SimpleNamespace(name="tiny", layout=layout, cfg=SimpleNamespace(description="A tiny study.",
-                                                                            data=SimpleNamespace(source="synthetic")))
+                                                                            data=SimpleNamespace(source="synthetic"),
+                                                                            stage3=SimpleNamespace(image_size=(64, 32))))
     for best_rule in (LOCATED, "soft"):
         Learned(0.5, {}, {}, ["member"], "member", best_rule, {"models": {}, "rules": {}}, two_stage_locator="max").save(layout.learned)
         with open_bundle(export_bundle(study, tmp_path / f"{best_rule}.zip")) as found:
             card = (found.members[0][0].parents[1] / "MODEL_CARD.md").read_text()
+            assert found.members_hflip is True and "averaged with its mirror image" in card  # as stage 3 evaluated
+            assert "read it at 64 × 32 pixels" in card
             if best_rule == LOCATED:
                 assert ModelDescription.load(found.locator_model).chain_prior == _prior().to_dict()
                 assert (found.locator_model / BEST).read_bytes() == b"locator" and (found.crop / BEST).read_bytes() == b"crop"
