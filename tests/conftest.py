@@ -163,3 +163,21 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# `spineseg predict --model` in this interpreter, then every spineseg module it loaded
+LOADED_BY_PREDICT = """import sys
+from spineseg.cli import main
+status = main(["predict", "--model", sys.argv[1], "--input", sys.argv[2], "--out", sys.argv[3]])
+print(*sorted(name for name in sys.modules if name.startswith("spineseg")))
+sys.exit(status)
+"""
+
+
+def assert_no_training_code(modules: list[str]) -> None:
+    """A bundle predicts where the study never ran: no training loop, run store, stage or training-spec module."""
+    assert "spineseg.study.apply" in modules and "spineseg.study.bundle" in modules
+    forbidden = [name for name in modules if name in ("spineseg.train", "spineseg.augment", "spineseg.study.store",
+                                                      "spineseg.study.training", "spineseg.study.deployment")
+                 or name.startswith(("spineseg.study.stage", "spineseg.study.two_stage", "spineseg.study.located"))]
+    assert not forbidden, forbidden

@@ -304,7 +304,7 @@ def test_a_crop_model_trained_on_another_grid_than_its_members_is_refused_at_loa
 
 def test_predicting_with_a_run_that_predates_model_json_reads_it_and_writes_nothing(tmp_path):
     from spineseg.errors import StageOrderError
-    from spineseg.study.bundle import _finished
+    from spineseg.study.deployment import _finished
     from spineseg.study.store import RunSpec
     from spineseg.train import TrainSettings
 
@@ -474,8 +474,9 @@ def test_located_refuses_another_variant_or_a_rule(tmp_path, arguments, refusal)
 def test_a_bundle_of_a_study_where_the_located_variant_won_holds_its_locator(tmp_path, monkeypatch):
     from spineseg.names import CENTRES, LOCATED
     from spineseg.saved_models import ModelDescription
-    from spineseg.study import bundle
-    from spineseg.study.bundle import EnsembleFolders, export_bundle, open_bundle
+    from spineseg.study import deployment
+    from spineseg.study.bundle import EnsembleFolders, open_bundle
+    from spineseg.study.deployment import export_bundle
     from spineseg.study.records import Learned
     from spineseg.train import BEST
 
@@ -487,7 +488,7 @@ def test_a_bundle_of_a_study_where_the_located_variant_won_holds_its_locator(tmp
     ModelDescription("member", "MobileNetV2", "unet", "binary", (64, 32)).save(folders["member"])
     ModelDescription("crop", "MobileNetV2", "unet", "binary", (64, 32), crop={"size": (64, 32)}).save(folders["crop"])
     ModelDescription("locator", "MobileNetV2", "unet", CENTRES, (64, 32), chain_prior=_prior().to_dict()).save(folders["locator"])
-    monkeypatch.setattr(bundle, "study_ensemble", lambda study: EnsembleFolders(
+    monkeypatch.setattr(deployment, "study_ensemble", lambda study: EnsembleFolders(
         [(folders["member"], 0.9)], folders["crop"], 0.5, "auto", "max", "the study `tiny`", folders["locator"], False,
         members_hflip=True))
     layout = SimpleNamespace(learned=tmp_path / "learned.json", provenance=tmp_path / "none.json", data_dir=tmp_path / "data",
@@ -512,7 +513,7 @@ def test_a_bundle_of_a_study_where_the_located_variant_won_holds_its_locator(tmp
 
 
 def test_a_variants_model_folder_is_found_once_its_run_has_finished(tmp_path):
-    from spineseg.study.bundle import _trained
+    from spineseg.study.deployment import _trained
     from spineseg.study.store import RunSpec
     from spineseg.train import TrainSettings
 
@@ -542,3 +543,17 @@ def test_without_a_rule_predict_applies_what_stage_4_chose_on_validation(best, e
     found = SimpleNamespace(best_rule=best, locator="max")
     assert chosen(found, lines.append) == expected
     assert len(lines) == 1 and said in lines[0]
+
+
+def test_the_predict_command_with_a_bundle_loads_no_training_code(tmp_path):
+    """The modules `spineseg predict --model` imports before it reads the bundle (the smoke study checks a real one)."""
+    import subprocess
+    import sys
+
+    from conftest import LOADED_BY_PREDICT, assert_no_training_code
+
+    (tmp_path / "in").mkdir()
+    loaded = subprocess.run([sys.executable, "-c", LOADED_BY_PREDICT, str(tmp_path / "absent.zip"), str(tmp_path / "in"),
+                             str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 2 and "absent.zip does not exist" in loaded.stderr
+    assert_no_training_code(loaded.stdout.split())

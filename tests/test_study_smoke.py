@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import running, write_dicom
+from conftest import LOADED_BY_PREDICT, assert_no_training_code, running, write_dicom
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
 from spineseg.study.artifacts import Layout, read_table
@@ -245,7 +245,8 @@ def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(pr
     from PIL import Image
 
     from spineseg.data.radiographs import read_radiograph
-    from spineseg.study.apply import InferenceOptions, predict_radiographs
+    from spineseg.study.apply import InferenceOptions
+    from spineseg.study.deployment import predict_radiographs
     from spineseg.study.session import open_study
 
     inputs = tmp_path / "in"
@@ -279,7 +280,7 @@ def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(pr
 
 def test_predict_before_the_study_has_run_says_what_to_do(tmp_path):
     from spineseg.errors import StageOrderError
-    from spineseg.study.apply import predict_radiographs
+    from spineseg.study.deployment import predict_radiographs
     from spineseg.study.session import open_study
 
     fresh = _copy_project(tmp_path)
@@ -431,7 +432,7 @@ def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path
     from PIL import Image
 
     import spineseg.crops as crops
-    import spineseg.study.apply as apply
+    from spineseg.study import deployment
     from spineseg.study.session import open_study
 
     (tmp_path / "in").mkdir()
@@ -445,16 +446,16 @@ def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path
 
     monkeypatch.setattr(crops, "refine", crop_model_says_yes_everywhere)
     study, out = open_study("smoke", project_dir=project), tmp_path / "out"
-    assert apply.predict_radiographs(study, tmp_path / "in", out, two_stage=True, probabilities=True, log=print).written == ["a"]
+    assert deployment.predict_radiographs(study, tmp_path / "in", out, two_stage=True, probabilities=True, log=print).written == ["a"]
     assert calls == [((1, 128, 128), (1, 128, 128), np.dtype(bool))]  # cut on the stored grid, as in training
     locator = json.loads((project / "runs/smoke/stage4/learned.json").read_text())["two_stage_locator"]
     assert pd.read_csv(out / "predictions.csv")["rule"].tolist() == [f"{locator}+crop"]
     assert (np.asarray(Image.open(out / "masks/a.png")) == 255).all()  # the crop model's answer, at the image's size
     assert (np.asarray(Image.open(out / "probabilities/a.png")) == 65535).all()
-    assert apply.predict_radiographs(study, tmp_path / "in", out, rule=locator, log=print).written == ["a"]  # redone
+    assert deployment.predict_radiographs(study, tmp_path / "in", out, rule=locator, log=print).written == ["a"]  # redone
     without = open_study("smoke", {"two_stage.enabled": False}, project_dir=project, in_place=True)  # the study's models
     with pytest.raises(ConfigError, match="two_stage.enabled is false"):
-        apply.predict_radiographs(without, tmp_path / "in", out, rule="max", two_stage=True)
+        deployment.predict_radiographs(without, tmp_path / "in", out, rule="max", two_stage=True)
 
 
 def _spineseg(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -512,6 +513,10 @@ def test_an_exported_bundle_predicts_anywhere_what_the_study_predicts(project, t
     assert validation and validation == sorted(validation, reverse=True)  # the rules in their validation order
     assert {cells[-1].strip() for cells in rows} <= {"yes", "no: reported only"}
 
+    loaded = subprocess.run([sys.executable, "-c", LOADED_BY_PREDICT, "smoke.zip", str(inputs), "loaded"], cwd=elsewhere,
+                            capture_output=True, text=True, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr
+    assert_no_training_code(loaded.stdout.split())
     inside = _spineseg("predict", "--profile", "smoke", "--input", str(inputs), "--out", str(tmp_path / "inside"), cwd=project)
     outside = _spineseg("predict", "--model", "smoke.zip", "--input", str(inputs), "--out", "predicted", cwd=elsewhere)
     assert inside.returncode == 0 and outside.returncode == 0, inside.stderr + outside.stderr

@@ -79,7 +79,7 @@ def _predict(args) -> int:
     from contextlib import nullcontext
 
     from spineseg.study.apply import InferenceOptions, check_folders, check_variant, predict_with
-    from spineseg.study.bundle import open_bundle, study_ensemble
+    from spineseg.study.bundle import open_bundle
 
     if args.model and (args.profile or args.project):
         raise ConfigError("--model runs a bundle on its own: leave out --profile and --project")
@@ -88,6 +88,8 @@ def _predict(args) -> int:
     InferenceOptions(args.device or "auto", "auto", args.tta, args.batch_size, args.threshold, args.any_modality)
     check_folders(args.input, args.out)
     study = None if args.model else _study(args)
+    if study is not None:  # the study's own run folders; a bundle needs none of the study's records or training code
+        from spineseg.study.deployment import study_ensemble
     with open_bundle(args.model) if args.model else nullcontext(study_ensemble(study)) as found:
         device = args.device or (study.cfg.device if study else "auto")
         threshold = found.threshold if args.threshold is None else args.threshold
@@ -98,7 +100,7 @@ def _predict(args) -> int:
 
 
 def _export(args) -> None:
-    from spineseg.study.bundle import export_bundle
+    from spineseg.study.deployment import export_bundle
 
     print(export_bundle(_study(args), args.out, force=args.force))
 

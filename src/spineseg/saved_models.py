@@ -25,9 +25,12 @@ from spineseg.models import build_model
 from spineseg.names import CENTRES, PRECISIONS, TARGETS
 from spineseg.objectives import objective
 from spineseg.predict import Segmenter, load_weights
-from spineseg.train import BEST
 from spineseg.vertebrae import CHAIN, NAMES, REGION, REGION_CODES
 
+# the files of a model's folder: its weights and, while `spineseg.train.fit` trains it, its progress
+BEST = "best.pt"  # a trained model's weights: those of its best validation epoch
+CHECKPOINT = "checkpoint.pt"  # the last finished epoch: weights, optimiser, counters, history
+HISTORY = "history.csv"  # one row per epoch
 MODEL_FILE = "model.json"
 FORMAT = "spineseg-model/1"
 PIXELS = ("grayscale scaled to [0, 1] (16-bit PNG by the bits it uses; DICOM rescaled, MONOCHROME1 inverted), "

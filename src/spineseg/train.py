@@ -31,11 +31,9 @@ from spineseg.errors import SpinesegError
 from spineseg.metrics import dice
 from spineseg.objectives import coordinate_planes
 from spineseg.predict import Segmenter, as_batch, predict_proba
+from spineseg.saved_models import BEST, CHECKPOINT, HISTORY
 
 # What `fit` leaves in its folder.
-CHECKPOINT = "checkpoint.pt"  # the last finished epoch: weights, optimiser, counters, history
-BEST = "best.pt"  # the weights of the best validation epoch
-HISTORY = "history.csv"  # one row per epoch
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop, "adamax": torch.optim.Adamax}

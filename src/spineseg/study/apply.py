@@ -1,4 +1,4 @@
-"""Using an ensemble on new radiographs: ``spineseg predict`` and `predict_radiographs`.
+"""Using an ensemble on new radiographs: ``spineseg predict`` (a study's ensemble: `deployment.predict_radiographs`).
 
 The ensemble is a study's (its selected stage-3 models, found from its records: no data are read or
 made) or a bundle's (`spineseg.study.bundle`); either way each member loads from its self-describing
@@ -44,14 +44,13 @@ from spineseg.data.radiographs import Radiograph, find_radiographs, load_radiogr
 from spineseg.device import pick_device
 from spineseg.ensemble import combine, disagreement
 from spineseg.errors import ConfigError, SpinesegError, StageOrderError
+from spineseg.located_mask import crop_outline
 from spineseg.locator import Locator
 from spineseg.names import CENTRES, EXTRA_RULES, LOCATED, PRECISIONS, RULES, TWO_STAGE, is_device
 from spineseg.predict import predict, resample
 from spineseg.saved_models import ModelDescription, load_model
 from spineseg.study.artifacts import read_table
-from spineseg.study.bundle import EnsembleFolders, study_ensemble
-from spineseg.study.located import crop_outline
-from spineseg.study.session import Study
+from spineseg.study.bundle import EnsembleFolders
 from spineseg.vertebrae import CHAIN, REGION
 
 MASKS, OVERLAYS, PROBABILITIES, TABLE, CHAINS = "masks", "overlays", "probabilities", "predictions.csv", "chains.csv"
@@ -181,17 +180,6 @@ def _chain_prior(description: ModelDescription, folder: Path) -> ChainPrior:
         return ChainPrior.from_dict(description.chain_prior)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"--located: the chain prior in {folder / 'model.json'} is damaged ({exc})") from None
-
-
-def predict_radiographs(study: Study, source: str | Path, out: str | Path, options: InferenceOptions | None = None,
-                        rule: str | None = None, probabilities: bool = False, two_stage: bool = False,
-                        located: bool = False, log=print) -> PredictionReport:
-    """Segment Th8–Th11 on every radiograph at `source` (a file or a folder) with the study's ensemble.
-
-    `options` default to the profile's device, precision and stage-4 threshold."""
-    found = study_ensemble(study)
-    options = options or InferenceOptions(study.cfg.device, found.precision)
-    return predict_with(found, source, out, options, rule, probabilities, two_stage, located, log)
 
 
 def check_variant(rule: str | None, two_stage: bool, located: bool) -> None:
@@ -336,7 +324,7 @@ def _inputs_below(source: Path, out: Path) -> list[Path]:
 
 def predict_files(ensemble: Ensemble, source: str | Path, out: str | Path, options: InferenceOptions,
                   rule: str = "soft", probabilities: bool = False, log=print) -> PredictionReport:
-    """The pipeline behind `predict_radiographs`, for any ensemble (the benchmark times it with untrained members);
+    """The pipeline behind `predict_with`, for any ensemble (the benchmark times it with untrained members);
     an ensemble that comes without a T is thresholded at the article's 0.5."""
     check_rule(rule)
     if options.threshold is None:

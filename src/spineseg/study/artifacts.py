@@ -106,7 +106,7 @@ class RunFiles:
     # `train.fit` names its own files; imported late so that this module (and the CLI) stays torch-free.
     @property
     def best(self) -> Path:
-        from spineseg.train import BEST
+        from spineseg.saved_models import BEST
 
         return self.folder / BEST
 
@@ -119,13 +119,13 @@ class RunFiles:
 
     @property
     def checkpoint(self) -> Path:
-        from spineseg.train import CHECKPOINT
+        from spineseg.saved_models import CHECKPOINT
 
         return self.folder / CHECKPOINT
 
     @property
     def history(self) -> Path:
-        from spineseg.train import HISTORY
+        from spineseg.saved_models import HISTORY
 
         return self.folder / HISTORY
 

@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spineseg.chain import Chain, located_levels
+from spineseg.chain import Chain
 from spineseg.crops import CropModel
 from spineseg.device import pick_device
 from spineseg.errors import StageOrderError
 from spineseg.identification import identification_table
+from spineseg.located_mask import crop_outline, region_masks, vertebrae_outline
 from spineseg.locator import Locator
 from spineseg.names import CENTRES
 from spineseg.study.ensemble_inputs import EnsembleInputs
@@ -32,7 +33,6 @@ from spineseg.study.stage0_data import StudyData
 from spineseg.study.store import OUTSIDE_CODES, RunSpec, damaged, load_chain_prior, load_trained, run_all
 from spineseg.study.training import run_spec
 from spineseg.study.two_stage import trained_crop_model
-from spineseg.vertebrae import REGION_CODES
 
 _OUTSIDE_NAMES = {code: name for name, code in OUTSIDE_CODES.items()}
 
@@ -70,25 +70,6 @@ def cached_chains(study: Study, spec: RunSpec, dataset: str, split: str, ids: li
         raise StageOrderError(f"the locator's chains at {path} do not match the images of {dataset} {split}; rerun stage 3")
     return [Chain(c.astype(float), tuple(_OUTSIDE_NAMES[int(k)] for k in o), e.astype(float), 0.0)
             for c, o, e in zip(centres, outside, evidence)]
-
-
-def region_masks(chains: list[Chain], shape: tuple[int, int], beside: bool = True) -> np.ndarray:
-    """[N, H, W] where each chain puts Th8–Th11: within half a vertebra's width of the spine, or (`beside` False)
-    every pixel whose nearest placed vertebra is one of the four."""
-    return np.stack([np.isin(located_levels(chain, shape, beside), REGION_CODES) for chain in chains])
-
-
-def crop_outline(crop: CropModel, images: np.ndarray, chains: list[Chain], device: torch.device) -> np.ndarray:
-    """The crop model's probabilities [N, H, W] in boxes around the four vertebrae each chain names (images [N, H, W]
-    on the chains' grid), kept to the pixels nearer to one of those four than to any other vertebra, zero elsewhere:
-    the located variant's map wherever it is made (stage 4, `spineseg predict --located`)."""
-    shape = images.shape[1:]
-    return np.where(region_masks(chains, shape, beside=False), crop.outline(images, region_masks(chains, shape), device), 0.0)
-
-
-def vertebrae_outline(levels: list[np.ndarray | None]) -> np.ndarray:
-    """The level-aware members' share voting each pixel a vertebra, of any level [N, H, W]."""
-    return np.mean([member > 0 for member in levels if member is not None], axis=0).astype(np.float32)
 
 
 @dataclass(frozen=True)
