@@ -45,8 +45,17 @@ def test_render_writes_every_number_of_the_file_and_nothing_else():
     assert "- What kind of wrong, Located (locator + crop model) (% of images): one level off 25.0, three vertebrae 5.0." in text
     assert ("The locator: EfficientNetLite0 at 256 × 96, anatomy augmentation, 9.1 min; the checkpoint of epoch 20 of 24 "
             "(of at most 24), chosen on validation, where its centres identified 84.6 %.") in text
-    assert "Wall time (min): 00 0.4, 03 30.0; 30.4 in all." in text
+    assert "(stage 5 writes it): 00 0.4, 03 30.0; 30.4 in all." in text
     assert "Commit 0123456789, x86_64, 2 cores, 2 threads, data abc123." in text
+
+
+def test_stages_run_at_several_commits_are_each_named_with_their_commit():
+    rerun = example()
+    rerun["provenance"]["stage_commits"] = {"00_data": "aaaaaaaaaaaa", "03_final_training": "aaaaaaaaaaaa",
+                                            "05_analysis": "0123456789abcdef"}
+    assert "- Commits aaaaaaaaaa (stages 00, 03), 0123456789 (stages 05), x86_64" in results.render(rerun)
+    rerun["provenance"]["stage_commits"] = {"00_data": "0123456789abcdef", "05_analysis": "0123456789abcdef"}
+    assert "- Commit 0123456789, x86_64" in results.render(rerun)
 
 
 def test_render_refuses_a_file_of_another_kind():

@@ -419,6 +419,8 @@ def test_the_locator_names_vertebrae_and_identification_stands_beside_the_positi
     results = json.loads((project / "runs/smoke/results.json").read_text())
     assert set(results["datasets"]) == {"d1", "d2"} and results["primary_endpoint"] == "dsc"
     assert "Locator (its centres)" in results["datasets"]["d1"]["methods"]
+    assert results["pretraining"]["arms"] and results["pretraining"]["tests"]  # 05 writes them before the results
+    assert {"00_data", "03_final_training", "05_analysis"} <= set(results["provenance"]["stage_commits"])
     summary = json.loads((run / "summary.json").read_text())
     assert results["locator"]["best_epoch"] == summary["best_epoch"] and results["locator"]["augmentation"] == "anatomy"
     chosen = results["failures"]["d2"][rule_name(results["best_rule"])]  # what kind of wrong the chosen rule is

@@ -128,7 +128,9 @@ def _provenance(study: Study) -> dict:
     path = study.layout.provenance
     sections = json.loads(path.read_text()) if path.is_file() else {}
     analysis = sections.get("05_analysis", next(iter(sections.values()), {}))
-    return {key: analysis.get(key) for key in ("git_commit", "git_modified", "machine", "threads")}
+    found = {key: analysis.get(key) for key in ("git_commit", "git_modified", "machine", "threads")}
+    # a stage rerun later (stage 5 alone, say) runs at a later commit than the training it reports
+    return found | {"stage_commits": {name: section.get("git_commit") for name, section in sections.items()}}
 
 
 def write(study: Study, data: StudyData) -> dict:
@@ -193,11 +195,22 @@ def render(results: dict) -> str:
     minutes = results["stage_minutes"]
     if minutes:
         stages = ", ".join(f"{name.split('_', 1)[0]} {value:.1f}" for name, value in minutes.items())
-        lines.append(f"- Wall time (min): {stages}; {sum(minutes.values()):.1f} in all.")
+        lines.append(f"- Wall time (min) of the stages timed when this file was written (stage 5 writes it): {stages}; "
+                     f"{sum(minutes.values()):.1f} in all.")
     provenance = results["provenance"]
-    lines.append(f"- Commit {str(provenance['git_commit'])[:10]}{' (modified)' if provenance['git_modified'] else ''}, "
+    lines.append(f"- {_commits(provenance)}{' (modified)' if provenance['git_modified'] else ''}, "
                  f"{provenance['machine']}, {provenance['threads']} threads, data {provenance['data']}.")
     return "\n".join(lines) + "\n"
+
+
+def _commits(provenance: dict) -> str:
+    """'Commit X', or, where the stages ran at several commits, each commit with the stages it ran."""
+    stages: dict[str, list[str]] = {}
+    for name, commit in (provenance.get("stage_commits") or {}).items():
+        stages.setdefault(str(commit)[:10], []).append(name.split("_", 1)[0])
+    if len(stages) <= 1:
+        return f"Commit {str(provenance['git_commit'])[:10]}"
+    return "Commits " + ", ".join(f"{commit} (stages {', '.join(names)})" for commit, names in stages.items())
 
 
 def readme_block(results_file: Path) -> str:
