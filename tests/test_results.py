@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,8 @@ def example() -> dict:
             "datasets": {"d2": {"description": "dataset 2: the later batch", "methods": {
                 "Located (locator + crop model)": method,
                 "Locator (its centres)": {"centres_identified": {"mean": 76.0, "ci": [66.0, 86.0]}, "images": 76, "patients": 36}}}},
-            "failures": {"d2": {"Located (locator + crop model)": {"identified": 70.0, "one level off": 25.0,
-                                                                   "three vertebrae": 5.0, "empty": 0.0}}},
+            "failures": {"d2": {"Located (locator + crop model)": {"identified": 70.0, "three vertebrae": 5.0,
+                                                                   "one level off": 25.0, "empty": 0.0}}},
             "locator": {"encoder": "EfficientNetLite0", "image_size": [256, 96], "augmentation": "anatomy", "best_epoch": 20,
                         "epochs_run": 24, "max_epochs": 24, "validation_identified": 84.6, "minutes": 9.1},
             "endpoint": [endpoint], "stage_minutes": {"00_data": 0.4, "03_final_training": 30.0},
@@ -58,6 +59,17 @@ def test_stages_run_at_several_commits_are_each_named_with_their_commit():
     assert "- Commit 0123456789, x86_64" in results.render(rerun)
 
 
+def test_rows_come_in_the_shown_order_though_the_file_keeps_its_keys_sorted():
+    results_file = example()
+    methods = results_file["datasets"]["d2"]["methods"]
+    methods["best single model (validation)"] = methods["Position prior: band of rows"] = methods["Locator (its centres)"]
+    text = results.render(json.loads(json.dumps(results_file, sort_keys=True)))  # as `atomic.write_json` keeps it
+    rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ") and " / " in line
+            and not line.startswith("| |")]
+    assert rows == ["best single model (validation)", "Located (locator + crop model)", "Locator (its centres)",
+                    "Position prior: band of rows"]
+
+
 def test_render_refuses_a_file_of_another_kind():
     with pytest.raises(StageOrderError, match="not a spineseg-results/1 file"):
         results.render({"format": "something else"})
@@ -80,6 +92,9 @@ def test_the_readme_quotes_exactly_what_the_kept_results_files_render():
     """Every results file kept under docs/results/ has its block in the README, as `render` makes it."""
     kept = sorted((ROOT / "docs" / "results").glob("*.json"))
     readme = (ROOT / "README.md").read_text()
+    assert kept, "no results file is kept under docs/results/"
+    marked = re.findall(r"<!-- results:([^ ]+) -->", readme)
+    assert sorted(marked) == sorted(path.stem for path in kept)  # no block without its file, no file without its block
     for path in kept:
         assert results.readme_block(path) in readme, f"README's block for {path.name} differs from its rendering"
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from spineseg import atomic
 from spineseg.errors import StageOrderError
+from spineseg.identification import FAILURES
 from spineseg.names import LOCATED, LOCATOR, PRIOR_BAND, PRIOR_MEAN, rule_name
 from spineseg.study.artifacts import read_table
 from spineseg.study.located import locator_spec
@@ -43,11 +44,12 @@ def collect(study: Study, data: StudyData) -> dict:
              rule_name(PRIOR_MEAN): ("prior", PRIOR_MEAN), rule_name(PRIOR_BAND): ("prior", PRIOR_BAND)}
     datasets = {}
     for dataset, part in frame.groupby("dataset"):
-        methods = {}
+        methods, seen = {}, set()
         for label, (kind, group) in shown.items():
             method = part[(part["kind"] == kind) & (part["group"] == group)]
-            if method.empty or (kind, group) in methods.values() or label in methods:
+            if method.empty or (kind, group) in seen:  # the chosen rule is the located variant: one row, the chosen
                 continue
+            seen.add((kind, group))
             row = identification_summary(method, study.cfg.analysis.n_boot).iloc[0]
             methods[label] = {key: _with_interval(row, name) for key, name in CRITERIA if name in row and pd.notna(row[name])}
             methods[label] |= {"images": int(len(method)), "patients": int(method["patient"].nunique())}
@@ -153,17 +155,22 @@ def render(results: dict) -> str:
     if results.get("format") != FORMAT:
         raise StageOrderError(f"not a {FORMAT} file (format {results.get('format')!r})")
     lines = []
-    for part in results["datasets"].values():
+    for dataset, part in results["datasets"].items():
         lines += [f"**{part['description']}**", "",
                   "| | identified strictly (%) | centres identified (%) | DSC (%) | images / patients |",
                   "|---|---:|---:|---:|---:|"]
-        for method, values in part["methods"].items():
+        chosen_row = f"best rule (validation): {rule_name(results['best_rule'])}"
+        for method, values in sorted(part["methods"].items(), key=lambda item: _method_rank(item[0])):
+            if chosen_row in part["methods"] and method == rule_name(results["best_rule"]):
+                continue  # the same rows (files written before `collect` kept one)
             lines.append(f"| {method} | {_value(values.get('identified_strict'))} | {_value(values.get('centres_identified'))} "
                          f"| {_value(values.get('dsc'))} | {values['images']} / {values['patients']} |")
         lines.append("")
-        dataset = next(key for key, value in results["datasets"].items() if value is part)
-        for method, kinds in results.get("failures", {}).get(dataset, {}).items():
-            wrong = ", ".join(f"{kind} {share:.1f}" for kind, share in kinds.items() if kind != "identified" and share > 0)
+        chosen = rule_name(results["best_rule"])
+        failures = results.get("failures", {}).get(dataset, {})
+        for method, kinds in sorted(failures.items(), key=lambda item: item[0] != chosen):  # the chosen rule first
+            wrong = ", ".join(f"{kind} {kinds[kind]:.1f}" for kind in sorted(kinds, key=_failure_rank)
+                              if kind != "identified" and kinds[kind] > 0)
             lines.append(f"- What kind of wrong, {method} (% of images): {wrong or 'none'}.")
         if results.get("failures", {}).get(dataset):
             lines.append("")
@@ -201,6 +208,20 @@ def render(results: dict) -> str:
     lines.append(f"- {_commits(provenance)}{' (modified)' if provenance['git_modified'] else ''}, "
                  f"{provenance['machine']}, {provenance['threads']} threads, data {provenance['data']}.")
     return "\n".join(lines) + "\n"
+
+
+# the order the README shows: the validation-chosen model and rule, then the located variant, the locator, the priors
+SHOWN_ORDER = ("best single model", "best rule", rule_name(LOCATED), rule_name(LOCATOR), rule_name(PRIOR_MEAN),
+               rule_name(PRIOR_BAND))
+
+
+def _method_rank(label: str) -> int:
+    """A results file's JSON keeps its keys sorted: the README's rows come in `SHOWN_ORDER` whatever it holds."""
+    return next((rank for rank, start in enumerate(SHOWN_ORDER) if label.startswith(start)), len(SHOWN_ORDER))
+
+
+def _failure_rank(kind: str) -> int:
+    return FAILURES.index(kind) if kind in FAILURES else len(FAILURES)
 
 
 def _commits(provenance: dict) -> str:
