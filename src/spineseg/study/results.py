@@ -159,20 +159,19 @@ def render(results: dict) -> str:
         lines += [f"**{part['description']}**", "",
                   "| | identified strictly (%) | centres identified (%) | DSC (%) | images / patients |",
                   "|---|---:|---:|---:|---:|"]
-        chosen_row = f"best rule (validation): {rule_name(results['best_rule'])}"
+        chosen = rule_name(results["best_rule"])
         for method, values in sorted(part["methods"].items(), key=lambda item: _method_rank(item[0])):
-            if chosen_row in part["methods"] and method == rule_name(results["best_rule"]):
+            if method == chosen and f"best rule (validation): {chosen}" in part["methods"]:
                 continue  # the same rows (files written before `collect` kept one)
             lines.append(f"| {method} | {_value(values.get('identified_strict'))} | {_value(values.get('centres_identified'))} "
                          f"| {_value(values.get('dsc'))} | {values['images']} / {values['patients']} |")
         lines.append("")
-        chosen = rule_name(results["best_rule"])
         failures = results.get("failures", {}).get(dataset, {})
         for method, kinds in sorted(failures.items(), key=lambda item: item[0] != chosen):  # the chosen rule first
             wrong = ", ".join(f"{kind} {kinds[kind]:.1f}" for kind in sorted(kinds, key=_failure_rank)
                               if kind != "identified" and kinds[kind] > 0)
             lines.append(f"- What kind of wrong, {method} (% of images): {wrong or 'none'}.")
-        if results.get("failures", {}).get(dataset):
+        if failures:
             lines.append("")
     locator = results.get("locator")
     if locator:
