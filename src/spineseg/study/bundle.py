@@ -1,12 +1,13 @@
-"""A study's ensemble as a bundle that travels: ``spineseg export`` writes it, ``predict --model`` reads it.
+"""A study's ensemble as a bundle that travels: ``spineseg export`` writes it (`spineseg.study.deployment`),
+``predict --model`` reads it here, with no training code, run store or stage module loaded.
 
 A bundle (a zip, or the folder it unpacks to) holds every selected stage-3 member as a model folder
 (``model.json`` + ``best.pt``, `spineseg.saved_models`), the crop model when the two-stage or the located
 variant won on validation, the locator when the located variant won, the study's learned rule and
 threshold (``learned.json``), ``provenance.json``, a model card, and ``bundle.json``, which says how they
 fit together. Predicting with it needs neither the project, nor the profile, nor the training data: the
-same is true of a study's own run folders, which `study_ensemble` finds without reading (or making) any
-dataset.
+same is true of a study's own run folders, which `deployment.study_ensemble` finds without reading (or making)
+any dataset.
 """
 
 from __future__ import annotations
