@@ -63,6 +63,7 @@ def test_mask_figures_carry_their_colour_key_and_ranking_rule():
     assert "ranked by soft voting DSC at T = 0.5" in fig._suptitle.get_text()
     picks = figures.ranked_picks(inputs, 0.5)
     assert [fig.axes[5 * row].get_ylabel().split("\n")[0] for row in range(3)] == list(picks)
+    assert fig.get_size_inches()[0] <= figures.PAGE_WIDTH_IN  # five rules side by side fit a journal page
     plt.close(fig)
 
 

@@ -42,6 +42,7 @@ TRUTH = "#2ca02c"
 MASK_KEY = {"TP: predicted and true": TRUE_POSITIVE, "FP: predicted, not true": FALSE_POSITIVE,
             "FN: true, missed": FALSE_NEGATIVE}
 MAX_WIDTH_IN = 20
+PAGE_WIDTH_IN = 7.2  # a journal's full text width (about 180 mm): the mask galleries fit it, their labels stay legible
 EMBEDDED_FONTS = {"pdf.fonttype": 42, "ps.fonttype": 42}  # TrueType in the PDFs, as journals ask, not Type 3
 
 
@@ -134,7 +135,9 @@ def ensemble_overlays(inputs: EnsembleInputs, threshold: float = 0.5, methods=RU
     masks = {m: combine(inputs.probs, m, threshold) for m in methods}
     truth = inputs.masks.astype(bool)
     picks = ranked_picks(inputs, threshold)
-    fig, axes = plt.subplots(len(picks), len(methods), figsize=(2.2 * len(methods), 2.3 * len(picks)), squeeze=False)
+    panel = min(2.2, PAGE_WIDTH_IN / len(methods))  # inches per image
+    fig, axes = plt.subplots(len(picks), len(methods), figsize=(panel * len(methods), 2.3 * len(picks) * panel / 2.2),
+                             squeeze=False)
     for row, (label, index) in zip(axes, picks.items()):
         box = crop_box([truth[index], *(masks[m][index] for m in methods)])
         for ax, method in zip(row, methods):
@@ -412,7 +415,7 @@ def worst_identifications(study: Study, data: StudyData, dataset: str) -> Figure
     if not len(failed):
         return None
     shown = failed[np.argsort(dice(masks[failed], inputs.masks[failed]), kind="stable")][:WORST_SHOWN]
-    panel = min(2.2, MAX_WIDTH_IN / len(shown))  # inches per image, the height following the images' aspect
+    panel = min(2.2, PAGE_WIDTH_IN / len(shown))  # inches per image, the height following the images' aspect
     height, width = inputs.images.shape[1:]
     fig, axes = plt.subplots(1, len(shown), figsize=(panel * len(shown), panel * height / width + 0.9), squeeze=False)
     for ax, index in zip(axes[0], shown):
