@@ -25,6 +25,7 @@ from spineseg.study.records import Learned
 from spineseg.study.runner import NOTEBOOKS
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
+from spineseg.study.store import read_summary
 from spineseg.study.tables import identification_summary, load_identification
 
 FORMAT = "spineseg-results/1"
@@ -89,10 +90,10 @@ def _failures(study: Study, labels: list[str]) -> dict[str, dict[str, dict[str, 
 def _locator(study: Study, data: StudyData) -> dict:
     """How the locator was trained and which checkpoint validation chose."""
     spec = locator_spec(study, data)
-    summary = spec.files(study.layout.store).summary if spec else None
-    if summary is None or not summary.is_file():
+    files = spec.files(study.layout.store) if spec else None
+    if files is None or not files.summary.is_file():
         return {}
-    run = json.loads(summary.read_text())
+    run = read_summary(files)
     return {"encoder": run["encoder"], "image_size": run["image_size"], "augmentation": run["augmentation"],
             "best_epoch": run["best_epoch"], "epochs_run": run["epochs_run"], "max_epochs": run["max_epochs"],
             "validation_identified": round(100 * run["best_val_dsc"], 1), "minutes": round(run["seconds"] / 60, 1)}

@@ -237,7 +237,7 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", w
     if files.done.is_file() and _evaluated_as(files, hflip) and _predictions_present(spec, files, data):
         if not files.model.is_file():  # finished before runs described their models
             describe(spec, files, training_grid(data)).save(files.folder)
-        return _summary(files)
+        return read_summary(files)
     files.lease.parent.mkdir(parents=True, exist_ok=True)
     lease = FileLock(files.lease)
     try:
@@ -249,7 +249,7 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", w
             if not (_evaluated_as(files, hflip) and _predictions_present(spec, files, data)):
                 torch_device = pick_device(device)
                 _evaluate(load_trained(store, spec, torch_device), spec, files, data, torch_device, hflip)
-            return _summary(files)
+            return read_summary(files)
         return _train(spec, files, data, device, hflip)
     finally:
         lease.release()
@@ -264,7 +264,8 @@ def _predictions_present(spec: RunSpec, files: RunFiles, data: StudyData) -> boo
                for name, folder, split in data.eval_splits() if split in splits_present(folder))
 
 
-def _summary(files: RunFiles) -> dict:
+def read_summary(files: RunFiles) -> dict:
+    """A finished run's summary.json; a damaged one is one error saying which folder to delete."""
     try:
         return json.loads(files.summary.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
