@@ -7,6 +7,7 @@ from PIL import Image
 
 from spineseg.ensemble import combine
 from spineseg.metrics import dice
+from spineseg.study import cases as cases_module
 from spineseg.study import figures
 from spineseg.study.artifacts import Layout
 from spineseg.study.config import Profile
@@ -82,3 +83,20 @@ def test_ranked_picks_follow_soft_voting_dsc():
     dsc = dice(combine(inputs.probs, "soft", 0.5), inputs.masks)
     picks = figures.ranked_picks(inputs, 0.5)
     assert dsc[picks["best"]] == dsc.max() and dsc[picks["worst"]] == dsc.min()
+
+
+def test_worst_case_gallery_fits_a_page_however_many_members():
+    inputs = _inputs(6)
+    ten = EnsembleInputs(names=[f"member {k}" for k in range(10)], ids=inputs.ids, patients=inputs.patients,
+                         probs=np.concatenate([inputs.probs] * 5), masks=inputs.masks, images=inputs.images,
+                         labels=None, levels=[None] * 10, val_dsc=np.full(10, 0.8))
+    cases = pd.DataFrame({"id": inputs.ids})
+    fig = cases_module.worst_gallery(ten, cases, threshold=0.5)
+    width, height = fig.get_size_inches()
+    assert width <= figures.PAGE_WIDTH_IN and height <= figures.PAGE_HEIGHT_IN + 0.5
+    titles = [ax.get_title() for ax in fig.axes[:4]]
+    # image 0: member 0 covers one column of six (DSC 29 %), member 1 the square and two rows more (DSC 91 %)
+    assert titles[0] == "best member\nmember 1\nDSC 91 %" and titles[1] == "worst member\nmember 0\nDSC 29 %"
+    assert titles[2] == "Soft voting\nDSC 29 %"  # the mean reaches T only where all ten agree: column 12
+    assert titles[3] == "members' disagreement"
+    plt.close(fig)

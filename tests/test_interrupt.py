@@ -19,6 +19,7 @@ import pytest
 
 from conftest import running
 from spineseg.study import runner
+from spineseg.study.artifacts import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def project(tmp_path_factory) -> Path:
     notebook = nbformat.v4.new_notebook(cells=[parameters, sleeper])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     (root / "notebooks").mkdir()
-    nbformat.write(notebook, root / "notebooks" / f"{runner.NOTEBOOKS[0]}.ipynb")
+    nbformat.write(notebook, root / "notebooks" / f"{NOTEBOOKS[0]}.ipynb")
     return root
 
 

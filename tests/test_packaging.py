@@ -7,7 +7,8 @@ from pathlib import Path
 import tomllib
 import yaml
 
-from spineseg.study.runner import NOTEBOOKS, notebook_parameters
+from spineseg.study.artifacts import NOTEBOOKS
+from spineseg.study.runner import notebook_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 

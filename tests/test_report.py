@@ -1,12 +1,13 @@
 """`spineseg report`: the results without code, progress bars or warnings, titled pages and an index."""
 
 import re
+from html.parser import HTMLParser
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from spineseg.study.artifacts import Layout
-from spineseg.study.runner import NOTEBOOKS, export_html, write_report
+from spineseg.study.artifacts import NOTEBOOKS, Layout
+from spineseg.study.report import export_html, write_report
 
 
 def _rendered(title: str, intro: str):
@@ -74,7 +75,7 @@ def test_the_html_copy_with_code_keeps_everything_and_is_titled(tmp_path):
 def test_every_study_notebook_has_a_heading_for_its_title_and_a_line_for_the_index():
     from pathlib import Path
 
-    from spineseg.study.runner import notebook_summary, notebook_title
+    from spineseg.study.report import notebook_summary, notebook_title
 
     folder = Path(__file__).resolve().parents[1] / "notebooks"
     for name in NOTEBOOKS:
@@ -82,3 +83,37 @@ def test_every_study_notebook_has_a_heading_for_its_title_and_a_line_for_the_ind
         assert notebook_title(notebook).startswith(name[:2] + " · "), name
         summary = notebook_summary(notebook)
         assert 20 < len(summary) < 400 and "\n" not in summary, (name, summary)
+
+
+def test_the_index_links_the_explorer_and_every_table_in_the_articles_order(tmp_path):
+    layout = _project(tmp_path)
+    layout.tables_dir.mkdir(parents=True)
+    for name in ("table10", "cases", "table2"):
+        (layout.tables_dir / f"{name}.md").write_text(f"**{name} caption**\n\n| a |\n|--:|\n| 1 |\n")
+    explorer = layout.figure("threshold_explorer", "html")
+    explorer.parent.mkdir(parents=True)
+    explorer.write_text("<html>the explorer</html>")
+    index, *pages = write_report(tmp_path, "p", tmp_path / "out")
+    assert [page.name for page in pages] == ["00_data.html", "02_backbone_selection.html", "threshold_explorer.html",
+                                             "tables.html"]  # no model card before stage 4 has chosen
+    assert (tmp_path / "out/threshold_explorer.html").read_text() == "<html>the explorer</html>"
+    links = re.findall(r'<li><a href="([^"]+)">', index.read_text())
+    assert links == ["00_data.html", "02_backbone_selection.html", "threshold_explorer.html", "tables.html"]
+    tables = (tmp_path / "out/tables.html").read_text()
+    assert tables.index("table2 caption") < tables.index("table10 caption") < tables.index("cases caption")
+    assert "<table>" in tables and "<strong>table2 caption</strong>" in tables
+
+
+def test_a_figure_carries_its_caption_as_alt_text_in_the_report(tmp_path):
+    layout = _project(tmp_path)
+    figure = new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "Figure x"},
+                        metadata={"image/png": {"alt": 'Figure x: DSC "by" rule'}})
+    notebook = nbformat.read(layout.notebook("00_data"), as_version=4)
+    notebook.cells[1].outputs.append(figure)
+    nbformat.write(notebook, layout.notebook("00_data"))
+    page = write_report(tmp_path, "p")[1].read_text()
+    images = []
+    parser = HTMLParser()
+    parser.handle_starttag = lambda tag, attrs: images.append(dict(attrs)) if tag == "img" else None
+    parser.feed(page)
+    assert [image["alt"] for image in images] == ['Figure x: DSC "by" rule']

@@ -16,8 +16,8 @@ import pytest
 from conftest import LOADED_BY_PREDICT, assert_no_training_code, running, write_dicom
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
-from spineseg.study.artifacts import Layout, read_table
-from spineseg.study.runner import NOTEBOOKS, run_study
+from spineseg.study.artifacts import NOTEBOOKS, Layout, read_table
+from spineseg.study.runner import run_study
 from spineseg.study.tables import CANDIDATE_ORDER, METRIC_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,6 +298,7 @@ def test_the_threshold_explorer_works_offline_in_the_rendered_analysis(project):
     assert "Plotly.newPlot" in html and '"sliders"' in html
     labels = set(re.findall(r'"label":"(0\.\d\d)"', html))
     assert {"0.05", "0.50", "0.95"} <= labels and len(labels) == 19  # one step per threshold of the grid
+    assert re.search(r"worst: [^\"]+?\\u003cbr\\u003eDSC \d+ % at this T", html)  # each panel titled with its DSC at T
     assert (project / "figures/smoke/threshold_explorer.html").stat().st_size > 1_000_000  # plotly.js inside
 
 
@@ -319,15 +320,22 @@ def test_failures_uncertainty_calibration_and_provenance_are_reported(project):
 
 
 def test_the_report_is_the_results_without_code(project):
-    from spineseg.study.runner import write_report
+    from spineseg.study.report import write_report
 
     index, *pages = write_report(project, "smoke")
-    assert [p.stem for p in pages] == list(NOTEBOOKS)
+    assert [p.stem for p in pages] == [*NOTEBOOKS, "threshold_explorer", "tables", "model_card"]
     page = pages[NOTEBOOKS.index("05_analysis")].read_text()
     assert "show_tables(study" not in page and "Table 8" in page and "<title>05 · Analysis</title>" in page
     for page in pages:  # neither tqdm's bars nor warnings: papermill's stderr blocks
         assert 'data-mime-type="application/vnd.jupyter.stderr"' not in page.read_text(), page.name
-    assert index.read_text().count("<li><a href=") == len(NOTEBOOKS)
+    links = re.findall(r'<li><a href="([^"]+)">', index.read_text())
+    assert links == [*(f"{name}.html" for name in NOTEBOOKS), "threshold_explorer.html", "tables.html", "model_card.html"]
+    card = (index.parent / "model_card.html").read_text()
+    assert "Members" in card and "Best rule on dataset-1 validation" in card
+    analysis = pages[NOTEBOOKS.index("05_analysis")].read_text()
+    alts = re.findall(r"<img [^>]*alt=\"([^\"]*)\"", analysis)
+    assert len(alts) >= 10 and all(alt.startswith("Figure ") for alt in alts)  # every figure captioned
+    assert "/work/" not in analysis and str(project) not in analysis and "Headless" not in analysis
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")

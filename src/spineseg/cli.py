@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from spineseg.errors import ConfigError, SpinesegError
+from spineseg.names import EXTRA_RULES, RULES
 
 UNWRITABLE = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
@@ -21,6 +22,18 @@ def _version() -> str:
         return metadata.version("spineseg")
     except metadata.PackageNotFoundError:
         return "(not installed)"
+
+
+def _profile_help(default: str | None = "quick") -> str:
+    """The --profile help: the profiles of the project this runs in (params/*.yaml), and the default."""
+    from spineseg.study.artifacts import known_profiles
+    from spineseg.study.session import find_project
+
+    try:
+        profiles = known_profiles(find_project())
+    except ConfigError:  # outside a project: the names would be a guess
+        profiles = "the names of params/*.yaml"
+    return f"one of: {profiles}" + (f" (default: {default})" if default else "")
 
 
 def _size(text: str):
@@ -106,10 +119,10 @@ def _export(args) -> None:
 
 
 def _report(args) -> None:
-    from spineseg.study.runner import write_report
+    from spineseg.study.report import write_report
     from spineseg.study.session import find_project
 
-    for path in write_report(find_project(), args.profile, args.out):
+    for path in write_report(find_project(), args.profile, args.out, progress=True):
         print(path)
 
 
@@ -159,25 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="make or convert datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the embedded synthetic datasets d1 and d2")
-    synth.add_argument("--out", required=True, type=Path)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--size", type=int, default=512)
+    synth.add_argument("--out", required=True, type=Path, help="the folder to write d1/ and d2/ to")
+    synth.add_argument("--seed", type=int, default=0, help="the radiographs' random seed (default: 0)")
+    synth.add_argument("--size", type=int, default=512, help="the images' side in pixels (default: 512)")
     synth.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     synth.set_defaults(func=_synth)
     aasce = data.add_parser("aasce", help="convert AASCE/BoostNet radiographs into Th8–Th11 datasets")
     aasce.add_argument("--src", required=True, type=Path, help="the boostnet_labeldata folder")
-    aasce.add_argument("--out", required=True, type=Path)
-    aasce.add_argument("--splits", default="training,test")
+    aasce.add_argument("--out", required=True, type=Path, help="the folder to write the datasets to")
+    aasce.add_argument("--splits", default="training,test",
+                       help="the source splits to convert: training (split by patient into d1) and test (test-only d2); default: training,test")
     aasce.add_argument("--size", type=_size, default=(512, 192),
                        help="HEIGHTxWIDTH (default 512x192, close to the radiographs' aspect) or one side for squares")
-    aasce.add_argument("--seed", type=int, default=0)
+    aasce.add_argument("--seed", type=int, default=0, help="the seed of the patient split (default: 0)")
     aasce.add_argument("--later-batch", type=float, default=0.0,
                        help="hold out this share of the training split, its latest acquisitions, as a test set of its own")
     aasce.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     aasce.set_defaults(func=_aasce)
 
     run = commands.add_parser("run", help="execute the study notebooks with papermill")
-    run.add_argument("--profile", default="quick")
+    run.add_argument("--profile", default="quick", help=_profile_help() + "; smoke is a ~10-minute first look")
     run.add_argument("--stages", help="e.g. 2,3 or 1-4 (default: all)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile value, e.g. stage2.repeats=3")
     run.add_argument("--threads", type=int, metavar="N",
@@ -190,19 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="segment Th8–Th11 on new radiographs with a study's ensemble or a bundle")
     predict.add_argument("-m", "--model", type=Path, help="a bundle from `spineseg export` (.zip or its unpacked folder): "
                                                     "runs anywhere, without the project")
-    predict.add_argument("--profile", help="the study whose stage-3 models to use (default quick; run it first)")
+    predict.add_argument("--profile", help="the study whose stage-3 models to use, " + _profile_help() + "; run it first")
     predict.add_argument("--project", type=Path, help="the project folder of --profile (default: the one this runs in)")
     predict.add_argument("-i", "--input", required=True, type=Path, help="a PNG, JPEG or DICOM file, or a folder of them")
-    predict.add_argument("-o", "--out", required=True, type=Path)
-    predict.add_argument("--rule", help="ensemble rule (default: what stage 4 chose on validation, the located or "
-                                        "two-stage variant included; with --two-stage, the locator stage 4 chose; "
-                                        "not with --located)")
+    predict.add_argument("-o", "--out", required=True, type=Path,
+                         help="the folder for masks/, overlays/ and predictions.csv")
+    predict.add_argument("--rule", help=f"ensemble rule, one of {', '.join((*RULES, *EXTRA_RULES))} (default: what "
+                                        "stage 4 chose on validation, the located or two-stage variant included; with "
+                                        "--two-stage, the locator stage 4 chose; not with --located)")
     predict.add_argument("--threshold", type=float, help="T (default: the study's stage4.threshold)")
     predict.add_argument("--tta", action=argparse.BooleanOptionalAction,
                          help="also predict each mirror image, and average (default: as the study's stage 3 did, "
                               "stage3.tta_hflip; --no-tta to skip it)")
     predict.add_argument("--probabilities", action="store_true", help="also write 16-bit probability maps")
-    predict.add_argument("--batch-size", type=int, default=4)
+    predict.add_argument("--batch-size", type=int, default=4, help="images a member reads at once (default: 4)")
     predict.add_argument("--two-stage", action="store_true",
                          help="let the study's crop model outline the region in a box around the rule's mask")
     predict.add_argument("--located", action="store_true",
@@ -214,14 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_predict)
 
     export = commands.add_parser("export", help="write a study's ensemble as a bundle that `predict --model` runs anywhere")
-    export.add_argument("--profile", default="quick")
+    export.add_argument("--profile", default="quick", help=_profile_help())
     export.add_argument("--project", type=Path, help="the project folder (default: the one this runs in)")
     export.add_argument("--out", required=True, type=Path, help="the bundle, a .zip file")
     export.add_argument("--force", action="store_true", help="replace an existing --out file")
     export.set_defaults(func=_export)
 
     report = commands.add_parser("report", help="the rendered study as HTML without code, for readers")
-    report.add_argument("--profile", default="quick")
+    report.add_argument("--profile", default="quick", help=_profile_help())
     report.add_argument("-o", "--out", type=Path, help="the folder to write the pages to (default: runs/<profile>/report/)")
     report.set_defaults(func=_report)
 
@@ -233,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     results.set_defaults(func=_results)
 
     bench = commands.add_parser("bench", help="inference, aggregation and training benchmarks")
-    bench.add_argument("--profile", default="quick", help="whose stage-3 models and run timings to measure")
+    bench.add_argument("--profile", default="quick", help="whose stage-3 models and run timings to measure, " + _profile_help())
     bench.add_argument("--quick", action="store_true", help="fewer repeats (a fast check)")
     bench.set_defaults(func=_bench)
     return parser

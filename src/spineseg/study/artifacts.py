@@ -53,6 +53,18 @@ TEXT_COLUMNS = {"id": str, "patient": str, "group": str, "encoder": str, "remove
 PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a file name in params/, never a path
 
 
+# The stage notebooks in the order they run: `notebooks/<name>.ipynb`, rendered to `Layout.notebook(name)`.
+NOTEBOOKS = (
+    "00_data",
+    "01_augmentation",
+    "02_backbone_selection",
+    "03_final_training",
+    "04_ensembles",
+    "05_analysis",
+    "06_architectures",
+)
+
+
 def known_profiles(project: Path) -> str:
     """The profiles a project offers, for error messages: the names of its params/*.yaml."""
     return ", ".join(sorted(path.stem for path in (Path(project) / "params").glob("*.yaml"))) or "none"

@@ -25,9 +25,8 @@ from spineseg.ensemble import combine
 from spineseg.models import build_model
 from spineseg.names import EXTRA_RULES, RULES
 from spineseg.predict import Segmenter
-from spineseg.study.artifacts import Layout, bench_dir
+from spineseg.study.artifacts import NOTEBOOKS, Layout, bench_dir
 from spineseg.study.records import Selection
-from spineseg.study.runner import NOTEBOOKS
 from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
 from spineseg.train import Trainer
 

@@ -1,8 +1,8 @@
 """Which images fail, whether the ensemble knows it, and whether its probabilities are honest.
 
 - the per-case table: every test image with each rule's DSC (and level shift where labels exist),
-  worst first, and a gallery of the worst images with each member's mask, the ensemble's, and the
-  members' disagreement (the per-pixel spread of their probabilities);
+  worst first, and a gallery of the worst images with the best and the worst member's mask on each, the
+  ensemble's, and the members' disagreement (the per-pixel spread of their probabilities);
 - uncertainty: how well the per-image disagreement flags failed images (DSC < 0.8): AUROC, and the
   Spearman correlation with DSC;
 - calibration: expected calibration error and reliability diagrams of each stage-3 model, soft voting
@@ -24,7 +24,7 @@ from spineseg.metrics import dice
 from spineseg.names import RULES, rule_name
 from spineseg.stats import auroc
 from spineseg.study.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
-from spineseg.study.figures import crop_box, error_overlay, save
+from spineseg.study.figures import PAGE_HEIGHT_IN, PAGE_WIDTH_IN, crop_box, error_overlay, save
 from spineseg.study.records import Learned
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
@@ -90,22 +90,26 @@ def case_tables(study: Study, data: StudyData) -> dict[str, pd.DataFrame]:
 
 
 def worst_gallery(inputs: EnsembleInputs, cases: pd.DataFrame, threshold: float, n: int = GALLERY) -> plt.Figure:
-    """The worst images (soft voting), cropped around the spine: each member, the ensemble, the disagreement."""
+    """The worst images (soft voting), cropped around the spine: the member that did best and the one that did
+    worst on that image, the ensemble, the members' disagreement. Four panels a row fit a journal page at legible
+    label sizes whatever the ensemble's size; every member's DSC on every image is in the per-case table."""
     worst = [inputs.ids.index(i) for i in cases["id"].head(n)]
-    columns = len(inputs.names) + 2
-    fig, axes = plt.subplots(len(worst), columns, figsize=(1.7 * columns, 2.2 * len(worst)), squeeze=False)
+    panel = min(1.8, PAGE_WIDTH_IN / 4, PAGE_HEIGHT_IN / max(len(worst), 1))  # inches per image
+    fig, axes = plt.subplots(len(worst), 4, figsize=(4 * panel, panel * len(worst) + 0.4), squeeze=False)
     soft = combine(inputs.probs, "soft", threshold)
     spread = disagreement(inputs.probs, threshold)[0]
     for row, index in zip(axes, worst):
         truth = inputs.masks[index].astype(bool)
-        box = crop_box([truth, soft[index], *(p[index] > threshold for p in inputs.probs)])
-        panels = [(name, probs[index] > threshold) for name, probs in zip(inputs.names, inputs.probs)]
-        panels.append((rule_name("soft"), soft[index]))
-        for ax, (name, mask) in zip(row, panels):
+        members = [(name, probs[index] > threshold) for name, probs in zip(inputs.names, inputs.probs)]
+        scores = [dice(mask, truth)[0] for _, mask in members]
+        best, worst_member = members[int(np.argmax(scores))], members[int(np.argmin(scores))]
+        box = crop_box([truth, soft[index], best[1], worst_member[1]])
+        panels = [("best member", *best), ("worst member", *worst_member), ("", rule_name("soft"), soft[index])]
+        for ax, (role, name, mask) in zip(row, panels):
             error_overlay(ax, inputs.images[index][box], mask[box], truth[box])
-            ax.set_title(f"{name}\nDSC {100 * dice(mask, truth)[0]:.0f}%", fontsize=6)
+            ax.set_title(f"{role}\n{name}\nDSC {100 * dice(mask, truth)[0]:.0f} %".lstrip("\n"), fontsize=6)
         row[-1].imshow(spread[index][box], cmap="magma", vmin=0, vmax=0.5)
-        row[-1].set_title("disagreement", fontsize=6)
+        row[-1].set_title("members' disagreement", fontsize=6)
         row[-1].set_axis_off()
         row[0].set_ylabel(inputs.ids[index], fontsize=6)
     fig.suptitle("Worst images by soft-voting DSC: false positives red, false negatives blue, truth outlined green",

@@ -87,6 +87,41 @@ def study_ensemble(study: Study) -> EnsembleFolders:
                            best_rule=learned and learned.best_rule, members_hflip=study.cfg.stage3.tta_hflip)
 
 
+def bundle_contents(study: Study) -> tuple[dict, dict[Path, Path]]:
+    """What a bundle of the study holds: its manifest, and each model folder to copy with its place in the bundle
+    (relative to the bundle's root). The model card is written from the manifest, in the bundle and in the report."""
+    learned = Learned.load(study.layout.learned)
+    found = study_ensemble(study)
+    crop = found.crop if learned.best_rule in (TWO_STAGE, LOCATED) else None
+    locator = found.locator_model if learned.best_rule == LOCATED else None
+    names = [ModelDescription.load(source).name for source, _ in found.members]
+    if names != list(learned.models):
+        raise StageOrderError(f"stage 4 of `{study.name}` combined {learned.models}, stage 3 now selects {names}: "
+                              f"run `spineseg run --profile {study.name} --stages 4` first")
+    layout = BundleFiles(Path("."))
+    copies = {source: layout.member(index, name) for index, ((source, _), name) in enumerate(zip(found.members, names), start=1)}
+    if crop is not None:
+        copies[crop] = layout.crop_model
+    if locator is not None:
+        copies[locator] = layout.locator_model
+    members = [{"folder": copies[source].as_posix(), "name": name, "validation_dsc": dsc}
+               for (source, dsc), name in zip(found.members, names)]
+    manifest = {"format": FORMAT, "profile": study.name, "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "members": members, "crop_model": crop and layout.crop_model.as_posix(),
+                "locator_model": locator and layout.locator_model.as_posix(),
+                "locator_hflip": found.locator_hflip if locator else None,
+                "threshold": found.threshold, "precision": found.precision, "two_stage_locator": found.locator if crop else None,
+                "best_rule": learned.best_rule, "members_hflip": found.members_hflip,
+                "preprocessing": {"pixels": PIXELS}, "code_version": code_version()}
+    return manifest, copies
+
+
+def study_model_card(study: Study) -> str:
+    """The card `spineseg export` would put in the study's bundle, for the report."""
+    manifest, _ = bundle_contents(study)
+    return model_card(study, Learned.load(study.layout.learned), manifest)
+
+
 def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
     """Write the study's ensemble to the zip `out`: its members, the crop model and the locator when their variant
     won, and what to know."""
@@ -95,30 +130,16 @@ def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
         raise ConfigError(f"--out {out}: name a .zip file")
     if out.exists() and not (force and out.is_file()):
         raise ConfigError(f"--out {out} exists; choose another name{' or pass --force' if out.is_file() else ''}")
-    learned = Learned.load(study.layout.learned)
-    found = study_ensemble(study)
-    crop = found.crop if learned.best_rule in (TWO_STAGE, LOCATED) else None
-    locator = found.locator_model if learned.best_rule == LOCATED else None
+    manifest, copies = bundle_contents(study)
     with tempfile.TemporaryDirectory() as folder:
         files = BundleFiles(Path(folder))
-        names = [ModelDescription.load(source).name for source, _ in found.members]
-        if names != list(learned.models):
-            raise StageOrderError(f"stage 4 of `{study.name}` combined {learned.models}, stage 3 now selects {names}: "
-                                  f"run `spineseg run --profile {study.name} --stages 4` first")
-        members = [{"folder": _copy_model(source, files.member(index, name), files), "name": name, "validation_dsc": dsc}
-                   for index, ((source, dsc), name) in enumerate(zip(found.members, names), start=1)]
-        manifest = {"format": FORMAT, "profile": study.name, "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "members": members, "crop_model": crop and _copy_model(crop, files.crop_model, files),
-                    "locator_model": locator and _copy_model(locator, files.locator_model, files),
-                    "locator_hflip": found.locator_hflip if locator else None,
-                    "threshold": found.threshold, "precision": found.precision, "two_stage_locator": found.locator if crop else None,
-                    "best_rule": learned.best_rule, "members_hflip": found.members_hflip,
-                    "preprocessing": {"pixels": PIXELS}, "code_version": code_version()}
+        for source, place in copies.items():
+            _copy_model(source, files.root / place)
         atomic.write_json(files.manifest, manifest)
-        learned.save(files.learned)
+        Learned.load(study.layout.learned).save(files.learned)
         if study.layout.provenance.is_file():
             shutil.copy(study.layout.provenance, files.provenance)
-        atomic.write_text(files.card, model_card(study, learned, manifest))
+        atomic.write_text(files.card, model_card(study, Learned.load(study.layout.learned), manifest))
         with atomic.atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
             entries = sorted(p for p in files.root.rglob("*") if p.is_file())
             with tqdm(total=sum(p.stat().st_size for p in entries), desc=f"zipping {out.name}", unit="B",
@@ -129,11 +150,10 @@ def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
     return out
 
 
-def _copy_model(source: Path, target: Path, files: BundleFiles) -> str:
+def _copy_model(source: Path, target: Path) -> None:
     target.mkdir(parents=True)
     for name in (MODEL_FILE, BEST):
         shutil.copy(source / name, target / name)
-    return target.relative_to(files.root).as_posix()
 
 
 def _scores(study: Study, learned: Learned, manifest: dict) -> str:
@@ -205,7 +225,7 @@ def model_card(study: Study, learned: Learned, manifest: dict) -> str:
     commit = commit[:12] if re.fullmatch("[0-9a-f]{40}", commit) else commit
     return f"""# Spine region Th8–Th11: an ensemble of U-Nets (profile `{study.name}`)
 
-Exported {manifest['exported']} by spineseg {manifest['code_version']['spineseg']} (commit {commit}).
+Written {manifest['exported']} by spineseg {manifest['code_version']['spineseg']} (commit {commit}).
 {study.cfg.description}
 
 ## Members

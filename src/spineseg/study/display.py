@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.core.pylabtools import print_figure
 from IPython.display import Markdown, display
 
 from spineseg.study.article import side_by_side
 from spineseg.study.artifacts import read_table
+from spineseg.study.figures import figure_caption
 from spineseg.study.session import Study
 from spineseg.study.stage2_selection import selected_candidates
 from spineseg.study.store import candidate_name
@@ -50,9 +53,13 @@ def _show_wilcoxon(table: pd.DataFrame) -> None:
 
 
 def show_figures(figures: Mapping[str, plt.Figure]) -> None:
-    """Display saved figures inline, then free them."""
-    for figure in figures.values():
-        display(figure)
+    """Display saved figures inline, each above its caption and with the caption as its alt text (which the
+    report's HTML carries), then free them."""
+    for name, figure in figures.items():
+        text = f"Figure {name}: {figure_caption(name)}"
+        png = base64.b64encode(print_figure(figure, "png", bbox_inches="tight")).decode("ascii")
+        display({"image/png": png, "text/plain": text}, raw=True, metadata={"image/png": {"alt": text}})
+        display(Markdown(f"_{text}_"))
         plt.close(figure)
 
 

@@ -1,11 +1,12 @@
 """A threshold explorer that works without a kernel: one Plotly figure with a slider over T.
 
 Top: mean DSC against T for every rule that thresholds (the article's five and the extra ones), one
-colour per rule and one line style per dataset, the current T marked. Bottom: the soft-voting masks
-of the best, median and worst dataset-1 test images (ranked by soft-voting DSC at the profile's T) at
-that T, cropped around the spine, in the colours of every mask figure (`figures.MASK_KEY`, keyed in the
-legend) with the truth outlined. plotly.js is embedded, so the rendered notebook and the saved
-``threshold_explorer.html`` work offline; the same figure is live in JupyterLab.
+colour per rule and one line style per dataset (each keyed once), the current T marked. Bottom: the
+soft-voting masks of the best, median and worst dataset-1 test images (ranked by soft-voting DSC at the
+profile's T) at that T, each titled with its DSC at that T, cropped around the spine, in the colours of
+every mask figure (`figures.MASK_KEY`, keyed in the legend) with the truth outlined. plotly.js is
+embedded, so the rendered notebook and the saved ``threshold_explorer.html`` work offline; the same
+figure is live in JupyterLab.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from skimage.measure import find_contours
 
 from spineseg import atomic
 from spineseg.ensemble import THRESHOLD_GRID, combine
+from spineseg.metrics import dice
 from spineseg.names import EXTRA_RULES, RULES
 from spineseg.study.ensemble_inputs import available_eval_sets, ensemble_inputs
 from spineseg.study.figures import (
@@ -36,6 +38,7 @@ from spineseg.study.stage0_data import StudyData
 from spineseg.study.stage4_ensembles import threshold_curves
 
 THRESHOLD_RULES = (*RULES, *EXTRA_RULES)
+DATASET_NAMES = {"d1": "dataset 1 test", "d2": "dataset 2"}
 _DASH = {"-": "solid", "--": "dash", ":": "dot"}
 
 
@@ -75,20 +78,26 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
     fig = make_subplots(rows=2, cols=3, specs=[[{"colspan": 3}, None, None], [{}, {}, {}]],
                         row_heights=[0.42, 0.58], vertical_spacing=0.16,
                         subplot_titles=["Mean DSC against T", *(f"{p}:<br>{d1.ids[i]}" for p, i in picks.items())])
+    start = int(np.argmin(np.abs(THRESHOLD_GRID - study.cfg.stage4.threshold)))  # the grid's T nearest the profile's
     for trace in _key_traces():
         fig.add_trace(trace, row=1, col=1)
+    for dataset in all_inputs:  # the line style of each dataset, keyed once rather than beside every rule
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=DATASET_NAMES.get(dataset, dataset),
+                                 legendgroup="datasets", line={"color": "grey", "dash": _dash(dataset)}), row=1, col=1)
+    first = next(iter(all_inputs))
     for (dataset, rule), part in curves.groupby(["dataset", "method"], sort=False):
         if rule in labels:
             fig.add_trace(go.Scatter(x=part["threshold"], y=100 * part["mean_dsc"], mode="lines+markers",
-                                     name=f"{labels[rule]} ({dataset})", marker={"size": 4},
-                                     line={"color": _hex(RULE_COLOURS.get(rule)), "dash": _DASH[DATASET_STYLES.get(dataset, ":")]}),
+                                     name=labels[rule], legendgroup=rule, showlegend=dataset == first, marker={"size": 4},
+                                     line={"color": _hex(RULE_COLOURS.get(rule)), "dash": _dash(dataset)}),
                           row=1, col=1)
     fixed = len(fig.data)
     profile_masks = combine(d1.probs, "soft", study.cfg.stage4.threshold)
     boxes = {p: crop_box([d1.masks[i], profile_masks[i]]) for p, i in picks.items()}
-    start = int(np.argmin(np.abs(THRESHOLD_GRID - study.cfg.stage4.threshold)))  # the grid's T nearest the profile's
+    dsc = np.zeros((len(THRESHOLD_GRID), len(d1.ids)))  # each image's DSC at each T of the grid, for the titles
     for k, t in enumerate(THRESHOLD_GRID):
         masks = combine(d1.probs, "soft", float(t))
+        dsc[k] = dice(masks, d1.masks)
         for column, (pick, index) in enumerate(picks.items(), start=1):
             box = boxes[pick]
             rgb = _rgb(d1.images[index][box], masks[index][box], d1.masks[index][box].astype(bool))
@@ -105,17 +114,30 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
         visible = [True] * fixed + [False] * images + [True] * outlines
         for column in range(len(picks)):
             visible[fixed + k * len(picks) + column] = True
-        steps.append({"method": "update", "label": f"{t:.2f}", "args": [{"visible": visible}, {"shapes": [_marker(t)]}]})
+        titles = {f"annotations[{column}].text": _panel_title(pick, d1.ids[index], dsc[k, index])
+                  for column, (pick, index) in enumerate(picks.items(), start=1)}  # annotation 0: the curves' title
+        steps.append({"method": "update", "label": f"{t:.2f}",
+                      "args": [{"visible": visible}, {"shapes": [_marker(t)], **titles}]})
     fig.update_layout(sliders=[{"active": start, "currentvalue": {"prefix": "T = "}, "steps": steps, "pad": {"t": 30}}],
                       shapes=[_marker(THRESHOLD_GRID[start])], height=760, width=900, legend={"font": {"size": 9}},
                       title="Soft-voting masks of three dataset-1 test images, and every rule's DSC, as T varies<br>"
                             f"<sup>best, median and worst image {ranking_text(study.cfg.stage4.threshold)}</sup>")
+    for column, (pick, index) in enumerate(picks.items(), start=1):
+        fig.layout.annotations[column].text = _panel_title(pick, d1.ids[index], dsc[start, index])
     fig.update_xaxes(title_text="T", row=1, col=1)
     fig.update_yaxes(title_text="mean DSC (%)", row=1, col=1)
     for column in range(1, 4):
         fig.update_xaxes(visible=False, row=2, col=column)
         fig.update_yaxes(visible=False, row=2, col=column)
     return fig
+
+
+def _panel_title(pick: str, image_id: str, dsc: float) -> str:
+    return f"{pick}: {image_id}<br>DSC {100 * dsc:.0f} % at this T"
+
+
+def _dash(dataset: str) -> str:
+    return _DASH[DATASET_STYLES.get(dataset, ":")]
 
 
 def _marker(t: float) -> dict:

@@ -3,6 +3,7 @@ and a PDF under ``figures/<profile>/``, no wider than `MAX_WIDTH_IN`."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -43,10 +44,51 @@ MASK_KEY = {"TP: predicted and true": TRUE_POSITIVE, "FP: predicted, not true": 
             "FN: true, missed": FALSE_NEGATIVE}
 MAX_WIDTH_IN = 20
 PAGE_WIDTH_IN = 7.2  # a journal's full text width (about 180 mm): the mask galleries fit it, their labels stay legible
+PAGE_HEIGHT_IN = 9.0  # and its text height (about 230 mm), less room for a caption
 EMBEDDED_FONTS = {"pdf.fonttype": 42, "ps.fonttype": 42}  # TrueType in the PDFs, as journals ask, not Type 3
 
 
 REGION_COLOURS = ("#e41a1c", "#ff7f00", "#4daf4a", "#377eb8")
+
+_DATASETS = {"d1": "dataset 1 test", "d2": "dataset 2"}
+# What each figure shows, for its caption and alt text in the notebooks and the report (keyed by the saved name).
+FIGURE_CAPTIONS = (
+    (r"fig1_datasets", "Example radiographs of each dataset with their Th8–Th11 masks (the article's Figure 1)."),
+    (r"label_overlays", "Dataset-1 radiographs with the outline of each labelled vertebra: what the level labels hold."),
+    (r"ensemble_masks_(?P<d>d\d)", "Each ensemble rule's mask on the best, median and worst image of the {d} by "
+                                    "soft-voting DSC: true positives yellow, false positives red, false negatives "
+                                    "blue, the truth outlined green."),
+    (r"dsc_by_ensemble", "DSC per test image of each ensemble rule, one box per rule, by dataset."),
+    (r"dsc_by_encoder", "DSC per test image of each stage-3 model, one box per encoder, by dataset."),
+    (r"dsc_vs_threshold", "Mean dataset-1 validation DSC of each rule against the threshold T; the dotted line "
+                          "marks the T the profile uses."),
+    (r"level_shifts_(?P<d>d\d)", "Where the predicted Th8–Th11 region landed on the {d}, in vertebra levels "
+                                  "from the truth (0: the right four), per method."),
+    (r"identification_failures_(?P<d>d\d)", "The worst identification failures of the validation-chosen method "
+                                             "on the {d}: true vertebra centres green, the centres it named red."),
+    (r"levels_(?P<model>.+)_(?P<d>d\d)", "Confusion matrix of the vertebra levels that {model} named against the "
+                                          "labelled ones on the {d}, with its colour bar."),
+    (r"worst_cases_(?P<d>d\d)", "The worst images of the {d} by soft-voting DSC: the best and the worst member on "
+                                 "each, the soft-voting mask and the members' disagreement (the spread of their "
+                                 "probabilities)."),
+    (r"uncertainty_(?P<d>d\d)", "Soft-voting DSC against the members' disagreement on the {d}: does "
+                                 "disagreement flag the failed images (DSC < 80 %, red)?"),
+    (r"reliability_(?P<d>d\d)", "Reliability diagram on the {d}: the observed share of Th8–Th11 pixels against "
+                                 "the predicted probability, per model and rule (ECE in the legend)."),
+    (r"pruning_dsc_vs_size", "Gradient-sensitivity pruning: mean dataset-1 test DSC against the model file's size, "
+                             "before and after fine-tuning, per pruned fraction p."),
+)
+
+
+def figure_caption(name: str) -> str:
+    """The caption of a saved figure, from its name."""
+    for pattern, text in FIGURE_CAPTIONS:
+        match = re.fullmatch(pattern, name)
+        if match:
+            fields = match.groupdict()
+            return text.format(d=_DATASETS.get(fields.get("d", ""), fields.get("d", "")),
+                               model=fields.get("model", "").replace("_", " "))
+    raise KeyError(f"figure {name!r} has no caption in FIGURE_CAPTIONS")
 
 
 def save(fig: Figure, study: Study, name: str) -> list[Path]:
@@ -435,8 +477,12 @@ def worst_identifications(study: Study, data: StudyData, dataset: str) -> Figure
 
 
 def live_threshold_explorer(study: Study, data: StudyData, interactive: bool):
-    """The ipywidgets explorer in a live session; a note when executed headlessly."""
+    """The ipywidgets explorer in a live session (`interactive`); in a rendered page, a pointer to the explorer
+    above, which works there without a kernel."""
     if not interactive:
-        print("Headless run: the interactive threshold explorer is skipped.")
+        from IPython.display import Markdown, display
+
+        display(Markdown("_This explorer needs a live kernel (JupyterLab, `interactive = True`); the threshold explorer "
+                         "above works in this page as it is._"))
         return None
     return threshold_explorer(ensemble_inputs(study, data, "d1", "test"))

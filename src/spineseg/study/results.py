@@ -19,10 +19,9 @@ from spineseg import atomic
 from spineseg.errors import StageOrderError
 from spineseg.identification import FAILURES
 from spineseg.names import LOCATED, LOCATOR, PRIOR_BAND, PRIOR_MEAN, rule_name
-from spineseg.study.artifacts import read_table
+from spineseg.study.artifacts import NOTEBOOKS, read_table
 from spineseg.study.located import locator_spec
 from spineseg.study.records import Learned
-from spineseg.study.runner import NOTEBOOKS
 from spineseg.study.session import Study
 from spineseg.study.stage0_data import StudyData
 from spineseg.study.store import read_summary

@@ -7,9 +7,7 @@ because every training run that finished is skipped.
 
 from __future__ import annotations
 
-import html
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,20 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from spineseg import atomic
-from spineseg.errors import ConfigError, NotebookFailed, StageOrderError
-from spineseg.study.artifacts import Layout
-from spineseg.study.config import load_profile
-from spineseg.study.session import open_study, profile_path, seed_variant
-
-NOTEBOOKS = (
-    "00_data",
-    "01_augmentation",
-    "02_backbone_selection",
-    "03_final_training",
-    "04_ensembles",
-    "05_analysis",
-    "06_architectures",
-)
+from spineseg.errors import ConfigError, NotebookFailed
+from spineseg.study.artifacts import NOTEBOOKS
+from spineseg.study.report import export_html
+from spineseg.study.session import open_study, seed_variant
 
 
 def parse_stages(text: str | None) -> list[int]:
@@ -131,86 +119,6 @@ def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, proje
     """What every stage notebook is called with (its parameters cell declares exactly these)."""
     return {"profile": profile, "overrides": dict(overrides or {}), "project_dir": str(project), "in_place": in_place,
             "interactive": False}
-
-
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # a live widget: in a page, tqdm's bar as plain text
-
-
-def notebook_title(notebook) -> str:
-    """The notebook's first Markdown heading ("05 · Analysis"), else its file's name."""
-    for cell in notebook.cells:
-        if cell.cell_type == "markdown":
-            for line in cell.source.splitlines():
-                if line.startswith("#"):
-                    return line.lstrip("#").strip()
-    return notebook.metadata.get("papermill", {}).get("input_path", "notebook")
-
-
-def notebook_summary(notebook) -> str:
-    """The first sentence of the notebook's introduction, as plain text: its line in the report's index."""
-    for cell in notebook.cells:
-        if cell.cell_type == "markdown":
-            paragraphs = [p for p in cell.source.split("\n\n") if p.strip() and not p.lstrip().startswith("#")]
-            if paragraphs:
-                text = re.sub(r"[*`]", "", " ".join(paragraphs[0].split()))
-                return re.split(r"\. |: ", text)[0].rstrip(".") + "."
-    return ""
-
-
-def _is_console_noise(output) -> bool:
-    """Progress bars and warnings: what the kernel wrote to stderr, and tqdm's widgets."""
-    return (output.output_type == "stream" and output.name == "stderr") or WIDGET_VIEW in output.get("data", {})
-
-
-def export_html(notebook: Path, target: Path, code: bool = True) -> Path:
-    """An HTML copy of a rendered notebook that reads offline (no script from a CDN), titled by its heading;
-    without code cells, for readers who only want the results, also without progress bars and warnings."""
-    from importlib import resources
-
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    node = nbformat.read(notebook, as_version=4)
-    node.metadata["title"] = notebook_title(node)
-    if not code:
-        for cell in node.cells:
-            if cell.cell_type == "code":
-                cell.outputs = [output for output in cell.outputs if not _is_console_noise(output)]
-    templates = str(resources.files("spineseg").joinpath("resources/offline_html"))
-    exporter = HTMLExporter(extra_template_paths=[templates], template_file="spineseg_offline.html.j2",
-                            exclude_input=not code, exclude_input_prompt=not code, exclude_output_prompt=not code)
-    body, _ = exporter.from_notebook_node(node)
-    atomic.write_text(target, body)
-    return target
-
-
-def report_index(project: Path, profile: str, rendered: Sequence[Path]) -> str:
-    """The report's front page: the profile and its description, then each page in order with its one line."""
-    import nbformat
-
-    description = load_profile(profile_path(project, profile)).description
-    items = []
-    for path in rendered:
-        notebook = nbformat.read(path, as_version=4)
-        items.append(f'<li><a href="{html.escape(path.stem)}.html">{html.escape(notebook_title(notebook))}</a> — '
-                     f"{html.escape(notebook_summary(notebook))}</li>")
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>The study, profile '
-            f"{html.escape(profile)}</title></head>\n<body>\n<h1>The study, profile <code>{html.escape(profile)}</code></h1>\n"
-            f"<p>{html.escape(description)}</p>\n<ol>\n" + "\n".join(items) + "\n</ol>\n</body>\n</html>\n")
-
-
-def write_report(project: Path, profile: str, out: Path | None = None) -> list[Path]:
-    """``runs/<profile>/report/`` (or `out`): ``index.html``, then the rendered notebooks as HTML without their
-    code cells, each page self-contained, so the folder can be copied or served as it is."""
-    layout = Layout(Path(project).resolve(), profile)
-    rendered = [layout.notebook(name) for name in NOTEBOOKS if layout.notebook(name).is_file()]
-    if not rendered:
-        raise StageOrderError(f"no rendered notebooks under {layout.notebooks_dir}: run `spineseg run --profile {profile}` first")
-    page = layout.report if out is None else (lambda name: Path(out) / f"{name}.html")
-    pages = [export_html(path, page(path.stem), code=False) for path in rendered]
-    index = page("index")
-    atomic.write_text(index, report_index(layout.project, profile, rendered))
-    return [index, *pages]
 
 
 def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,

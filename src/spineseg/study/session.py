@@ -132,6 +132,8 @@ def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | 
     facts["endpoints"] = {"primary": study.cfg.analysis.primary_endpoint, "choose_by": study.cfg.stage4.choose_by}
     provenance.record(study.layout.provenance, notebook, facts)
     # the description is the profile author's text, shown as text: its HTML (a <script>) never runs in the page
-    display(Markdown(f"**Profile `{study.name}`** — {html.escape(study.cfg.description)}  \nArtifacts: `{study.layout.run_dir}`"))
+    # the run folder relative to the project: a rendered page names no folder of the machine that ran it
+    artifacts = study.layout.run_dir.relative_to(study.project).as_posix()
+    display(Markdown(f"**Profile `{study.name}`** — {html.escape(study.cfg.description)}  \nArtifacts: `{artifacts}/`"))
     display(Markdown(provenance.markdown(facts)))
     return study, data

@@ -288,19 +288,25 @@ def stage6_captions(study: Study) -> dict[str, str]:
 
 
 def pruning_figure(study: Study) -> plt.Figure:
+    """DSC against file size before and after fine-tuning; where the two coincide (the unpruned model) the hollow
+    markers of one and the filled ones of the other stay both visible, and DSC keeps its 0–100 % scale."""
     runs = load_stage_runs(study, PRUNING)
     frame = load_stage_metrics(study, PRUNING)
     d1 = frame[frame["dataset"] == "d1"]
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    for phase, marker in (("before fine-tuning", "o"), ("after fine-tuning", "s")):
+    styles = {"before fine-tuning": dict(ls="--", marker="o", ms=8, mfc="none"),
+              "after fine-tuning": dict(ls="-", marker="s", ms=4)}
+    for phase, style in styles.items():
         dsc = d1[d1["phase"] == phase].groupby("group")["dsc"].mean().reindex(runs["group"])
-        ax.plot(runs["size_mb"], 100 * dsc.to_numpy(), marker=marker, label=phase)
-        for size, value, group in zip(runs["size_mb"], 100 * dsc.to_numpy(), runs["group"]):
-            ax.annotate(group, (size, value), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.plot(runs["size_mb"], 100 * dsc.to_numpy(), label=phase, **style)
+    ax.set_ylim(0, 100)
+    fractions = ax.secondary_xaxis("top")  # each point's pruned fraction, clear of the lines
+    fractions.set_xticks(list(runs["size_mb"]), list(runs["group"]), fontsize=6)
+    fractions.set_xlabel("pruned fraction", fontsize=7)
     ax.set_xlabel("model file (MB)")
     ax.set_ylabel("mean DSC, dataset 1 test (%)")
     ax.set_title("Gradient-sensitivity pruning: DSC against size", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
 
