@@ -17,7 +17,7 @@ from conftest import write_rectangles
 from spineseg.errors import WeightsUnavailable
 from spineseg.study.config import ExecutorSection
 from spineseg.study.executors import DaskExecutor, RunFailed, SequentialExecutor
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import StudyData
 from spineseg.study.store import RunSpec, run_all
 from spineseg.train import TrainSettings
 

@@ -57,7 +57,7 @@ def test_every_notebook_starts_with_the_same_setup_call():
         notebook = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
         code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
         setups.add("".join(code[1]["source"]).replace(f'notebook="{name}"', 'notebook=<its name>'))
-    assert setups == {"from spineseg.study.session import start\n\n"
+    assert setups == {"from spineseg.study.notebook import start\n\n"
                       "study, data = start(profile, overrides, project_dir, notebook=<its name>, in_place=in_place)"}
 
 

@@ -13,8 +13,8 @@ from spineseg.crops import CropGeometry
 from spineseg.data import DatasetError, write_dataset
 from spineseg.errors import ConfigError, StageOrderError
 from spineseg.study import stage0_data
-from spineseg.study.session import open_study
-from spineseg.study.stage0_data import StudyData, data_summary, prepare_data
+from spineseg.study.session import StudyData, open_study
+from spineseg.study.stage0_data import data_summary, prepare_data
 from spineseg.study.store import RunSpec, execute, load_probs, run_all, summary_columns
 from spineseg.train import TrainSettings
 from test_twins import radiograph, samples
@@ -108,7 +108,7 @@ def test_ids_pandas_would_read_as_missing_survive_every_study_table(tmp_path):
 
 
 def test_each_stage_records_its_own_provenance_and_a_partial_run_rewrites_only_its_stages(tmp_path):
-    from spineseg.study.session import start
+    from spineseg.study.notebook import start
 
     write_rectangles(tmp_path / "mydata", "d1", 20)
     _project(tmp_path, {"source": "folder", "d1": "mydata/d1"})
@@ -211,7 +211,7 @@ import sys, json
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import StudyData
 from spineseg.study.store import RunSpec, run_all
 from spineseg.train import TrainSettings
 d1, store, log = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -385,7 +385,7 @@ def test_a_variant_may_not_change_how_the_shared_runs_are_evaluated(tmp_path):
 def test_a_notebook_shows_the_profiles_description_as_text(tmp_path, monkeypatch):
     import IPython.display
 
-    from spineseg.study.session import start
+    from spineseg.study.notebook import start
 
     _project(tmp_path, {"source": "synthetic", "size": 64, "d1_count": 20, "d2_count": 4})
     profile = tmp_path / "params/mine.yaml"

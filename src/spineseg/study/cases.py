@@ -26,8 +26,7 @@ from spineseg.stats import auroc
 from spineseg.study.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
 from spineseg.study.figures import PAGE_HEIGHT_IN, PAGE_WIDTH_IN, crop_box, error_overlay, save
 from spineseg.study.records import Learned
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.tables import load_identification
 
 FAILED_BELOW = 0.8  # an image "fails" below this DSC

@@ -28,8 +28,7 @@ from spineseg.study.ensemble_inputs import members_validation_dsc
 from spineseg.study.located import locator_spec
 from spineseg.study.provenance import code_version
 from spineseg.study.records import Learned
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.stage3_final import ensemble_members
 from spineseg.study.store import RunSpec
 from spineseg.study.two_stage import crop_spec

@@ -13,8 +13,7 @@ import numpy as np
 
 from spineseg.data import load_split, splits_present
 from spineseg.errors import StageOrderError
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.stage3_final import ensemble_members
 from spineseg.study.store import load_probs
 from spineseg.study.training import load_stage_runs

@@ -33,8 +33,7 @@ from spineseg.study.figures import (
     ranking_text,
     rule_labels,
 )
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.stage4_ensembles import threshold_curves
 
 THRESHOLD_RULES = (*RULES, *EXTRA_RULES)

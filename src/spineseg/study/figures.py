@@ -27,8 +27,7 @@ from spineseg.names import EXTRA_RULES, LOCATED, RULES, rule_name
 from spineseg.study.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
 from spineseg.study.located import Located
 from spineseg.study.records import Learned
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.stage4_ensembles import threshold_curves
 from spineseg.study.tables import CANDIDATE_ORDER, identification_summary, load_identification
 from spineseg.study.training import load_stage_metrics

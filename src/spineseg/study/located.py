@@ -28,8 +28,7 @@ from spineseg.locator import Locator
 from spineseg.names import CENTRES
 from spineseg.study.ensemble_inputs import EnsembleInputs
 from spineseg.study.executors import make_executor
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.store import OUTSIDE_CODES, RunSpec, damaged, load_chain_prior, load_trained, run_all
 from spineseg.study.training import run_spec
 from spineseg.study.two_stage import trained_crop_model

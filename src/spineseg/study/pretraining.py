@@ -16,8 +16,7 @@ from spineseg.identification import identification_table
 from spineseg.metrics import MODEL_THRESHOLD
 from spineseg.stats import PATIENT_KEYS, format_wilcoxon, paired_wilcoxon
 from spineseg.study.artifacts import SCRATCH_TWINS
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.stage2_selection import scratch_twin_specs, stage2_specs
 from spineseg.study.store import RunSpec, load_metrics, load_probs
 from spineseg.study.tables import write_table

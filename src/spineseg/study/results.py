@@ -22,8 +22,7 @@ from spineseg.names import LOCATED, LOCATOR, PRIOR_BAND, PRIOR_MEAN, rule_name
 from spineseg.study.artifacts import NOTEBOOKS, read_table
 from spineseg.study.located import locator_spec
 from spineseg.study.records import Learned
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.store import read_summary
 from spineseg.study.tables import identification_summary, load_identification
 

@@ -1,8 +1,7 @@
-"""A study session: a validated profile, where its artifacts live, and the notebooks' one setup call."""
+"""A study session: a validated profile, where its artifacts live, and the data it checked (`StudyData`)."""
 
 from __future__ import annotations
 
-import html
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from spineseg import atomic
-from spineseg.errors import ConfigError
+from spineseg.errors import ConfigError, StageOrderError
 from spineseg.study.artifacts import (
     STAGE_FOLDERS,
     Layout,
@@ -37,6 +36,28 @@ class Study:
     @property
     def project(self) -> Path:
         return self.layout.project
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """Dataset 1 (train/val/test) and the optional external dataset 2 (test only), as checked."""
+
+    d1: Path
+    d2: Path | None = None
+    fingerprint: str = ""  # changes whenever any image, mask, label map or manifest changes
+
+    def folder(self, dataset: str) -> Path:
+        folder = {"d1": self.d1, "d2": self.d2}[dataset]
+        if folder is None:
+            raise StageOrderError(f"this study has no dataset {dataset}")
+        return folder
+
+    def eval_splits(self) -> list[tuple[str, Path, str]]:
+        """(dataset name, folder, split) pairs every run is evaluated on: D1 val and test, D2 test."""
+        out = [("d1", self.d1, "val"), ("d1", self.d1, "test")]
+        if self.d2 is not None:
+            out.append(("d2", self.d2, "test"))
+        return out
 
 
 def find_project(start: Path | None = None) -> Path:
@@ -111,29 +132,3 @@ def seed_variant(study: Study, overrides: Mapping[str, Any] | None) -> None:
     atomic.write_json(layout.variant, {"profile": study.name, "overrides": result_overrides(overrides),
                                        "copied_from": str(layout.base.run_dir), "stages_copied": copied,
                                        "shared": [str(layout.store)] + ([] if layout.own_data else [str(layout.data_dir)])})
-
-
-def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | None, notebook: str,
-          in_place: bool = False):
-    """The first cell of every stage notebook: open the study, locate its data, and say what runs;
-    `notebook`'s section of the provenance file records this execution."""
-    from IPython.display import Markdown, display
-
-    from spineseg.device import configure_threads
-    from spineseg.study import provenance
-    from spineseg.study.stage0_data import prepare_data
-
-    study = open_study(profile, overrides, project_dir or None, in_place)
-    seed_variant(study, overrides)
-    configure_threads(study.cfg.threads)
-    data = prepare_data(study)
-    facts = provenance.collect(study.project, study.name, overrides, study.cfg.device, study.cfg.threads)
-    # the endpoints as declared, in every stage's record from stage 0 on: written before anything is trained
-    facts["endpoints"] = {"primary": study.cfg.analysis.primary_endpoint, "choose_by": study.cfg.stage4.choose_by}
-    provenance.record(study.layout.provenance, notebook, facts)
-    # the description is the profile author's text, shown as text: its HTML (a <script>) never runs in the page
-    # the run folder relative to the project: a rendered page names no folder of the machine that ran it
-    artifacts = study.layout.run_dir.relative_to(study.project).as_posix()
-    display(Markdown(f"**Profile `{study.name}`** — {html.escape(study.cfg.description)}  \nArtifacts: `{artifacts}/`"))
-    display(Markdown(provenance.markdown(facts)))
-    return study, data

@@ -8,7 +8,6 @@ hours into stage 2. Radiographs that dataset 2 shares with dataset 1 are listed 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,30 +16,7 @@ from spineseg import atomic
 from spineseg.data import read_manifest
 from spineseg.data.dataset import check_dataset, twins_between
 from spineseg.data.twins import TWIN_THRESHOLD
-from spineseg.errors import StageOrderError
-from spineseg.study.session import Study, check_before_any_stage
-
-
-@dataclass(frozen=True)
-class StudyData:
-    """Dataset 1 (train/val/test) and the optional external dataset 2 (test only), as checked."""
-
-    d1: Path
-    d2: Path | None = None
-    fingerprint: str = ""  # changes whenever any image, mask, label map or manifest changes
-
-    def folder(self, dataset: str) -> Path:
-        folder = {"d1": self.d1, "d2": self.d2}[dataset]
-        if folder is None:
-            raise StageOrderError(f"this study has no dataset {dataset}")
-        return folder
-
-    def eval_splits(self) -> list[tuple[str, Path, str]]:
-        """(dataset name, folder, split) pairs every run is evaluated on: D1 val and test, D2 test."""
-        out = [("d1", self.d1, "val"), ("d1", self.d1, "test")]
-        if self.d2 is not None:
-            out.append(("d2", self.d2, "test"))
-        return out
+from spineseg.study.session import Study, StudyData, check_before_any_stage
 
 
 def checked(study: Study, d1: Path, d2: Path | None) -> StudyData:

@@ -10,8 +10,7 @@ from spineseg.errors import StageOrderError
 from spineseg.study.artifacts import SCRATCH_TWINS, read_table
 from spineseg.study.config import Stage2
 from spineseg.study.records import Selection
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.store import RunSpec, candidate_name
 from spineseg.study.training import run_spec, train_and_collect
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.stage2_selection import selected_candidates, stage2_specs
 from spineseg.study.store import RunSpec
 from spineseg.study.training import run_spec, train_and_collect

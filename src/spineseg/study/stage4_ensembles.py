@@ -23,8 +23,7 @@ from spineseg.names import CALIBRATED, EXTRA_RULES, LOCATED, RULES, SINGLE_CROP,
 from spineseg.study.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
 from spineseg.study.located import Located
 from spineseg.study.records import Learned
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.stage4_identification import identification, references_of
 from spineseg.study.two_stage import TwoStage
 

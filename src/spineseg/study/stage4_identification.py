@@ -28,8 +28,7 @@ from spineseg.names import LOCATOR, PRIOR_BAND, PRIOR_MEAN
 from spineseg.position_prior import PositionPrior
 from spineseg.study.ensemble_inputs import EnsembleInputs
 from spineseg.study.located import Located
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 
 
 def position_prior(data: StudyData, grid: tuple[int, int]) -> PositionPrior:

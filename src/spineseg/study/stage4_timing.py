@@ -18,8 +18,7 @@ from spineseg.names import LOCATED, rule_name
 from spineseg.study.ensemble_inputs import members_validation_dsc
 from spineseg.study.located import Located
 from spineseg.study.records import Learned
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.stage3_final import ensemble_members
 from spineseg.study.store import load_trained
 from spineseg.study.two_stage import TwoStage

@@ -36,8 +36,7 @@ from spineseg.study.artifacts import ATTENTION, DECODERS, OPTIMISERS, PRUNING, r
 from spineseg.study.config import Stage2
 from spineseg.study.figures import save
 from spineseg.study.records import PruningResult, Stage6Choices
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.store import RunSpec, load_trained, score_split
 from spineseg.study.tables import metric_table, write_table
 from spineseg.study.training import load_stage_metrics, load_stage_runs, run_spec, train_and_collect

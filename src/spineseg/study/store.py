@@ -45,7 +45,7 @@ from spineseg.saved_models import ModelDescription
 from spineseg.study.artifacts import RunFiles, read_table
 from spineseg.study.executors import Executor, SequentialExecutor
 from spineseg.study.provenance import code_version
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import StudyData
 from spineseg.train import TrainOutcome, TrainSettings, fit
 
 

@@ -14,8 +14,7 @@ from spineseg.errors import StageOrderError
 from spineseg.study.artifacts import read_table
 from spineseg.study.config import Training
 from spineseg.study.executors import make_executor
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.store import RunSpec, load_metrics, run_all, summary_columns
 from spineseg.train import TrainSettings
 

@@ -23,8 +23,7 @@ from spineseg.errors import StageOrderError
 from spineseg.predict import Segmenter, ensemble_forward
 from spineseg.study.ensemble_inputs import EnsembleInputs
 from spineseg.study.executors import make_executor
-from spineseg.study.session import Study
-from spineseg.study.stage0_data import StudyData
+from spineseg.study.session import Study, StudyData
 from spineseg.study.store import RunSpec, load_trained, run_all
 from spineseg.study.training import run_spec
 
