@@ -175,9 +175,8 @@ sys.exit(status)
 
 
 def assert_no_training_code(modules: list[str]) -> None:
-    """A bundle predicts where the study never ran: no training loop, run store, stage or training-spec module."""
-    assert "spineseg.study.apply" in modules and "spineseg.study.bundle" in modules
-    forbidden = [name for name in modules if name in ("spineseg.train", "spineseg.augment", "spineseg.study.store",
-                                                      "spineseg.study.training", "spineseg.study.deployment")
-                 or name.startswith(("spineseg.study.stage", "spineseg.study.two_stage", "spineseg.study.located"))]
+    """A bundle predicts where the study never ran: no training loop, run store, stage, report or deployment."""
+    assert "spineseg.study.inference.apply" in modules and "spineseg.study.inference.bundle" in modules
+    forbidden = [name for name in modules if name in ("spineseg.train", "spineseg.augment", "spineseg.study.deployment")
+                 or name.startswith(("spineseg.study.runs", "spineseg.study.stages", "spineseg.study.report"))]
     assert not forbidden, forbidden

@@ -15,7 +15,7 @@ from scipy import ndimage
 from spineseg.data.aasce import CSV_TOLERANCE_PX, DROPPED, SUMMARY, acquisition_order, convert, patient_of, sample_id
 from spineseg.data.dataset import DatasetError, read_manifest
 from spineseg.data.twins import TWIN_THRESHOLD
-from spineseg.study.figures import label_overlays
+from spineseg.study.report.figures import label_overlays
 from spineseg.vertebrae import CODES, IGNORE
 
 REAL_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "aasce" / "boostnet_labeldata"

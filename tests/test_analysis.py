@@ -6,12 +6,12 @@ import pytest
 
 from spineseg.encoders import PAPER_ENCODERS
 from spineseg.names import AUGMENTATION_GROUPS, METRICS, RULES, rule_name
-from spineseg.study import tables
-from spineseg.study.article import ARTICLE_ROWS, article_tables, published, side_by_side
-from spineseg.study.artifacts import Layout
-from spineseg.study.config import Profile
-from spineseg.study.session import Study
-from spineseg.study.tables import METRIC_COLUMNS, metric_table, min_max_mean
+from spineseg.study.core.artifacts import Layout
+from spineseg.study.core.config import Profile
+from spineseg.study.core.session import Study
+from spineseg.study.report.article import ARTICLE_ROWS, article_tables, published, side_by_side
+from spineseg.study.report import tables
+from spineseg.study.report.tables import METRIC_COLUMNS, metric_table, min_max_mean
 
 
 def _frame(rows):
@@ -155,7 +155,7 @@ def test_tables_8_and_9_say_how_an_empty_prediction_scores_and_count_them(tmp_pa
 
 
 def test_the_notebooks_show_a_dash_for_what_this_run_did_not_train(tmp_path, monkeypatch):
-    import spineseg.study.display as shown
+    import spineseg.study.report.display as shown
 
     outputs = []
     monkeypatch.setattr(shown, "display", outputs.append)
@@ -199,7 +199,7 @@ def test_each_method_is_compared_with_the_mean_position_prior_image_by_image():
 
 
 def test_captions_say_which_candidates_started_from_imagenet(tmp_path):
-    from spineseg.study.deviations import run_setting
+    from spineseg.study.report.deviations import run_setting
 
     stage2 = {"encoders": ["MobileNetV2", "EfficientNetLite0"], "pretrained": "none",
               "encoder_weights": {"EfficientNetLite0": "imagenet"}}
@@ -212,7 +212,7 @@ def test_captions_say_which_candidates_started_from_imagenet(tmp_path):
 def test_the_identification_endpoint_compares_the_chosen_rule_with_the_chosen_model_and_the_prior(tmp_path):
     """The declared primary endpoint: paired by image, intervals by patient, Holm over the two tests."""
     from spineseg import atomic
-    from spineseg.study.records import Learned
+    from spineseg.study.core.records import Learned
 
     study = Study(Profile.model_validate({"analysis": {"primary_endpoint": "identification", "n_boot": 200}}),
                   Layout(tmp_path, "p"))

@@ -16,7 +16,7 @@ from PIL import Image
 from spineseg.errors import ConfigError
 from spineseg.models import build_model
 from spineseg.predict import Segmenter
-from spineseg.study.apply import Ensemble, InferenceOptions, Member, predict_files
+from spineseg.study.inference.apply import Ensemble, InferenceOptions, Member, predict_files
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 CPU = InferenceOptions(device="cpu")
@@ -148,7 +148,7 @@ def test_ids_that_pandas_reads_as_missing_stay_ids(members, tmp_path):
 
 
 def test_an_interrupted_run_resumes_after_the_last_finished_batch(members, tmp_path, monkeypatch):
-    import spineseg.study.apply as apply
+    import spineseg.study.inference.apply as apply
 
     inputs, out = _folder(tmp_path / "in", ["a.png", "b.png", "c.png"]), tmp_path / "out"
     real, calls = apply._member_probabilities, []
@@ -169,7 +169,7 @@ def test_an_interrupted_run_resumes_after_the_last_finished_batch(members, tmp_p
 
 
 def test_an_overlay_outlines_the_mask_and_says_what_made_it():
-    from spineseg.study.apply import OUTLINE_COLOUR, overlay
+    from spineseg.study.inference.apply import OUTLINE_COLOUR, overlay
 
     image = np.full((240, 160), 0.5, dtype=np.float32)
     mask = np.zeros((240, 160), dtype=bool)
@@ -208,7 +208,7 @@ def test_an_image_between_pils_limit_and_twice_it_is_segmented_without_a_warning
 
 @pytest.mark.parametrize("content", [None, b"not a zip"])
 def test_a_model_that_is_no_bundle_is_one_error_naming_it(tmp_path, content):
-    from spineseg.study.bundle import open_bundle
+    from spineseg.study.inference.bundle import open_bundle
 
     path = tmp_path / "x.zip"
     if content is not None:
@@ -218,8 +218,8 @@ def test_a_model_that_is_no_bundle_is_one_error_naming_it(tmp_path, content):
 
 
 def test_two_stage_without_a_crop_model_says_so_before_any_model_loads(tmp_path):
-    from spineseg.study.apply import predict_with
-    from spineseg.study.bundle import EnsembleFolders
+    from spineseg.study.inference.apply import predict_with
+    from spineseg.study.inference.bundle import EnsembleFolders
 
     found = EnsembleFolders([(tmp_path / "never-read", 0.9)], None, 0.5, "auto", None, "the bundle x.zip")
     with pytest.raises(ConfigError, match="--two-stage: the bundle x.zip has no trained crop model"):
@@ -229,7 +229,7 @@ def test_two_stage_without_a_crop_model_says_so_before_any_model_loads(tmp_path)
 def test_options_left_open_take_the_studys_t_and_flipping(tmp_path, monkeypatch):
     """`predict_radiographs(study, …, InferenceOptions())` predicts at the study's T, not at 0.5, and flips each
     image where the study's stage 3 evaluated its members so; what the options give overrides both."""
-    from spineseg.study import apply
+    from spineseg.study.inference import apply
 
     seen = {}
     monkeypatch.setattr(apply, "load_ensemble", lambda found, device, *variants: "ensemble")
@@ -253,7 +253,7 @@ def _bundle_zip(path, manifest: dict, member: bytes = b"weights") -> None:
 
 
 def test_a_damaged_or_odd_bundle_is_one_error_naming_it(tmp_path):
-    from spineseg.study.bundle import FORMAT, open_bundle
+    from spineseg.study.inference.bundle import FORMAT, open_bundle
 
     manifest = {"format": FORMAT, "members": [{"folder": "members/0-a", "validation_dsc": 0.9}], "crop_model": 3,
                 "threshold": 0.5, "precision": "auto"}
@@ -279,8 +279,8 @@ def test_a_damaged_or_odd_bundle_is_one_error_naming_it(tmp_path):
 def test_a_crop_model_trained_on_another_grid_than_its_members_is_refused_at_load(tmp_path):
     from spineseg.crops import CropGeometry
     from spineseg.saved_models import ModelDescription
-    from spineseg.study.apply import load_ensemble
-    from spineseg.study.bundle import EnsembleFolders
+    from spineseg.study.inference.apply import load_ensemble
+    from spineseg.study.inference.bundle import EnsembleFolders
     from spineseg.train import BEST
 
     def saved(name: str, **changes) -> object:
@@ -305,7 +305,7 @@ def test_a_crop_model_trained_on_another_grid_than_its_members_is_refused_at_loa
 def test_predicting_with_a_run_that_predates_model_json_reads_it_and_writes_nothing(tmp_path):
     from spineseg.errors import StageOrderError
     from spineseg.study.deployment import _finished
-    from spineseg.study.store import RunSpec
+    from spineseg.study.runs.store import RunSpec
     from spineseg.train import TrainSettings
 
     spec = RunSpec("stage3", "MobileNetV2", (64, 64), TrainSettings(batch_size=2, lr=1e-3, max_epochs=1, patience=1,
@@ -323,7 +323,7 @@ def test_predicting_with_a_run_that_predates_model_json_reads_it_and_writes_noth
 
 
 def test_nearest_takes_each_pixel_from_the_mask_pixel_nearest_its_centre():
-    from spineseg.study.apply import nearest
+    from spineseg.study.inference.apply import nearest
 
     mask = np.random.default_rng(0).random((5, 3)) > 0.5
     assert nearest(mask, (5, 3)) is mask
@@ -372,7 +372,7 @@ def test_located_outlines_the_four_vertebrae_the_chain_names_and_writes_their_ce
     import spineseg.crops as crops
     from spineseg.crops import CropGeometry, CropModel
     from spineseg.locator import Locator
-    from spineseg.study.apply import CENTRE_COLUMNS, OUTLINE_COLOUR, ChainLocator
+    from spineseg.study.inference.apply import CENTRE_COLUMNS, OUTLINE_COLOUR, ChainLocator
     from spineseg.vertebrae import CHAIN
 
     calls = []
@@ -415,8 +415,8 @@ def test_located_outlines_the_four_vertebrae_the_chain_names_and_writes_their_ce
 
 def test_located_from_model_folders_needs_no_members_weights(tmp_path):
     from spineseg.names import CENTRES
-    from spineseg.study.apply import CENTRE_COLUMNS, load_ensemble, predict_with
-    from spineseg.study.bundle import EnsembleFolders
+    from spineseg.study.inference.apply import CENTRE_COLUMNS, load_ensemble, predict_with
+    from spineseg.study.inference.bundle import EnsembleFolders
     from spineseg.vertebrae import CHAIN
 
     torch.manual_seed(0)
@@ -450,8 +450,8 @@ def test_located_from_model_folders_needs_no_members_weights(tmp_path):
 @pytest.mark.parametrize(("crop", "missing"), [("crop", "no trained locator ("),
                                                (None, "no trained locator and no trained crop model")])
 def test_located_without_a_locator_says_what_is_missing_before_any_model_loads(tmp_path, crop, missing):
-    from spineseg.study.apply import predict_with
-    from spineseg.study.bundle import EnsembleFolders
+    from spineseg.study.inference.apply import predict_with
+    from spineseg.study.inference.bundle import EnsembleFolders
 
     found = EnsembleFolders([(tmp_path / "never-read", 0.9)], crop and tmp_path / crop, 0.5, "auto", None, "the bundle x.zip")
     with pytest.raises(ConfigError, match=f"^--located: the bundle x.zip has {re.escape(missing)}"):
@@ -462,8 +462,8 @@ def test_located_without_a_locator_says_what_is_missing_before_any_model_loads(t
 @pytest.mark.parametrize(("arguments", "refusal"), [({"two_stage": True}, "--located and --two-stage: "),
                                                     ({"rule": "max"}, "--rule max and --located: ")])
 def test_located_refuses_another_variant_or_a_rule(tmp_path, arguments, refusal):
-    from spineseg.study.apply import predict_with
-    from spineseg.study.bundle import EnsembleFolders
+    from spineseg.study.inference.apply import predict_with
+    from spineseg.study.inference.bundle import EnsembleFolders
 
     never = tmp_path / "never-read"
     found = EnsembleFolders([(never, 0.9)], never, 0.5, "auto", "max", "the bundle x.zip", never)
@@ -475,9 +475,9 @@ def test_a_bundle_of_a_study_where_the_located_variant_won_holds_its_locator(tmp
     from spineseg.names import CENTRES, LOCATED
     from spineseg.saved_models import ModelDescription
     from spineseg.study import deployment
-    from spineseg.study.bundle import EnsembleFolders, open_bundle
+    from spineseg.study.core.records import Learned
     from spineseg.study.deployment import export_bundle
-    from spineseg.study.records import Learned
+    from spineseg.study.inference.bundle import EnsembleFolders, open_bundle
     from spineseg.train import BEST
 
     runs = tmp_path / "runs"
@@ -514,7 +514,7 @@ def test_a_bundle_of_a_study_where_the_located_variant_won_holds_its_locator(tmp
 
 def test_a_variants_model_folder_is_found_once_its_run_has_finished(tmp_path):
     from spineseg.study.deployment import _trained
-    from spineseg.study.store import RunSpec
+    from spineseg.study.runs.store import RunSpec
     from spineseg.train import TrainSettings
 
     spec = RunSpec("stage3", "MobileNetV2", (64, 64), TrainSettings(batch_size=2, lr=1e-3, max_epochs=1, patience=1,
@@ -537,7 +537,7 @@ def test_a_variants_model_folder_is_found_once_its_run_has_finished(tmp_path):
 ])
 def test_without_a_rule_predict_applies_what_stage_4_chose_on_validation(best, expected, said):
     """Issue #35: the model card named the validation-best rule, and predict ran soft voting regardless."""
-    from spineseg.study.apply import chosen
+    from spineseg.study.inference.apply import chosen
 
     lines = []
     found = SimpleNamespace(best_rule=best, locator="max")

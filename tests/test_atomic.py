@@ -110,7 +110,7 @@ def test_a_damaged_cache_reads_as_empty_so_it_is_made_again(tmp_path):
 
 
 def test_a_damaged_provenance_file_is_replaced_by_the_stage_that_runs(tmp_path):
-    from spineseg.study import provenance
+    from spineseg.study.core import provenance
 
     path = tmp_path / "provenance.json"
     path.write_text('{"00_data": {"time": ')

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from spineseg.names import EXTRA_RULES, RULES
-from spineseg.study.artifacts import Layout
 from spineseg.study.bench import _ensemble_encoders, run_bench
+from spineseg.study.core.artifacts import Layout
 
 
 @pytest.mark.slow  # it trains, times and runs a Dask grid

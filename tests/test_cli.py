@@ -39,7 +39,7 @@ def test_run_takes_threads_and_device_as_how_it_runs_not_a_variant(monkeypatch):
     monkeypatch.setattr(runner, "run_study", lambda project, profile, stages, overrides, in_place: calls.append(overrides))
     assert main(["run", "--profile", "smoke", "--threads", "1", "--device", "cpu", "--set", "stage2.repeats=2"]) == 0
     assert calls == [{"stage2.repeats": 2, "threads": 1, "device": "cpu"}]
-    from spineseg.study.artifacts import variant_name
+    from spineseg.study.core.artifacts import variant_name
 
     assert variant_name("smoke", {"threads": 1, "device": "cpu"}) == "smoke"  # the profile's own folder
 

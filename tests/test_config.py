@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from spineseg.errors import ConfigError
-from spineseg.study.artifacts import NOTEBOOKS
-from spineseg.study.config import Profile, load_profile, parse_override
+from spineseg.study.core.artifacts import NOTEBOOKS
+from spineseg.study.core.config import Profile, load_profile, parse_override
 from spineseg.study.runner import parse_stages
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"

@@ -15,10 +15,10 @@ import torch
 
 from conftest import write_rectangles
 from spineseg.errors import WeightsUnavailable
-from spineseg.study.config import ExecutorSection
-from spineseg.study.executors import DaskExecutor, RunFailed, SequentialExecutor
-from spineseg.study.session import StudyData
-from spineseg.study.store import RunSpec, run_all
+from spineseg.study.core.config import ExecutorSection
+from spineseg.study.core.executors import DaskExecutor, RunFailed, SequentialExecutor
+from spineseg.study.core.session import StudyData
+from spineseg.study.runs.store import RunSpec, run_all
 from spineseg.train import TrainSettings
 
 pytestmark = [pytest.mark.usefixtures("torch_single_thread"),  # the workers run one thread each, so must we
@@ -116,7 +116,7 @@ def test_the_executor_is_chosen_and_validated_in_the_profile(tmp_path):
     import yaml
 
     from spineseg.errors import ConfigError
-    from spineseg.study.config import load_profile, parse_override
+    from spineseg.study.core.config import load_profile, parse_override
 
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({}))

@@ -7,13 +7,13 @@ from PIL import Image
 
 from spineseg.ensemble import combine
 from spineseg.metrics import dice
-from spineseg.study import cases as cases_module
-from spineseg.study import figures
-from spineseg.study.artifacts import Layout
-from spineseg.study.config import Profile
-from spineseg.study.ensemble_inputs import EnsembleInputs
-from spineseg.study.session import Study
-from spineseg.study.tables import CANDIDATE_ORDER
+from spineseg.study.core.artifacts import Layout
+from spineseg.study.core.config import Profile
+from spineseg.study.core.session import Study
+from spineseg.study.report import cases as cases_module
+from spineseg.study.report import figures
+from spineseg.study.report.tables import CANDIDATE_ORDER
+from spineseg.study.stages.ensemble_inputs import EnsembleInputs
 
 
 def _inputs(n: int = 5) -> EnsembleInputs:

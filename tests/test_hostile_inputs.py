@@ -16,7 +16,7 @@ import torch
 from spineseg.errors import ConfigError, DatasetError, ModelError
 from spineseg.predict import load_state, load_weights
 from spineseg.saved_models import ModelDescription, load_model
-from spineseg.study.bundle import FORMAT, MAX_ENTRY_BYTES, MAX_MEMBERS, UNPACKED, open_bundle
+from spineseg.study.inference.bundle import FORMAT, MAX_ENTRY_BYTES, MAX_MEMBERS, UNPACKED, open_bundle
 from spineseg.train import BEST
 
 MANIFEST = {"format": FORMAT, "members": [{"folder": "members/1-a", "validation_dsc": 0.9}], "crop_model": None,
@@ -63,7 +63,7 @@ def test_a_zip_bomb_entry_bundle_json_does_not_name_is_never_unpacked(tmp_path):
 
 
 def test_a_named_entry_larger_than_a_bundle_may_hold_is_refused_before_it_is_unpacked(tmp_path, monkeypatch):
-    import spineseg.study.bundle as module
+    import spineseg.study.inference.bundle as module
 
     monkeypatch.setattr(module, "MAX_ENTRY_BYTES", 1000)
     big = tmp_path / "big.zip"
@@ -206,7 +206,7 @@ def test_predict_refuses_an_out_that_is_its_input_and_a_folder_without_radiograp
     """Row 5: `--input d --out d` wrote an empty predictions.csv into the input and exited 0."""
     from PIL import Image
 
-    from spineseg.study.apply import check_folders
+    from spineseg.study.inference.apply import check_folders
 
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(ConfigError, match="is, or holds, the --input"):

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import running
 from spineseg.study import runner
-from spineseg.study.artifacts import NOTEBOOKS
+from spineseg.study.core.artifacts import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[1]
 

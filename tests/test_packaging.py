@@ -7,7 +7,7 @@ from pathlib import Path
 import tomllib
 import yaml
 
-from spineseg.study.artifacts import NOTEBOOKS
+from spineseg.study.core.artifacts import NOTEBOOKS
 from spineseg.study.runner import notebook_parameters
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,11 +12,11 @@ from conftest import write_rectangles
 from spineseg.encoders import PACKAGED_IMAGENET
 from spineseg.errors import ConfigError
 from spineseg.models import build_model
-from spineseg.study.session import StudyData, open_study
-from spineseg.study.stage0_data import prepare_data
-from spineseg.study.stage1_augmentation import stage1_specs
-from spineseg.study.stage2_selection import stage2_specs
-from spineseg.study.store import starting_model
+from spineseg.study.core.session import StudyData, open_study
+from spineseg.study.runs.store import starting_model
+from spineseg.study.stages.stage0_data import prepare_data
+from spineseg.study.stages.stage1_augmentation import stage1_specs
+from spineseg.study.stages.stage2_selection import stage2_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted(p.stem for p in (ROOT / "params").glob("*.yaml"))

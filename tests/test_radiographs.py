@@ -100,7 +100,7 @@ def test_predict_writes_a_huge_images_mask_at_its_size_its_overlay_reduced_and_s
     import torch
 
     from spineseg.predict import Segmenter
-    from spineseg.study.apply import Ensemble, InferenceOptions, Member, predict_files
+    from spineseg.study.inference.apply import Ensemble, InferenceOptions, Member, predict_files
 
     class Bright(torch.nn.Module):  # says yes where the image is brighter than its background ever is
         def forward(self, x):

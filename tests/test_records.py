@@ -5,7 +5,7 @@ import json
 import pytest
 
 from spineseg.errors import StageOrderError
-from spineseg.study.records import Learned, PruningResult, Selection, Stage6Choices
+from spineseg.study.core.records import Learned, PruningResult, Selection, Stage6Choices
 
 LEARNED = Learned(tuned_threshold=0.45, stacker={"coef": [1.0]}, temperatures={"A": 1.2}, models=["A"], best_model="A",
                   best_rule="two_stage", validation_dsc={"models": {"A": 0.8}, "rules": {"soft": 0.8, "two_stage": 0.85}},

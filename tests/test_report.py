@@ -6,8 +6,8 @@ from html.parser import HTMLParser
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from spineseg.study.artifacts import NOTEBOOKS, Layout
-from spineseg.study.report import export_html, write_report
+from spineseg.study.core.artifacts import NOTEBOOKS, Layout
+from spineseg.study.report.pages import export_html, write_report
 
 
 def _rendered(title: str, intro: str):
@@ -75,7 +75,7 @@ def test_the_html_copy_with_code_keeps_everything_and_is_titled(tmp_path):
 def test_every_study_notebook_has_a_heading_for_its_title_and_a_line_for_the_index():
     from pathlib import Path
 
-    from spineseg.study.report import notebook_summary, notebook_title
+    from spineseg.study.report.pages import notebook_summary, notebook_title
 
     folder = Path(__file__).resolve().parents[1] / "notebooks"
     for name in NOTEBOOKS:

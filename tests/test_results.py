@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spineseg.errors import StageOrderError
-from spineseg.study import results
+from spineseg.study.report import results
 
 ROOT = Path(__file__).resolve().parents[1]
 

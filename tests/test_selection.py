@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from spineseg.study.config import Stage2
-from spineseg.study.stage2_selection import select_encoders
+from spineseg.study.core.config import Stage2
+from spineseg.study.stages.stage2_selection import select_encoders
 
 
 def test_selection_ranks_by_mean_validation_dsc_and_applies_threshold_and_top_k():

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import yaml
 
-import spineseg.study.store as store_module
+import spineseg.study.runs.store as store_module
 from conftest import write_rectangles
 from spineseg.crops import CropGeometry
 from spineseg.data import DatasetError, write_dataset
 from spineseg.errors import ConfigError, StageOrderError
-from spineseg.study import stage0_data
-from spineseg.study.session import StudyData, open_study
-from spineseg.study.stage0_data import data_summary, prepare_data
-from spineseg.study.store import RunSpec, execute, load_probs, run_all, summary_columns
+from spineseg.study.core.session import StudyData, open_study
+from spineseg.study.runs.store import RunSpec, execute, load_probs, run_all, summary_columns
+from spineseg.study.stages import stage0_data
+from spineseg.study.stages.stage0_data import data_summary, prepare_data
 from spineseg.train import TrainSettings
 from test_twins import radiograph, samples
 
@@ -83,9 +83,9 @@ def test_a_missing_weights_file_is_refused_before_stage_0_writes(tmp_path):
 
 def test_ids_pandas_would_read_as_missing_survive_every_study_table(tmp_path):
     """Stage 6's pruning resumes from its metrics.csv: image 'NA' must come back as 'NA', or Table 17 loses it."""
-    from spineseg.study import stage6_architectures as stage6
-    from spineseg.study.artifacts import read_table
-    from spineseg.study.records import PruningResult
+    from spineseg.study.core.artifacts import read_table
+    from spineseg.study.core.records import PruningResult
+    from spineseg.study.stages import stage6_architectures as stage6
 
     write_rectangles(tmp_path / "mydata", "d1", 20)
     _project(tmp_path, {"source": "folder", "d1": "mydata/d1"})
@@ -174,7 +174,7 @@ def test_a_finished_run_describes_its_model_so_that_it_loads_without_its_spec(tm
 
     from spineseg.predict import predict
     from spineseg.saved_models import load_model
-    from spineseg.study.store import load_trained
+    from spineseg.study.runs.store import load_trained
 
     d1 = write_rectangles(tmp_path, "d1", 20, size=96)
     data = StudyData(d1, None, fingerprint="f")
@@ -211,11 +211,11 @@ import sys, json
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from spineseg.study.session import StudyData
-from spineseg.study.store import RunSpec, run_all
+from spineseg.study.core.session import StudyData
+from spineseg.study.runs.store import RunSpec, run_all
 from spineseg.train import TrainSettings
 d1, store, log = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-import spineseg.study.store as S
+import spineseg.study.runs.store as S
 real = S._train
 def counted(spec, files, data, device, hflip):
     with open(log, "a") as fh:
@@ -307,7 +307,7 @@ def test_a_crop_model_trains_on_crops_around_the_region_and_leaves_scoring_to_st
 
 
 def test_overrides_that_change_results_get_their_own_run_folder(tmp_path):
-    from spineseg.study.artifacts import Layout, variant_name
+    from spineseg.study.core.artifacts import Layout, variant_name
 
     assert variant_name("quick", {}) == "quick"
     assert variant_name("quick", {"executor.kind": "dask", "threads": 1, "device": "cpu"}) == "quick"  # how, not what
@@ -323,7 +323,7 @@ def test_overrides_that_change_results_get_their_own_run_folder(tmp_path):
 
 def test_editing_the_profile_makes_the_same_overrides_a_new_variant(tmp_path):
     """Issue #34: a variant named by its overrides alone kept the stage copies it took from the profile as it was."""
-    from spineseg.study.artifacts import Layout
+    from spineseg.study.core.artifacts import Layout
 
     (tmp_path / "params").mkdir()
     profile = tmp_path / "params/mine.yaml"
@@ -336,7 +336,7 @@ def test_editing_the_profile_makes_the_same_overrides_a_new_variant(tmp_path):
 
 
 def test_a_variant_starts_from_the_profiles_stages_before_the_first_it_changes(tmp_path):
-    from spineseg.study.session import seed_variant
+    from spineseg.study.core.session import seed_variant
 
     _project(tmp_path, {"source": "synthetic", "size": 64, "d1_count": 20, "d2_count": 4})
     base = open_study("mine", project_dir=tmp_path).layout
@@ -359,7 +359,7 @@ def test_a_variant_starts_from_the_profiles_stages_before_the_first_it_changes(t
 
 
 def test_a_variant_made_before_the_profile_finished_picks_up_its_stages_later(tmp_path):
-    from spineseg.study.session import seed_variant
+    from spineseg.study.core.session import seed_variant
 
     _project(tmp_path, {"source": "synthetic", "size": 64, "d1_count": 20, "d2_count": 4})
     overrides = {"stage4.threshold": 0.3}

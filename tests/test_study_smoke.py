@@ -16,9 +16,9 @@ import pytest
 from conftest import LOADED_BY_PREDICT, assert_no_training_code, running, write_dicom
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
-from spineseg.study.artifacts import NOTEBOOKS, Layout, read_table
+from spineseg.study.core.artifacts import NOTEBOOKS, Layout, read_table
+from spineseg.study.report.tables import CANDIDATE_ORDER, METRIC_COLUMNS
 from spineseg.study.runner import run_study
-from spineseg.study.tables import CANDIDATE_ORDER, METRIC_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -245,9 +245,9 @@ def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(pr
     from PIL import Image
 
     from spineseg.data.radiographs import read_radiograph
-    from spineseg.study.apply import InferenceOptions
+    from spineseg.study.core.session import open_study
     from spineseg.study.deployment import predict_radiographs
-    from spineseg.study.session import open_study
+    from spineseg.study.inference.apply import InferenceOptions
 
     inputs = tmp_path / "in"
     (inputs / "ward").mkdir(parents=True)
@@ -280,8 +280,8 @@ def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(pr
 
 def test_predict_before_the_study_has_run_says_what_to_do(tmp_path):
     from spineseg.errors import StageOrderError
+    from spineseg.study.core.session import open_study
     from spineseg.study.deployment import predict_radiographs
-    from spineseg.study.session import open_study
 
     fresh = _copy_project(tmp_path)
     (tmp_path / "x.png").write_bytes(b"")
@@ -320,7 +320,7 @@ def test_failures_uncertainty_calibration_and_provenance_are_reported(project):
 
 
 def test_the_report_is_the_results_without_code(project):
-    from spineseg.study.report import write_report
+    from spineseg.study.report.pages import write_report
 
     index, *pages = write_report(project, "smoke")
     assert [p.stem for p in pages] == [*NOTEBOOKS, "threshold_explorer", "tables", "model_card"]
@@ -358,8 +358,8 @@ def test_every_latex_table_compiles_with_pdflatex(project, tmp_path):
 def test_every_figure_is_saved_at_the_profiles_dpi_and_at_most_20_inches_wide(project):
     from PIL import Image
 
-    from spineseg.study.figures import MAX_WIDTH_IN
-    from spineseg.study.session import open_study
+    from spineseg.study.core.session import open_study
+    from spineseg.study.report.figures import MAX_WIDTH_IN
 
     dpi = open_study("smoke", project_dir=project).cfg.analysis.dpi
     pngs = sorted((project / "figures/smoke").glob("*.png"))
@@ -443,7 +443,7 @@ def test_predict_can_let_the_crop_model_outline_the_rules_mask(project, tmp_path
 
     import spineseg.crops as crops
     from spineseg.study import deployment
-    from spineseg.study.session import open_study
+    from spineseg.study.core.session import open_study
 
     (tmp_path / "in").mkdir()
     source = np.asarray(Image.open(next((project / "runs/smoke/data/d2/images").glob("*.png"))))

@@ -390,7 +390,7 @@ def test_the_cosine_schedule_warms_up_then_decays_and_depends_on_the_epoch_alone
 def test_run_keys_without_the_new_settings_are_the_keys_they_had():
     """A run with the article's augmentation and a constant rate keeps the folder name it had before either setting
     existed, so finished runs are never trained again."""
-    from spineseg.study.store import RunSpec
+    from spineseg.study.runs.store import RunSpec
 
     settings = train_module.TrainSettings(batch_size=2, lr=1e-3, max_epochs=2, patience=2, augment=True, seed=0)
     spec = RunSpec("stage2", "MobileNetV2", 64, settings, data="abc")

@@ -26,8 +26,8 @@ def _version() -> str:
 
 def _profile_help(default: str | None = "quick") -> str:
     """The --profile help: the profiles of the project this runs in (params/*.yaml), and the default."""
-    from spineseg.study.artifacts import known_profiles
-    from spineseg.study.session import find_project
+    from spineseg.study.core.artifacts import known_profiles
+    from spineseg.study.core.session import find_project
 
     try:
         profiles = known_profiles(find_project())
@@ -63,9 +63,9 @@ def _aasce(args) -> None:
 
 
 def _run(args) -> None:
-    from spineseg.study.config import parse_override
+    from spineseg.study.core.config import parse_override
+    from spineseg.study.core.session import find_project
     from spineseg.study.runner import parse_stages, run_study
-    from spineseg.study.session import find_project
 
     overrides = dict(parse_override(text) for text in args.set or [])
     # how the study runs, never what it finds: the profile's own folder, no variant (`artifacts.HOW_NOT_WHAT`)
@@ -76,7 +76,7 @@ def _run(args) -> None:
 def _study(args):
     """The profile's study in --project (or the project this command runs in), at its thread count."""
     from spineseg.device import configure_threads
-    from spineseg.study.session import find_project, open_study
+    from spineseg.study.core.session import find_project, open_study
 
     try:
         project = find_project(args.project)
@@ -91,8 +91,8 @@ def _study(args):
 def _predict(args) -> int:
     from contextlib import nullcontext
 
-    from spineseg.study.apply import InferenceOptions, check_folders, check_variant, predict_with
-    from spineseg.study.bundle import open_bundle
+    from spineseg.study.inference.apply import InferenceOptions, check_folders, check_variant, predict_with
+    from spineseg.study.inference.bundle import open_bundle
 
     if args.model and (args.profile or args.project):
         raise ConfigError("--model runs a bundle on its own: leave out --profile and --project")
@@ -119,8 +119,8 @@ def _export(args) -> None:
 
 
 def _report(args) -> None:
-    from spineseg.study.report import write_report
-    from spineseg.study.session import find_project
+    from spineseg.study.core.session import find_project
+    from spineseg.study.report.pages import write_report
 
     for path in write_report(find_project(), args.profile, args.out, progress=True):
         print(path)
@@ -131,9 +131,9 @@ def _results(args) -> None:
     import shutil
 
     from spineseg.errors import StageOrderError
-    from spineseg.study.artifacts import Layout
-    from spineseg.study.results import render, update_readme
-    from spineseg.study.session import find_project
+    from spineseg.study.core.artifacts import Layout
+    from spineseg.study.core.session import find_project
+    from spineseg.study.report.results import render, update_readme
 
     project = find_project()
     kept = args.keep
@@ -158,7 +158,7 @@ def _results(args) -> None:
 
 def _bench(args) -> None:
     from spineseg.study.bench import run_bench
-    from spineseg.study.session import find_project
+    from spineseg.study.core.session import find_project
 
     run_bench(find_project(), profile=args.profile, quick=args.quick)
 

@@ -25,8 +25,8 @@ from spineseg.ensemble import combine
 from spineseg.models import build_model
 from spineseg.names import EXTRA_RULES, RULES
 from spineseg.predict import Segmenter
-from spineseg.study.artifacts import NOTEBOOKS, Layout, bench_dir
-from spineseg.study.records import Selection
+from spineseg.study.core.artifacts import NOTEBOOKS, Layout, bench_dir
+from spineseg.study.core.records import Selection
 from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
 from spineseg.train import Trainer
 
@@ -162,7 +162,7 @@ def predict_bench(encoders: list[str], device: torch.device, size: int, n_images
 
     from PIL import Image
 
-    from spineseg.study.apply import Ensemble, InferenceOptions, Member, predict_files
+    from spineseg.study.inference.apply import Ensemble, InferenceOptions, Member, predict_files
 
     models = [Segmenter(build_model(name)).to(device).eval() for name in encoders]
     members = [Member(name, model, (size, size)) for name, model in zip(encoders, models)]
@@ -190,12 +190,12 @@ def dask_bench(project: Path, quick: bool = False) -> dict:
 
     from distributed import Client, LocalCluster
 
-    from spineseg.study.config import ExecutorSection
-    from spineseg.study.executors import DaskExecutor
-    from spineseg.study.session import open_study
-    from spineseg.study.stage0_data import prepare_data
-    from spineseg.study.stage2_selection import stage2_specs
-    from spineseg.study.store import run_all
+    from spineseg.study.core.config import ExecutorSection
+    from spineseg.study.core.executors import DaskExecutor
+    from spineseg.study.core.session import open_study
+    from spineseg.study.runs.store import run_all
+    from spineseg.study.stages.stage0_data import prepare_data
+    from spineseg.study.stages.stage2_selection import stage2_specs
 
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder)

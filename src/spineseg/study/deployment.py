@@ -1,6 +1,6 @@
 """The study's ensemble for use on new radiographs: found in its own run folders (`study_ensemble`, behind
 ``spineseg predict --profile`` and `predict_radiographs`), or exported as a bundle (``spineseg export``). Both read
-the study's records; predicting from a bundle (`spineseg.study.bundle`, `spineseg.study.apply`) needs neither.
+the study's records; predicting from a bundle (`spineseg.study.inference.bundle`, `spineseg.study.inference.apply`) needs neither.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from spineseg.errors import ConfigError, StageOrderError
 from spineseg.names import EXTRA_RULES, LOCATED, RULES, TWO_STAGE, rule_name
 from spineseg.saved_models import BEST, MODEL_FILE, PIXELS, ModelDescription
 from spineseg.stats import PATIENT_KEYS, mean_ci_table
-from spineseg.study.apply import InferenceOptions, PredictionReport, predict_with
-from spineseg.study.artifacts import BundleFiles, read_table
-from spineseg.study.bundle import FORMAT, EnsembleFolders
-from spineseg.study.ensemble_inputs import members_validation_dsc
-from spineseg.study.located import locator_spec
-from spineseg.study.provenance import code_version
-from spineseg.study.records import Learned
-from spineseg.study.session import Study, StudyData
-from spineseg.study.stage3_final import ensemble_members
-from spineseg.study.store import RunSpec
-from spineseg.study.two_stage import crop_spec
+from spineseg.study.core.artifacts import BundleFiles, read_table
+from spineseg.study.core.provenance import code_version
+from spineseg.study.core.records import Learned
+from spineseg.study.core.session import Study, StudyData
+from spineseg.study.inference.apply import InferenceOptions, PredictionReport, predict_with
+from spineseg.study.inference.bundle import FORMAT, EnsembleFolders
+from spineseg.study.runs.store import RunSpec
+from spineseg.study.stages.ensemble_inputs import members_validation_dsc
+from spineseg.study.stages.located import locator_spec
+from spineseg.study.stages.stage3_final import ensemble_members
+from spineseg.study.stages.two_stage import crop_spec
 
 
 def trained_data(study: Study) -> StudyData:

@@ -7,9 +7,9 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
-from spineseg.study import provenance
-from spineseg.study.session import open_study, seed_variant
-from spineseg.study.stage0_data import prepare_data
+from spineseg.study.core import provenance
+from spineseg.study.core.session import open_study, seed_variant
+from spineseg.study.stages.stage0_data import prepare_data
 
 
 def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | None, notebook: str,

@@ -20,9 +20,9 @@ from typing import Any
 
 from spineseg import atomic
 from spineseg.errors import ConfigError, NotebookFailed
-from spineseg.study.artifacts import NOTEBOOKS
-from spineseg.study.report import export_html
-from spineseg.study.session import open_study, seed_variant
+from spineseg.study.core.artifacts import NOTEBOOKS
+from spineseg.study.core.session import open_study, seed_variant
+from spineseg.study.report.pages import export_html
 
 
 def parse_stages(text: str | None) -> list[int]:
@@ -133,7 +133,7 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
-    from spineseg.study.stage0_data import prepare_data
+    from spineseg.study.stages.stage0_data import prepare_data
 
     project = Path(project).resolve()
     study = open_study(profile, overrides, project, in_place)
