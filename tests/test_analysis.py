@@ -9,8 +9,8 @@ from spineseg.names import AUGMENTATION_GROUPS, METRICS, RULES, rule_name
 from spineseg.study.core.artifacts import Layout
 from spineseg.study.core.config import Profile
 from spineseg.study.core.session import Study
-from spineseg.study.report.article import ARTICLE_ROWS, article_tables, published, side_by_side
 from spineseg.study.report import tables
+from spineseg.study.report.article import ARTICLE_ROWS, article_tables, published, side_by_side
 from spineseg.study.report.tables import METRIC_COLUMNS, metric_table, min_max_mean
 
 

@@ -256,7 +256,7 @@ def test_a_damaged_or_odd_bundle_is_one_error_naming_it(tmp_path):
     from spineseg.study.inference.bundle import FORMAT, open_bundle
 
     manifest = {"format": FORMAT, "members": [{"folder": "members/0-a", "validation_dsc": 0.9}], "crop_model": 3,
-                "threshold": 0.5, "precision": "auto"}
+                "threshold": 0.5, "precision": "auto", "members_hflip": False}
     odd = tmp_path / "odd.zip"
     _bundle_zip(odd, manifest)
     with pytest.raises(ConfigError, match=f"--model {odd}: bundle.json field crop_model = 3: Input should be a valid string"), \
@@ -300,26 +300,6 @@ def test_a_crop_model_trained_on_another_grid_than_its_members_is_refused_at_loa
     with pytest.raises(ConfigError, match=r"crop model of the bundle x.zip was trained on images stored at \(256, 128\), "
                                           r"its members at \(128, 64\)"):
         load_ensemble(found, torch.device("cpu"), two_stage=True)
-
-
-def test_predicting_with_a_run_that_predates_model_json_reads_it_and_writes_nothing(tmp_path):
-    from spineseg.errors import StageOrderError
-    from spineseg.study.deployment import _finished
-    from spineseg.study.runs.store import RunSpec
-    from spineseg.train import TrainSettings
-
-    spec = RunSpec("stage3", "MobileNetV2", (64, 64), TrainSettings(batch_size=2, lr=1e-3, max_epochs=1, patience=1,
-                                                                            augment=False, seed=0))
-    study = SimpleNamespace(name="old", layout=SimpleNamespace(store=tmp_path))
-    files = spec.files(tmp_path)
-    files.done.parent.mkdir(parents=True)
-    files.done.write_text("")
-    before = sorted(tmp_path.rglob("*"))
-    with pytest.raises(StageOrderError, match=r"no model.json.*--profile old --stages 3` once; it trains nothing"):
-        _finished(study, spec)
-    assert sorted(tmp_path.rglob("*")) == before
-    files.model.write_text("{}")
-    assert _finished(study, spec) == files.folder
 
 
 def test_nearest_takes_each_pixel_from_the_mask_pixel_nearest_its_centre():

@@ -20,7 +20,7 @@ from spineseg.study.inference.bundle import FORMAT, MAX_ENTRY_BYTES, MAX_MEMBERS
 from spineseg.train import BEST
 
 MANIFEST = {"format": FORMAT, "members": [{"folder": "members/1-a", "validation_dsc": 0.9}], "crop_model": None,
-            "threshold": 0.5, "precision": "auto"}
+            "threshold": 0.5, "precision": "auto", "members_hflip": False}
 
 
 def tiny_model_folder(folder: Path, **changes) -> Path:

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import write_dicom
 from spineseg.data import radiographs
 from spineseg.data.dataset import read_image
-from spineseg.data.radiographs import load_radiograph, read_radiograph, reduction
+from spineseg.data.radiographs import load_radiograph, reduction
 from spineseg.errors import DatasetError
 
 
@@ -19,14 +19,14 @@ def test_a_dicom_that_is_not_a_projection_radiograph_is_refused_unless_asked_for
     pixels = np.arange(64 * 32, dtype=np.uint16).reshape(64, 32)
     write_dicom(tmp_path / "slice.dcm", pixels, modality=modality)
     with pytest.raises(DatasetError, match=f"slice.dcm: DICOM modality {modality}, not a projection radiograph.*--any-modality"):
-        read_radiograph(tmp_path / "slice.dcm")
-    assert read_radiograph(tmp_path / "slice.dcm", any_modality=True).shape == (64, 32)
+        load_radiograph(tmp_path / "slice.dcm")
+    assert load_radiograph(tmp_path / "slice.dcm", any_modality=True).pixels.shape == (64, 32)
 
 
 @pytest.mark.parametrize("modality", ["CR", "DX"])
 def test_projection_radiographs_read(tmp_path, modality):
     write_dicom(tmp_path / "xray.dcm", np.arange(64 * 32, dtype=np.uint16).reshape(64, 32), modality=modality)
-    image = read_radiograph(tmp_path / "xray.dcm")
+    image = load_radiograph(tmp_path / "xray.dcm").pixels
     assert image.min() == 0.0 and image.max() == 1.0
 
 
@@ -34,7 +34,7 @@ def test_a_radiograph_reads_as_float32_at_its_own_size(tmp_path):
     Image.fromarray(np.arange(80 * 48, dtype=np.uint16).reshape(80, 48)).save(tmp_path / "x.png")
     write_dicom(tmp_path / "x.dcm", np.arange(80 * 48, dtype=np.uint16).reshape(80, 48))
     for name in ("x.png", "x.dcm"):
-        image = read_radiograph(tmp_path / name)
+        image = load_radiograph(tmp_path / name).pixels
         assert image.dtype == np.float32 and image.shape == (80, 48)  # float64 was twice the memory
 
 
@@ -138,7 +138,7 @@ def test_a_dicoms_linear_rescale_leaves_only_its_slopes_sign_and_reads_as_float3
     write_dicom(tmp_path / "plain.dcm", pixels)
     write_dicom(tmp_path / "scaled.dcm", pixels, slope=2.5, intercept=-1024.0)
     write_dicom(tmp_path / "negative.dcm", pixels, slope=-1.0, intercept=4095.0)
-    plain, scaled, negative = (read_radiograph(tmp_path / f"{name}.dcm") for name in ("plain", "scaled", "negative"))
+    plain, scaled, negative = (load_radiograph(tmp_path / f"{name}.dcm").pixels for name in ("plain", "scaled", "negative"))
     assert plain.dtype == scaled.dtype == negative.dtype == np.float32
     expected = (pixels - pixels.min()) / (pixels.max() - pixels.min())
     assert np.allclose(plain, expected, atol=1e-6) and np.allclose(scaled, expected, atol=1e-6)

@@ -244,7 +244,7 @@ def test_the_analysis_shows_the_article_and_the_differences(project):
 def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(project, tmp_path):
     from PIL import Image
 
-    from spineseg.data.radiographs import read_radiograph
+    from spineseg.data.radiographs import load_radiograph
     from spineseg.study.core.session import open_study
     from spineseg.study.deployment import predict_radiographs
     from spineseg.study.inference.apply import InferenceOptions
@@ -257,7 +257,7 @@ def test_predict_segments_png_jpeg_and_dicom_skips_the_unreadable_and_resumes(pr
     write_dicom(inputs / "c.dcm", 4095 - source.astype(np.uint16) * 16, monochrome1=True, slope=1.0, intercept=0.0)
     (inputs / "broken.png").write_bytes(b"not an image")
     # MONOCHROME1 is inverted back: the DICOM reads as the same picture as the PNG
-    assert np.corrcoef(read_radiograph(inputs / "c.dcm").ravel(), source.ravel())[0, 1] > 0.99
+    assert np.corrcoef(load_radiograph(inputs / "c.dcm").pixels.ravel(), source.ravel())[0, 1] > 0.99
 
     study = open_study("smoke", project_dir=project)
     out = tmp_path / "out"

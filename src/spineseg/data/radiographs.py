@@ -64,17 +64,12 @@ class Radiograph:
         return self.pixels.shape != self.shape
 
 
-def read_radiograph(path: Path, any_modality: bool = False) -> np.ndarray:
-    """One radiograph as float32 [H, W] in [0, 1], at its own size; a clear `DatasetError` when it cannot be read.
-
-    A DICOM of another modality than `PROJECTION_MODALITIES` is refused unless `any_modality`."""
-    return load_radiograph(path, any_modality).pixels
-
-
 def load_radiograph(path: Path, any_modality: bool = False, needed: tuple[int, int] | None = None) -> Radiograph:
-    """One radiograph; read at a reduced size when it has more than `WORKING_PIXELS` pixels and `needed`, the
-    largest (height, width) the model resizes it to, is far smaller (`reduction`). Beyond `pixel_limit` it is
-    refused before decoding: PIL's `DecompressionBombError` for a PNG or JPEG, a `DatasetError` for a DICOM."""
+    """One radiograph, float32 [H, W] in [0, 1]; a clear `DatasetError` when it cannot be read, and a DICOM of
+    another modality than `PROJECTION_MODALITIES` refused unless `any_modality`. Read at a reduced size when it
+    has more than `WORKING_PIXELS` pixels and `needed`, the largest (height, width) the model resizes it to, is
+    far smaller (`reduction`). Beyond `pixel_limit` it is refused before decoding: PIL's `DecompressionBombError`
+    for a PNG or JPEG, a `DatasetError` for a DICOM."""
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
         return _read_dicom(path, any_modality, needed)

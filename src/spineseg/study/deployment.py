@@ -21,30 +21,24 @@ from spineseg.errors import ConfigError, StageOrderError
 from spineseg.names import EXTRA_RULES, LOCATED, RULES, TWO_STAGE, rule_name
 from spineseg.saved_models import BEST, MODEL_FILE, PIXELS, ModelDescription
 from spineseg.stats import PATIENT_KEYS, mean_ci_table
-from spineseg.study.core.artifacts import BundleFiles, read_table
+from spineseg.study.core.artifacts import BundleFiles, RunFiles, read_table
 from spineseg.study.core.provenance import code_version
-from spineseg.study.core.records import Learned
+from spineseg.study.core.records import EnsembleMembers, Learned
 from spineseg.study.core.session import Study, StudyData
 from spineseg.study.inference.apply import InferenceOptions, PredictionReport, predict_with
 from spineseg.study.inference.bundle import FORMAT, EnsembleFolders
 from spineseg.study.runs.store import RunSpec
-from spineseg.study.stages.ensemble_inputs import members_validation_dsc
 from spineseg.study.stages.located import locator_spec
 from spineseg.study.stages.stage3_final import ensemble_members
 from spineseg.study.stages.two_stage import crop_spec
 
 
 def trained_data(study: Study) -> StudyData:
-    """The data the finished stage-3 runs trained on, as their summaries recorded it: no dataset is read or made."""
-    runs = study.layout.runs_table("stage3")
-    if not runs.is_file():
-        raise StageOrderError(f"the study `{study.name}` has no trained ensemble yet ({runs} is missing); "
-                              f"run `spineseg run --profile {study.name}` first")
-    fingerprints = set(pd.read_csv(runs, usecols=["data"], dtype=str, keep_default_na=False)["data"])  # hex, kept as text
-    if len(fingerprints) != 1:
-        raise StageOrderError(f"stage 3 of `{study.name}` trained on {len(fingerprints)} versions of the data; "
-                              f"run `spineseg run --profile {study.name} --stages 3-4` again")
-    return StudyData(dataset_folder(study, "d1"), None, fingerprints.pop())
+    """The data stage 3 trained the ensemble on, as its members record says: no dataset is read or made."""
+    if not study.layout.members.is_file():
+        raise StageOrderError(f"the study `{study.name}` has no trained ensemble yet ({study.layout.members} is "
+                              f"missing); run `spineseg run --profile {study.name}` first")
+    return StudyData(dataset_folder(study, "d1"), None, EnsembleMembers.load(study.layout.members).data)
 
 
 def dataset_folder(study: Study, name: str) -> Path | None:
@@ -56,29 +50,24 @@ def dataset_folder(study: Study, name: str) -> Path | None:
     return (study.project / relative).resolve() if relative else None
 
 
-def _finished(study: Study, spec: RunSpec) -> Path:
-    """A finished run's model folder. Predicting only reads it: a run that finished before runs described
-    their models gets its model.json from stage 3's rerun, which trains nothing."""
-    files = spec.files(study.layout.store)
-    if not files.done.is_file():
-        raise StageOrderError(f"{spec.folder_name()} of `{study.name}` has not finished; "
+def _finished(study: Study, folder: Path) -> Path:
+    """A finished run's model folder (its model.json and best.pt)."""
+    if not RunFiles(folder).done.is_file():
+        raise StageOrderError(f"{folder.name} of `{study.name}` has not finished; "
                               f"run `spineseg run --profile {study.name} --stages 3` first")
-    if not files.model.is_file():
-        raise StageOrderError(f"{files.folder} finished before runs described their models (no {files.model.name}): "
-                              f"run `spineseg run --profile {study.name} --stages 3` once; it trains nothing and writes it")
-    return files.folder
+    return folder
 
 
 def _trained(study: Study, spec: RunSpec | None) -> Path | None:
     """A variant's model folder once its run has finished; None where the profile does not ask for it or it is untrained."""
-    return _finished(study, spec) if spec is not None and spec.files(study.layout.store).done.is_file() else None
+    return spec.files(study.layout.store).folder if spec is not None and spec.files(study.layout.store).done.is_file() else None
 
 
 def study_ensemble(study: Study) -> EnsembleFolders:
-    """The stage-3 members the study selected, its crop model and its locator, found from its records alone."""
+    """The members stage 3 recorded, the study's crop model and its locator, found from its records alone."""
     data = trained_data(study)
-    specs = ensemble_members(study, data)
-    members = [(_finished(study, spec), float(dsc)) for spec, dsc in zip(specs, members_validation_dsc(study, specs))]
+    members = [(_finished(study, study.layout.store / m.folder), m.validation_dsc)
+               for m in ensemble_members(study, data).members]
     learned = Learned.load(study.layout.learned) if study.layout.learned.is_file() else None
     return EnsembleFolders(members, _trained(study, crop_spec(study, data)), study.cfg.stage4.threshold,
                            study.cfg.precision, learned and learned.two_stage_locator, f"the study `{study.name}`",

@@ -115,6 +115,21 @@ def _stop_kernels_on_interrupt() -> Iterator[list]:
             signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def _this_interpreter_first() -> Iterator[None]:
+    """The kernel must be this interpreter, whatever `python` means on PATH: this one's folder first on PATH while
+    the notebooks run, the caller's PATH back afterwards."""
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{before or ''}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
+
+
 def notebook_parameters(profile: str, overrides: Mapping[str, Any] | None, project: Path, in_place: bool = False) -> dict[str, Any]:
     """What every stage notebook is called with (its parameters cell declares exactly these)."""
     return {"profile": profile, "overrides": dict(overrides or {}), "project_dir": str(project), "in_place": in_place,
@@ -144,10 +159,8 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
     seed_variant(study, overrides)
     # Fail before anything runs: the profile, what it names (stage 0's checks), then every file of every split.
     prepare_data(study)
-    # The kernel must be this interpreter, whatever `python` means on PATH.
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     rendered = []
-    with _stop_kernels_on_interrupt() as kernels:  # Ctrl-C: see there
+    with _this_interpreter_first(), _stop_kernels_on_interrupt() as kernels:  # Ctrl-C: see there
         for index in stages if stages is not None else range(len(NOTEBOOKS)):
             name = NOTEBOOKS[index]
             source, target = project / "notebooks" / f"{name}.ipynb", layout.notebook(name)

@@ -9,6 +9,7 @@
                               its model
         stage1/ … stage3/     runs.csv, metrics_test.csv, metrics_val.csv
         stage2/               + ranking.csv, selection.json
+        stage3/               + members.json (`EnsembleMembers`): which runs form the ensemble
         stage2_scratch/       runs.csv, metrics_*.csv of the from-scratch twins (`stage2.scratch_twins`)
         stage4/               metrics_test.csv, threshold_tuning.csv, learned.json, leave_one_out.csv,
                               rule_checks.csv, identification.csv, timing.csv
@@ -280,6 +281,11 @@ class Layout:
 
     def runs_table(self, stage: str) -> Path:
         return self.stage_dir(stage) / "runs.csv"
+
+    @property
+    def members(self) -> Path:
+        """Which runs form the ensemble (`records.EnsembleMembers`), written by stage 3."""
+        return self.stage_dir("stage3") / "members.json"
 
     def stage_metrics(self, stage: str, split: str = "test") -> Path:
         return self.stage_dir(stage) / f"metrics_{split}.csv"

@@ -1,5 +1,5 @@
-"""The study's decisions as typed records: what stage 2 selected, what stage 4 learned on validation, and
-what stage 6 chose and measured.
+"""The study's decisions as typed records: what stage 2 selected, which runs form the ensemble (stage 3),
+what stage 4 learned on validation, and what stage 6 chose and measured.
 
 Each is written and read only through its class, so a reader never guesses a key (`Layout` says where
 each file lives). A missing file is a stage that has not run; a file without a field the record needs
@@ -34,7 +34,7 @@ class Selection:
     def load(cls, path: Path) -> Selection:
         values = _read(path, cls.STAGE)
         try:
-            return cls(tuple((c["encoder"], c.get("target", "binary")) for c in values["candidates"]))
+            return cls(tuple((c["encoder"], c["target"]) for c in values["candidates"]))
         except (KeyError, TypeError):
             raise StageOrderError(f"{path} does not list candidates with an encoder each; rerun {cls.STAGE}") from None
 
@@ -42,6 +42,51 @@ class Selection:
     def encoders(self) -> list[str]:
         """The encoders, once each, best first (a level-aware twin counts as its encoder)."""
         return list(dict.fromkeys(encoder for encoder, _ in self.candidates))
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    """One run of the ensemble: its name in the tables, its folder in the run store, its best validation DSC."""
+
+    name: str
+    folder: str
+    validation_dsc: float
+
+
+@dataclass(frozen=True)
+class EnsembleMembers:
+    """The runs whose probabilities stage 4 combines, in the study's order, as stage 3 trained them: every later
+    stage, the figures, `predict --profile` and `export` read this record instead of recomputing the runs."""
+
+    members: tuple[EnsembleMember, ...]
+    data: str  # the fingerprint of the data they trained on
+
+    STAGE = "stage 3 (03_final_training)"
+
+    def save(self, path: Path) -> None:
+        atomic.write_json(path, {"members": [asdict(member) for member in self.members], "data": self.data})
+
+    @classmethod
+    def load(cls, path: Path) -> EnsembleMembers:
+        values = _read(path, cls.STAGE)
+        try:
+            members = tuple(EnsembleMember(str(m["name"]), str(m["folder"]), float(m["validation_dsc"]))
+                            for m in values["members"])
+            return cls(members, str(values["data"]))
+        except (KeyError, TypeError, ValueError):
+            raise StageOrderError(f"{path} does not list members with a name, folder and validation DSC each; "
+                                  f"rerun {cls.STAGE}") from None
+
+    @property
+    def names(self) -> list[str]:
+        return [member.name for member in self.members]
+
+    def checked(self, path: Path, fingerprint: str) -> EnsembleMembers:
+        """This record, if its members trained on the data the study has now."""
+        if self.data != fingerprint:
+            raise StageOrderError(f"{path}: the ensemble trained on data {self.data}, the study's data is now "
+                                  f"{fingerprint}; rerun {self.STAGE}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -124,8 +169,8 @@ class Stage6Choices:
     def load(cls, path: Path) -> Stage6Choices:
         values = _read(path, cls.STAGE)
         try:
-            attention = values.get("attention_pair")
+            attention = values["attention_pair"]
             return cls(tuple(values["best_pair"]), dict(values["skipped"]), tuple(attention) if attention else None,
-                       tuple(PruningResult.from_dict(row) for row in values.get("pruning", [])))
+                       tuple(PruningResult.from_dict(row) for row in values["pruning"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise StageOrderError(f"{path} was written by another version ({type(exc).__name__}: {exc}); rerun {cls.STAGE}") from None

@@ -57,7 +57,7 @@ class EnsembleFolders:
     root: Path | None = None  # a bundle's unpacked folder: messages name a model by its entry in the bundle
     best_rule: str | None = None  # what stage 4 chose on validation, `predict`'s default
     # whether the study's stage 3 averaged each member's image with its mirror (stage3.tta_hflip): the members'
-    # probabilities stage 4 combined, so `predict`'s default; False where nothing records it (an older bundle)
+    # probabilities stage 4 combined, so `predict`'s default
     members_hflip: bool = False
 
     def shown(self, folder: Path) -> str | None:
@@ -88,7 +88,7 @@ class _Manifest(BaseModel):
     precision: Literal[PRECISIONS]  # type: ignore[valid-type]
     two_stage_locator: StrictStr | None = None
     best_rule: StrictStr | None = None
-    members_hflip: StrictBool = False
+    members_hflip: StrictBool
 
     @model_validator(mode="after")
     def _each_member_once(self) -> _Manifest:

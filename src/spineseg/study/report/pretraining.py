@@ -45,7 +45,7 @@ def _identified(study: Study, data: StudyData, specs: list[RunSpec]) -> dict[str
     """Share of dataset-1 test images whose mask covers exactly Th8–Th11, per arm (data with level labels)."""
     shares: dict[str, list[float]] = {}
     for spec in specs:
-        cached = load_probs(study.layout.store, spec, "d1", "test")
+        cached = load_probs(spec.files(study.layout.store), spec.candidate, "d1", "test")
         truth = load_split(data.d1, "test", cached.probs.shape[1:], labels=True)
         if truth.labels is None:
             return {}

@@ -235,8 +235,6 @@ def execute(spec: RunSpec, data: StudyData, store: Path, device: str = "auto", w
     """
     files = spec.files(store)
     if files.done.is_file() and _evaluated_as(files, hflip) and _predictions_present(spec, files, data):
-        if not files.model.is_file():  # finished before runs described their models
-            describe(spec, files, training_grid(data)).save(files.folder)
         return read_summary(files)
     files.lease.parent.mkdir(parents=True, exist_ok=True)
     lease = FileLock(files.lease)
@@ -389,11 +387,11 @@ class CachedPrediction:
     levels: np.ndarray | None  # uint8 [N, H, W] for level-aware runs
 
 
-def load_probs(store: Path, spec: RunSpec, dataset: str, split: str) -> CachedPrediction:
-    """Cached predictions of a finished run on one dataset split."""
-    path = spec.files(store).probs(dataset, split)
+def load_probs(files: RunFiles, name: str, dataset: str, split: str) -> CachedPrediction:
+    """Cached predictions of a finished run (`name`, as the tables call it) on one dataset split."""
+    path = files.probs(dataset, split)
     if not path.is_file():
-        raise StageOrderError(f"no cached probabilities at {path}; run the stage that trains {spec.candidate} first")
+        raise StageOrderError(f"no cached probabilities at {path}; run the stage that trains {name} first")
     try:
         with np.load(path) as npz:
             levels = npz["levels"] if "levels" in npz.files else None

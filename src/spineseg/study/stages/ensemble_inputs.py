@@ -13,9 +13,9 @@ import numpy as np
 
 from spineseg.data import load_split, splits_present
 from spineseg.errors import StageOrderError
+from spineseg.study.core.artifacts import RunFiles
 from spineseg.study.core.session import Study, StudyData
 from spineseg.study.runs.store import load_probs
-from spineseg.study.runs.training import load_stage_runs
 from spineseg.study.stages.stage3_final import ensemble_members
 
 
@@ -35,23 +35,18 @@ class EnsembleInputs:
 
 
 def ensemble_inputs(study: Study, data: StudyData, dataset: str, split: str) -> EnsembleInputs:
-    """Stack the cached probabilities of the ensemble members, checked against the dataset's ids."""
-    specs = ensemble_members(study, data)
+    """Stack the cached probabilities of the ensemble's members (as stage 3 recorded them), checked against the
+    dataset's ids."""
+    members = ensemble_members(study, data).members
     folder = data.folder(dataset)
-    cached = [load_probs(study.layout.store, spec, dataset, split) for spec in specs]
+    cached = [load_probs(RunFiles(study.layout.store / m.folder), m.name, dataset, split) for m in members]
     loaded = load_split(folder, split, cached[0].probs.shape[1:], labels=True)
-    for spec, member in zip(specs, cached):
-        if member.ids != list(loaded.ids) or member.probs.shape[1:] != loaded.size:
-            raise StageOrderError(f"cached probabilities of {spec.folder_name()} do not match {folder} ({split}); rerun stage 3")
-    return EnsembleInputs([s.candidate for s in specs], list(loaded.ids), list(loaded.patients),
-                          np.stack([m.probs for m in cached]), loaded.masks, loaded.images, loaded.labels,
-                          [m.levels for m in cached], members_validation_dsc(study, specs))
-
-
-def members_validation_dsc(study: Study, specs) -> np.ndarray:
-    """Each member's best validation DSC: the weights of weighted voting."""
-    runs = load_stage_runs(study, "stage3").set_index("folder")
-    return np.array([runs.loc[spec.folder_name(), "best_val_dsc"] for spec in specs], dtype=float)
+    for member, prediction in zip(members, cached):
+        if prediction.ids != list(loaded.ids) or prediction.probs.shape[1:] != loaded.size:
+            raise StageOrderError(f"cached probabilities of {member.folder} do not match {folder} ({split}); rerun stage 3")
+    return EnsembleInputs([m.name for m in members], list(loaded.ids), list(loaded.patients),
+                          np.stack([p.probs for p in cached]), loaded.masks, loaded.images, loaded.labels,
+                          [p.levels for p in cached], np.array([m.validation_dsc for m in members]))
 
 
 def available_eval_sets(data: StudyData) -> list[tuple[str, str]]:

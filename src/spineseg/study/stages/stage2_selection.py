@@ -53,7 +53,6 @@ def select_encoders(runs: pd.DataFrame, section: Stage2) -> pd.DataFrame:
 
     Uses validation data only: test metrics never influence which models enter the ensemble.
     """
-    runs = runs.assign(target=runs.get("target", "binary"))
     ranking = (runs.groupby(["encoder", "target"], sort=False)["best_val_dsc"]
                .agg(mean_val_dsc="mean", std_val_dsc="std", runs="count")
                .reset_index().sort_values("mean_val_dsc", ascending=False, kind="stable", ignore_index=True))

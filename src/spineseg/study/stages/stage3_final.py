@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+from spineseg.study.core.records import EnsembleMember, EnsembleMembers
 from spineseg.study.core.session import Study, StudyData
 from spineseg.study.runs.store import RunSpec
-from spineseg.study.runs.training import run_spec, train_and_collect
+from spineseg.study.runs.training import load_stage_runs, run_spec, train_and_collect
 from spineseg.study.stages.stage2_selection import selected_candidates, stage2_specs
 
 
@@ -40,9 +41,24 @@ def _stage2_run(study: Study, data: StudyData, encoder: str, target: str, seed: 
 
 
 def run_stage3(study: Study, data: StudyData) -> pd.DataFrame:
-    return train_and_collect(study, data, "stage3", stage3_specs(study, data), lambda spec: spec.candidate)
+    """Train the selected encoders at the final size, then record which runs form the ensemble."""
+    specs = stage3_specs(study, data)
+    metrics = train_and_collect(study, data, "stage3", specs, lambda spec: spec.candidate)
+    write_members(study, data, specs)
+    return metrics
 
 
-def ensemble_members(study: Study, data: StudyData) -> list[RunSpec]:
-    """The runs whose probabilities stage 4 combines: the first repeat of each selected encoder."""
-    return [spec for spec in stage3_specs(study, data) if spec.seed == 0]
+def write_members(study: Study, data: StudyData, specs: list[RunSpec]) -> EnsembleMembers:
+    """The ensemble: the first repeat of each selected encoder, with its best validation DSC (the weights of
+    weighted voting), recorded once for every later reader."""
+    runs = load_stage_runs(study, "stage3").set_index("folder")
+    members = EnsembleMembers(tuple(EnsembleMember(spec.candidate, spec.folder_name(),
+                                                   float(runs.loc[spec.folder_name(), "best_val_dsc"]))
+                                    for spec in specs if spec.seed == 0), data.fingerprint)
+    members.save(study.layout.members)
+    return members
+
+
+def ensemble_members(study: Study, data: StudyData) -> EnsembleMembers:
+    """The members stage 3 recorded, checked against the study's data."""
+    return EnsembleMembers.load(study.layout.members).checked(study.layout.members, data.fingerprint)

@@ -15,10 +15,9 @@ from spineseg.data import load_split
 from spineseg.device import describe, pick_device
 from spineseg.models import parameter_count
 from spineseg.names import LOCATED, rule_name
+from spineseg.saved_models import load_model
 from spineseg.study.core.records import Learned
 from spineseg.study.core.session import Study, StudyData
-from spineseg.study.runs.store import load_trained
-from spineseg.study.stages.ensemble_inputs import members_validation_dsc
 from spineseg.study.stages.located import Located
 from spineseg.study.stages.stage3_final import ensemble_members
 from spineseg.study.stages.two_stage import TwoStage
@@ -31,8 +30,8 @@ def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
     one peak (resident memory of models, data and Python together), reported as that, an upper bound."""
     cfg = study.cfg.stage4
     device = pick_device(study.cfg.device)
-    specs = ensemble_members(study, data)
-    models = [load_trained(study.layout.store, spec, device) for spec in specs]
+    members = ensemble_members(study, data).members
+    models = [load_model(study.layout.store / member.folder, device)[1] for member in members]
     size = cfg.timing_size
     image = torch.from_numpy(np.random.default_rng(0).random((1, 1, *size), dtype=np.float32)).to(device)
 
@@ -43,15 +42,15 @@ def measure_inference(study: Study, data: StudyData) -> pd.DataFrame:
         measured = {"what": what, "models": count, "params_millions": params, "ms_per_image": 1000 * seconds}
         return measured | ({"peak_gpu_memory_mb": peak_memory_mb(device)} if device.type == "cuda" else {})
 
-    rows = [row(spec.candidate, 1, parameter_count(model) / 1e6, ensemble_step([model], image, rules=()))
-            for spec, model in zip(specs, models)]
+    rows = [row(member.name, 1, parameter_count(model) / 1e6, ensemble_step([model], image, rules=()))
+            for member, model in zip(members, models)]
     rows.append(row("Ensemble (forwards + 5 rules)", len(models), sum(r["params_millions"] for r in rows),
                     ensemble_step(models, image, cfg.threshold)))
     locator = Learned.load(study.layout.learned).two_stage_locator if study.layout.learned.is_file() else None
     two_stage = TwoStage.load(study, data, locator) if locator else None
     if two_stage is not None:  # on a real radiograph: on noise the locator may find nothing, and the crop model not run
         radiograph = torch.from_numpy(np.array(load_split(data.d1, "test", size).images[:1, None])).to(device)
-        step = two_stage.timing_step(models, members_validation_dsc(study, specs), radiograph)
+        step = two_stage.timing_step(models, np.array([member.validation_dsc for member in members]), radiograph)
         rows.append(row(f"Two-stage ({rule_name(two_stage.locator)} + crop model)", len(models) + 1,
                         rows[-1]["params_millions"] + parameter_count(two_stage.crop.model) / 1e6, step))
     located = Located.load(study, data)
