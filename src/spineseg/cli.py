@@ -105,8 +105,7 @@ def _predict(args) -> int:
         from spineseg.study.deployment import study_ensemble
     with open_bundle(args.model) if args.model else nullcontext(study_ensemble(study)) as found:
         device = args.device or (study.cfg.device if study else "auto")
-        threshold = found.threshold if args.threshold is None else args.threshold
-        options = InferenceOptions(device, found.precision, args.tta, args.batch_size, threshold, args.any_modality)
+        options = InferenceOptions(device, found.precision, args.tta, args.batch_size, args.threshold, args.any_modality)
         report = predict_with(found, args.input, args.out, options, args.rule, args.probabilities, args.two_stage,
                               args.located)
     return 1 if report.failed else 0  # some radiographs could not be segmented: the exit says so (see --help)

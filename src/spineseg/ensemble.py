@@ -221,6 +221,10 @@ class Stacker:
     coef_: np.ndarray
     intercept_: float
 
+    def predict_mask(self, probs) -> np.ndarray:
+        """Foreground where the stacker's probability passes one half: its own decision rule, not the ensembles' T."""
+        return self.predict_proba(probs) > 0.5
+
     def predict_proba(self, probs) -> np.ndarray:
         """Probability of foreground, `[H, W]` or `[N, H, W]`, from the M models' `probs`."""
         probs = _checked_probs(probs)

@@ -12,11 +12,12 @@ import pandas as pd
 
 from spineseg.names import METRICS
 
-__all__ = ["METRICS", "MODEL_THRESHOLD", "average_precision", "confusion", "dice", "f1_as_scikit_learn_1_3", "per_image"]
+__all__ = ["ARTICLE_THRESHOLD", "METRICS", "average_precision", "confusion", "dice", "f1_as_scikit_learn_1_3", "per_image"]
 
-# One model's mask is where its probability passes one half, as in the article's Tables 1–7; the ensembles'
-# T is a setting of their own (`stage4.threshold`), so that changing it never rescores the single models.
-MODEL_THRESHOLD = 0.5
+# The article's T: one model's mask is where its probability passes it, everywhere (Tables 1–7, early stopping,
+# the best single model); the ensembles' T is a setting of their own (`stage4.threshold`, this by default), so
+# that changing it never rescores a single model.
+ARTICLE_THRESHOLD = 0.5
 
 
 def _binary(masks: np.ndarray, name: str) -> np.ndarray:

@@ -61,6 +61,12 @@ AUGMENTATION_GROUPS = MappingProxyType({False: "Without augmentation", True: "Wi
 
 # What a model learns to output (`spineseg.objectives`): the article's mask, or every vertebra's level.
 TARGETS = ("binary", "levels")  # what an ensemble member learns
+
+
+def candidate_name(encoder: str, target: str) -> str:
+    """How the tables name a model: its encoder, and what it learns unless that is the article's binary mask."""
+    return encoder if target == "binary" else f"{encoder} ({target})"
+
 CENTRES = "centres"  # what the locator learns (`spineseg.locator`)
 
 # Optimisers a training stage may use (`spineseg.train.OPTIMIZERS`).

@@ -70,7 +70,7 @@ class ModelDescription:
 
     @property
     def in_channels(self) -> int:
-        return 3 if self.coordinates else 1
+        return 3 if self.coordinates else 1  # the image, and the row and column planes (`build_segmenter`)
 
     @property
     def classes(self) -> dict[int, str]:
@@ -112,10 +112,17 @@ class ModelDescription:
 
     def build(self) -> Segmenter:
         """The untrained network this folder's weights fit (never downloads anything)."""
-        task = objective(self.target)
-        net = build_model(self.encoder, self.architecture, "none", None, in_channels=self.in_channels,
-                          classes=task.classes, attention=self.attention)
-        return Segmenter(net, task, self.coordinates)
+        return build_segmenter(self.encoder, self.architecture, self.target, self.coordinates, self.attention)
+
+
+def build_segmenter(encoder: str, architecture: str, target: str, coordinates: bool, attention: bool,
+                    pretrained: str = "none", weights_path: str | None = None) -> Segmenter:
+    """The one place a network is built, for training (from `pretrained` encoder weights) and for loading a saved
+    model (from nothing): the decoder and encoder, the objective's output channels, the inputs' channels."""
+    task = objective(target)
+    net = build_model(encoder, architecture, pretrained, weights_path, in_channels=3 if coordinates else 1,
+                      classes=task.classes, attention=attention)
+    return Segmenter(net, task, coordinates)
 
 
 Side = Annotated[int, Field(strict=True, ge=1, le=MAX_SIDE)]

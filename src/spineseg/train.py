@@ -28,7 +28,7 @@ from spineseg.augment import AUGMENTATIONS, augment_batch
 from spineseg.data import Split
 from spineseg.device import autocast, resolve_precision
 from spineseg.errors import SpinesegError
-from spineseg.metrics import dice
+from spineseg.metrics import ARTICLE_THRESHOLD, dice
 from spineseg.objectives import coordinate_planes
 from spineseg.predict import Segmenter, as_batch, predict_proba
 from spineseg.saved_models import BEST, CHECKPOINT, HISTORY
@@ -202,8 +202,8 @@ def train_epoch(trainer: Trainer, train: Split, settings: TrainSettings, epoch: 
 
 
 def _validation_dsc(model: Segmenter, val: Split, device: torch.device, batch_size: int, precision: str = "auto") -> float:
-    """Mean per-image DSC at T = 0.5: the early-stopping criterion of a segmentation model."""
-    return float(dice(predict_proba(model, val.images, device, batch_size, precision) > 0.5, val.masks).mean())
+    """Mean per-image DSC at the article's T: the early-stopping criterion of a segmentation model."""
+    return float(dice(predict_proba(model, val.images, device, batch_size, precision) > ARTICLE_THRESHOLD, val.masks).mean())
 
 
 def _save(path: Path, obj) -> None:

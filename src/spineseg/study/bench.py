@@ -22,9 +22,8 @@ from spineseg.augment import augment_batch, paper_augmentation
 from spineseg.data.synthetic import generate
 from spineseg.device import configure_threads, describe, pick_device
 from spineseg.ensemble import combine
-from spineseg.models import build_model
 from spineseg.names import EXTRA_RULES, RULES
-from spineseg.predict import Segmenter
+from spineseg.saved_models import build_segmenter
 from spineseg.study.core.artifacts import NOTEBOOKS, Layout, bench_dir
 from spineseg.study.core.records import Selection
 from spineseg.timing import ensemble_step, mean_seconds, peak_memory_mb
@@ -35,6 +34,11 @@ DEFAULT_TEN = ["ResNet34", "ResNet50", "SEResNet34", "SEResNet50", "ResNeXt50", 
                "EfficientNetB0", "EfficientNetB2", "EfficientNetB4"]
 TRAINING_ENCODERS = ("ResNet34", "MobileNetV2")
 PRECISION_ENCODER = "MobileNetV2"  # one of the `quick` profile's stage-2 encoders
+
+
+def _binary_unet(encoder: str):
+    """The network the benchmarks time: the article's U-Net with `encoder`, binary output, untrained."""
+    return build_segmenter(encoder, "unet", "binary", coordinates=False, attention=False)
 
 
 def _ensemble_encoders(project: Path, profile: str) -> tuple[list[str], str]:
@@ -60,7 +64,7 @@ def _phantom_probs(n_models: int, n_images: int, size: int, seed: int = 0) -> np
 
 
 def inference_bench(encoders: list[str], device: torch.device, size: int, repeats: int, batches=(1, 2, 4)) -> dict:
-    models = [Segmenter(build_model(name)).to(device).eval() for name in encoders]
+    models = [_binary_unet(name).to(device).eval() for name in encoders]
     rows = []
     for name, model in zip(encoders, models):
         per_batch = {}
@@ -96,7 +100,7 @@ def training_bench(device: torch.device, size: int, steps: int, batch_size: int 
     augmentation = paper_augmentation(seed=0)
     rows = []
     for name in TRAINING_ENCODERS:
-        trainer = Trainer(Segmenter(build_model(name)).train(), device, lr=1e-4)
+        trainer = Trainer(_binary_unet(name).train(), device, lr=1e-4)
         draws = itertools.count()
 
         def next_batch():
@@ -120,7 +124,7 @@ def precision_bench(device: torch.device, size: int, steps: int, epochs: int, ba
     rows = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        trainer = Trainer(Segmenter(build_model(PRECISION_ENCODER)).train(), device, lr=3e-4, precision=precision)
+        trainer = Trainer(_binary_unet(PRECISION_ENCODER).train(), device, lr=3e-4, precision=precision)
         step = mean_seconds(lambda: trainer.step(images[:batch_size], masks[:batch_size]), steps)
         rows[precision] = {"ms_step": 1000 * step, "val_dsc": _trained_dsc(images, masks, precision, epochs, device)}
     return {"encoder": PRECISION_ENCODER, "image_size": size, "per_precision": rows,
@@ -137,7 +141,7 @@ def _trained_dsc(images: np.ndarray, masks: np.ndarray, precision: str, epochs: 
     train = Split("d1", "train", tuple(map(str, range(40))), images[:40], masks[:40])
     val = Split("d1", "val", tuple(map(str, range(8))), images[40:], masks[40:])
     torch.manual_seed(0)
-    model = Segmenter(build_model(PRECISION_ENCODER))
+    model = _binary_unet(PRECISION_ENCODER)
     settings = TrainSettings(batch_size=4, lr=3e-4, max_epochs=epochs, patience=epochs, augment=True, seed=0,
                              precision=precision)
     with tempfile.TemporaryDirectory() as folder:
@@ -164,7 +168,7 @@ def predict_bench(encoders: list[str], device: torch.device, size: int, n_images
 
     from spineseg.study.inference.apply import Ensemble, InferenceOptions, Member, predict_files
 
-    models = [Segmenter(build_model(name)).to(device).eval() for name in encoders]
+    models = [_binary_unet(name).to(device).eval() for name in encoders]
     members = [Member(name, model, (size, size)) for name, model in zip(encoders, models)]
     samples = list(generate("d1", n_images, seed=1, size=size))
     with tempfile.TemporaryDirectory() as folder:

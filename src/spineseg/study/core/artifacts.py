@@ -44,7 +44,6 @@ import pandas as pd
 
 from spineseg.errors import ConfigError
 
-TRAINING_STAGES = ("stage1", "stage2", "stage3")
 SCRATCH_TWINS = "stage2_scratch"  # the from-scratch copies of ImageNet-initialised stage-2 encoders
 # stage 6's four comparisons, each with a stage folder of its own
 DECODERS, OPTIMISERS, ATTENTION, PRUNING = "stage6_decoders", "stage6_optimizers", "stage6_attention", "stage6_pruning"
@@ -54,16 +53,30 @@ TEXT_COLUMNS = {"id": str, "patient": str, "group": str, "encoder": str, "remove
 PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a file name in params/, never a path
 
 
-# The stage notebooks in the order they run: `notebooks/<name>.ipynb`, rendered to `Layout.notebook(name)`.
-NOTEBOOKS = (
-    "00_data",
-    "01_augmentation",
-    "02_backbone_selection",
-    "03_final_training",
-    "04_ensembles",
-    "05_analysis",
-    "06_architectures",
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the study: its notebook, the folders of its own results under the run folder, and the
+    profile sections whose change first affects it (the stages before are copied into a variant)."""
+
+    number: int
+    notebook: str  # notebooks/<notebook>.ipynb, rendered to `Layout.notebook(notebook)`
+    folders: tuple[str, ...]
+    sections: tuple[str, ...]
+
+
+# The one list of the stages, in the order they run.
+STAGES = (
+    Stage(0, "00_data", (), ("data",)),
+    Stage(1, "01_augmentation", ("stage1",), ("precision", "stage1")),
+    Stage(2, "02_backbone_selection", ("stage2", SCRATCH_TWINS), ("stage2",)),
+    Stage(3, "03_final_training", ("stage3",), ("stage3", "two_stage", "locator")),
+    Stage(4, "04_ensembles", ("stage4",), ("stage4",)),
+    Stage(5, "05_analysis", (), ("analysis",)),
+    Stage(6, "06_architectures", ("stage6", DECODERS, OPTIMISERS, ATTENTION, PRUNING), ("architectures",)),
 )
+NOTEBOOKS = tuple(stage.notebook for stage in STAGES)
 
 
 def known_profiles(project: Path) -> str:
@@ -165,9 +178,8 @@ class RunFiles:
 # Overrides of how a study runs, not of what it finds: with only these, a run writes into the profile's own folder.
 HOW_NOT_WHAT = ("executor", "threads", "device", "description")
 # The first stage whose results an override of a section changes; the stages before it are copied from the profile's run.
-FIRST_STAGE_CHANGED = {"data": 0, "precision": 1, "stage1": 1, "stage2": 2, "stage3": 3, "two_stage": 3, "locator": 3, "stage4": 4,
-                       "analysis": 5, "architectures": 6}
-STAGE_FOLDERS = {"stage1": 1, "stage2": 2, SCRATCH_TWINS: 2, "stage3": 3, "stage4": 4}  # a stage's own results
+FIRST_STAGE_CHANGED = {section: stage.number for stage in STAGES for section in stage.sections}
+STAGE_FOLDERS = {folder: stage.number for stage in STAGES for folder in stage.folders}  # a stage's own results
 
 
 def result_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -194,8 +206,8 @@ def profile_content(project: Path, profile: str) -> bytes:
 
 
 def first_stage_changed(overrides: Mapping[str, Any] | None) -> int:
-    """The earliest stage the overrides change (7: none)."""
-    return min((FIRST_STAGE_CHANGED.get(key.split(".")[0], 0) for key in result_overrides(overrides)), default=7)
+    """The earliest stage the overrides change (one past the last: none)."""
+    return min((FIRST_STAGE_CHANGED.get(key.split(".")[0], 0) for key in result_overrides(overrides)), default=len(STAGES))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import copy
 import reprlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from spineseg.encoders import PAPER_ENCODERS, PRETRAINED, canonical_architecture, canonical_encoder, has_imagenet_weights
 from spineseg.errors import ConfigError
 from spineseg.limits import MAX_SEED, MAX_SIDE
+from spineseg.metrics import ARTICLE_THRESHOLD
 from spineseg.names import EXTRA_RULES, OPTIMIZER_NAMES, PRECISIONS, RULES, TARGETS, is_device
 
 
@@ -132,18 +133,29 @@ class DataSection(Section):
         return self
 
 
+TRAINING_FIELDS = ("repeats", "image_size", "batch_size", "lr", "max_epochs", "patience")
+
+
 class Training(Section):
-    """What every training stage sets: the run grid and the optimisation."""
+    """What every training stage sets: the run grid and the optimisation. The fields are declared here once;
+    each stage gives its defaults of `TRAINING_FIELDS` in `DEFAULTS`."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     repeats: Repeats
     image_size: TrainingSize  # one side or [height, width]
-    batch_size: BatchSize = 4
+    batch_size: BatchSize
     lr: LearningRate
     max_epochs: Epochs
     patience: Epochs
     coordinates: bool = False  # row and column planes as two more input channels
     crop_height: _count(0, MAX_SIDE) = 0  # train on random full-width crops this tall (0: whole images)
     tta_hflip: bool = False  # predict each image and its mirror image, and average
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, values: Any) -> Any:
+        return {**cls.DEFAULTS, **values} if isinstance(values, Mapping) else values
 
     @model_validator(mode="after")
     def _crop_fits(self) -> Training:
@@ -156,12 +168,9 @@ class Training(Section):
 class Stage1(Training):
     """U-Net with one encoder, with and without augmentation."""
 
+    DEFAULTS = {"repeats": 50, "image_size": 256, "batch_size": 4, "lr": 1e-4, "max_epochs": 100, "patience": 10}
+
     encoder: EncoderName = "VGG16"
-    repeats: Repeats = 50
-    image_size: TrainingSize = 256
-    lr: LearningRate = 1e-4
-    max_epochs: Epochs = 100
-    patience: Epochs = 10
     pretrained: Pretrained = "imagenet"
     weights_path: str = ""  # a local encoder state dict instead of the ImageNet download
 
@@ -173,12 +182,9 @@ class Stage2(Training):
                                                                            min_length=1)
     # what each encoder learns: the article's binary mask, and/or every vertebra's level (`spineseg.objectives`)
     targets: Annotated[list[Target], AfterValidator(_unique)] = Field(default_factory=lambda: ["binary"], min_length=1)
+    DEFAULTS = {"repeats": 10, "image_size": 256, "batch_size": 4, "lr": 1e-4, "max_epochs": 300, "patience": 25}
+
     architecture: ArchitectureName = "unet"
-    repeats: Repeats = 10
-    image_size: TrainingSize = 256
-    lr: LearningRate = 1e-4
-    max_epochs: Epochs = 300
-    patience: Epochs = 25
     augment: bool = True
     pretrained: Pretrained = "imagenet"
     # encoder → its weights, over `pretrained`: e.g. ImageNet for the EfficientNet-Lite encoders, whose
@@ -211,11 +217,8 @@ class Stage2(Training):
 class Stage3(Training):
     """The selected encoders retrained at the final size (architecture, augmentation, weights as stage 2)."""
 
-    repeats: Repeats = 1
-    image_size: TrainingSize = 512
-    lr: LearningRate = 1e-5
-    max_epochs: Epochs = 300
-    patience: Epochs = 25
+    DEFAULTS = {"repeats": 1, "image_size": 512, "batch_size": 4, "lr": 1e-5, "max_epochs": 300, "patience": 25}
+
     init_from: Literal["imagenet", "stage2"] = "imagenet"  # the article does not say; see stage3_final
 
 
@@ -223,14 +226,11 @@ class TwoStage(Training):
     """The two-stage variant (`spineseg.crops`): a model that segments a crop around the region stage 4's
     validation-best rule located. Trained on crops around the true region, so it needs no stage-3 model."""
 
+    # image_size: the crop as the crop model sees it, [height, width]
+    DEFAULTS = {"repeats": 1, "image_size": (192, 96), "batch_size": 8, "lr": 1e-3, "max_epochs": 14, "patience": 6}
+
     enabled: bool = False
     encoder: EncoderName = "EfficientNetB0"
-    repeats: Repeats = 1
-    image_size: TrainingSize = (192, 96)  # the crop as the crop model sees it: [height, width]
-    batch_size: BatchSize = 8
-    lr: LearningRate = 1e-3
-    max_epochs: Epochs = 14
-    patience: Epochs = 6
     augment: bool = True
     pretrained: Pretrained = "imagenet"
     margin: Annotated[float, BeforeValidator(_yaml_float), Field(ge=0, le=4)] = 1.0  # vertebrae above and below
@@ -252,14 +252,10 @@ class LocatorSection(Training):
     """The locator (`spineseg.locator`): one heatmap per level T1…L5, decoded as one ordered chain, names the
     four vertebrae; stage 4's located variant outlines them with the crop model (or the members' vertebrae)."""
 
+    DEFAULTS = {"repeats": 1, "image_size": (256, 96), "batch_size": 8, "lr": 1e-3, "max_epochs": 30, "patience": 10}
+
     enabled: bool = False
     encoder: EncoderName = "EfficientNetLite0"
-    repeats: Repeats = 1
-    image_size: TrainingSize = (256, 96)
-    batch_size: BatchSize = 8
-    lr: LearningRate = 1e-3
-    max_epochs: Epochs = 30
-    patience: Epochs = 10
     coordinates: bool = True
     tta_hflip: bool = True
     augmentation: Literal["paper", "anatomy"] = "anatomy"  # `spineseg.augment`: the article's, or one that moves the spine
@@ -280,7 +276,7 @@ class LocatorSection(Training):
 
 
 class Stage4(Section):
-    threshold: Fraction = 0.5
+    threshold: Fraction = ARTICLE_THRESHOLD  # the ensembles' T; single models always at the article's
     # what picks the study's best rule and best single model on dataset-1 validation: mean DSC, or the share
     # of images identified strictly (`spineseg.identification`; needs level label maps), DSC breaking ties
     choose_by: Literal["dsc", "identification"] = "dsc"
@@ -321,12 +317,18 @@ class Architectures(Section):
     finetune_epochs: Epochs = 10
     finetune_lr_factor: Annotated[float, BeforeValidator(_yaml_float), Field(gt=0, le=1)] = 0.1
     timing_size: StoredSize = 512
+    # TRAINING_FIELDS this stage sets instead of stage 2's (None: stage 2's), of the types `Training` declares
     repeats: Repeats | None = None
     image_size: TrainingSize | None = None
     batch_size: BatchSize | None = None
     lr: LearningRate | None = None
     max_epochs: Epochs | None = None
     patience: Epochs | None = None
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The training settings this stage sets instead of stage 2's."""
+        return {name: getattr(self, name) for name in TRAINING_FIELDS if getattr(self, name) is not None}
 
 
 def _one_gpu_per_job(gpus: int) -> int:

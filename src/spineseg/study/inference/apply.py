@@ -46,6 +46,7 @@ from spineseg.ensemble import combine, disagreement
 from spineseg.errors import ConfigError, SpinesegError, StageOrderError
 from spineseg.located_mask import crop_outline
 from spineseg.locator import Locator
+from spineseg.metrics import ARTICLE_THRESHOLD
 from spineseg.names import CENTRES, EXTRA_RULES, LOCATED, PRECISIONS, RULES, TWO_STAGE, is_device
 from spineseg.predict import predict, resample
 from spineseg.saved_models import ModelDescription, load_model
@@ -54,7 +55,6 @@ from spineseg.study.inference.bundle import EnsembleFolders
 from spineseg.vertebrae import CHAIN, REGION
 
 MASKS, OVERLAYS, PROBABILITIES, TABLE, CHAINS = "masks", "overlays", "probabilities", "predictions.csv", "chains.csv"
-ARTICLE_THRESHOLD = 0.5  # T of the article's ensembles, where no study or bundle says otherwise
 TWO_STAGE_SUFFIX = "+crop"  # a rule's name in predictions.csv when the crop model outlined its mask
 COLUMNS = ["id", "source", "height", "width", "rule", "threshold", "tta", "area_px", "top", "left", "bottom", "right",
            "disagreement"]

@@ -10,12 +10,12 @@ import pandas as pd
 from IPython.core.pylabtools import print_figure
 from IPython.display import Markdown, display
 
+from spineseg.names import candidate_name
 from spineseg.study.core.artifacts import read_table
 from spineseg.study.core.session import Study
 from spineseg.study.report.article import side_by_side
 from spineseg.study.report.figures import figure_caption
 from spineseg.study.report.tables import MISSING, caption, table_note
-from spineseg.study.runs.store import candidate_name
 from spineseg.study.stages.stage2_selection import selected_candidates
 
 WHOLE = {"display.max_rows": None, "display.max_columns": None, "display.width": None,

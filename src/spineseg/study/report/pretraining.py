@@ -13,7 +13,7 @@ import pandas as pd
 
 from spineseg.data import load_split
 from spineseg.identification import identification_table
-from spineseg.metrics import MODEL_THRESHOLD
+from spineseg.metrics import ARTICLE_THRESHOLD
 from spineseg.stats import PATIENT_KEYS, format_wilcoxon, paired_wilcoxon
 from spineseg.study.core.artifacts import SCRATCH_TWINS
 from spineseg.study.core.session import Study, StudyData
@@ -49,7 +49,7 @@ def _identified(study: Study, data: StudyData, specs: list[RunSpec]) -> dict[str
         truth = load_split(data.d1, "test", cached.probs.shape[1:], labels=True)
         if truth.labels is None:
             return {}
-        found = identification_table(cached.probs > MODEL_THRESHOLD, truth.labels)["identified_strict"]
+        found = identification_table(cached.probs > ARTICLE_THRESHOLD, truth.labels)["identified_strict"]
         shares.setdefault(arm(spec), []).append(100 * float(found.mean()))
     return {name: sum(values) / len(values) for name, values in shares.items()}
 

@@ -29,6 +29,7 @@ from spineseg.names import (
     TARGETS,
     TUNED,
     TWO_STAGE,
+    candidate_name,
     metric_name,
     rule_name,
 )
@@ -48,7 +49,6 @@ from spineseg.study.core.records import Learned
 from spineseg.study.core.session import Study
 from spineseg.study.report.article import article_tables, caption, published
 from spineseg.study.report.deviations import against_article
-from spineseg.study.runs.store import candidate_name
 from spineseg.study.runs.training import load_stage_metrics
 from spineseg.vertebrae import REGION
 

@@ -36,12 +36,10 @@ from spineseg.device import pick_device
 from spineseg.errors import ConfigError, DatasetError, StageOrderError
 from spineseg.identification import centre_errors, vertebra_centres
 from spineseg.locator import Locator, identified_share
-from spineseg.metrics import MODEL_THRESHOLD, average_precision, per_image
-from spineseg.models import build_model
-from spineseg.names import CENTRES
-from spineseg.objectives import objective as make_objective
+from spineseg.metrics import ARTICLE_THRESHOLD, average_precision, per_image
+from spineseg.names import CENTRES, candidate_name
 from spineseg.predict import Segmenter, load_weights, predict, resample
-from spineseg.saved_models import ModelDescription
+from spineseg.saved_models import ModelDescription, build_segmenter
 from spineseg.study.core.artifacts import RunFiles, read_table
 from spineseg.study.core.executors import Executor, SequentialExecutor
 from spineseg.study.core.provenance import code_version
@@ -103,16 +101,10 @@ class RunSpec:
         return RunFiles(Path(store) / self.folder_name())
 
 
-def candidate_name(encoder: str, target: str) -> str:
-    return encoder if target == "binary" else f"{encoder} ({target})"
-
-
 def segmenter(spec: RunSpec, pretrained: str = "none", weights_path: str | None = None) -> Segmenter:
-    """The network of a run, with its objective and its input channels."""
-    objective = make_objective(spec.target)
-    net = build_model(spec.encoder, spec.architecture, pretrained, weights_path,
-                      in_channels=3 if spec.train.coordinates else 1, classes=objective.classes, attention=spec.attention)
-    return Segmenter(net, objective, spec.train.coordinates)
+    """The network of a run (`build_segmenter`), from `pretrained` encoder weights or from nothing."""
+    return build_segmenter(spec.encoder, spec.architecture, spec.target, spec.train.coordinates, spec.attention,
+                           pretrained, weights_path)
 
 
 def evaluation_grid(folder: Path, split: str, fallback: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -142,7 +134,7 @@ def score_split(model: Segmenter, spec: RunSpec, folder: Path, split: str, devic
     truth = load_split(folder, split, grid)
     probs = resample(prediction.region, grid)
     levels = None if prediction.levels is None else resample(prediction.levels, grid, nearest=True)
-    metrics = per_image(probs > MODEL_THRESHOLD, truth.masks)
+    metrics = per_image(probs > ARTICLE_THRESHOLD, truth.masks)
     metrics["ap"] = average_precision(probs, truth.masks)
     metrics.insert(0, "patient", truth.patients)
     metrics.insert(0, "id", truth.ids)

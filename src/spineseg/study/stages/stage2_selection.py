@@ -7,11 +7,12 @@ import pandas as pd
 
 from spineseg import atomic
 from spineseg.errors import StageOrderError
+from spineseg.names import candidate_name
 from spineseg.study.core.artifacts import SCRATCH_TWINS, read_table
 from spineseg.study.core.config import Stage2
 from spineseg.study.core.records import Selection
 from spineseg.study.core.session import Study, StudyData
-from spineseg.study.runs.store import RunSpec, candidate_name
+from spineseg.study.runs.store import RunSpec
 from spineseg.study.runs.training import run_spec, train_and_collect
 
 

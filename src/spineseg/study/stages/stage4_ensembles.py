@@ -18,7 +18,7 @@ from spineseg.calibration import fit_temperature, scale
 from spineseg.ensemble import THRESHOLD_GRID, combine, fit_stacker, leave_one_out, tune_threshold
 from spineseg.errors import ConfigError
 from spineseg.identification import identification_table
-from spineseg.metrics import dice, per_image
+from spineseg.metrics import ARTICLE_THRESHOLD, dice, per_image
 from spineseg.names import CALIBRATED, EXTRA_RULES, LOCATED, RULES, SINGLE_CROP, STACKING, TUNED, TWO_STAGE
 from spineseg.study.core.records import Learned
 from spineseg.study.core.session import Study, StudyData
@@ -60,13 +60,13 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     temperatures = [fit_temperature(p, validation.masks) for p in validation.probs]
     choose_by = study.cfg.stage4.choose_by
     candidates = ensemble_masks(validation, rules, threshold)
-    two_stage = TwoStage.load(study, data, best_on_validation(validation, candidates, threshold, choose_by)["best_rule"])
+    two_stage = TwoStage.load(study, data, best_on_validation(validation, candidates, choose_by)["best_rule"])
     if two_stage is not None:
         candidates[TWO_STAGE] = two_stage.masks(validation)
     located = Located.load(study, data)
     if located is not None and located.can_outline(validation):
         candidates[LOCATED] = located.masks(validation, "d1", "val")
-    choice = best_on_validation(validation, candidates, threshold, choose_by)
+    choice = best_on_validation(validation, candidates, choose_by)
     atomic.write_csv(layout.threshold_tuning, tuning)
     Learned(tuned_threshold, stacker.to_dict(), dict(zip(validation.names, temperatures)), validation.names,
             **choice, two_stage_locator=two_stage.locator if two_stage else None).save(layout.learned)
@@ -75,12 +75,12 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
         inputs = ensemble_inputs(study, data, dataset, split)
         masks = ensemble_masks(inputs, rules, threshold)
         masks[TUNED] = combine(inputs.probs, "soft", tuned_threshold)
-        masks[STACKING] = stacker.predict_proba(inputs.probs) > 0.5
+        masks[STACKING] = stacker.predict_mask(inputs.probs)
         masks[CALIBRATED] = combine(calibrated(inputs.probs, temperatures), "soft", threshold)
         if two_stage is not None:
             masks[TWO_STAGE] = two_stage.masks(inputs)
             best_model = inputs.probs[inputs.names.index(choice["best_model"])]
-            masks[SINGLE_CROP] = two_stage.outline(best_model > threshold, inputs.images)
+            masks[SINGLE_CROP] = two_stage.outline(best_model > ARTICLE_THRESHOLD, inputs.images)
         if located is not None and located.can_outline(inputs):
             masks[LOCATED] = located.masks(inputs, dataset, split)
         checks.append(rule_checks(inputs, masks, threshold, dataset))
@@ -108,12 +108,12 @@ def calibrated(probs: np.ndarray, temperatures: list[float]) -> np.ndarray:
     return np.stack([scale(p, t) for p, t in zip(probs, temperatures)]).astype(np.float32)
 
 
-def best_on_validation(validation: EnsembleInputs, candidates: dict[str, np.ndarray], threshold: float,
-                       choose_by: str = "dsc") -> dict:
+def best_on_validation(validation: EnsembleInputs, candidates: dict[str, np.ndarray], choose_by: str = "dsc") -> dict:
     """The single model and the rule (of `candidates`, masks on dataset-1 validation) that score best there:
     the pair the analysis compares on test, chosen without looking at it. `choose_by` "identification" ranks by
-    the share identified strictly, then DSC; "dsc" by mean DSC alone."""
-    models = {name: probs > threshold for name, probs in zip(validation.names, validation.probs)}
+    the share identified strictly, then DSC; "dsc" by mean DSC alone. A single model's mask is at the article's T,
+    as in every table that scores it."""
+    models = {name: probs > ARTICLE_THRESHOLD for name, probs in zip(validation.names, validation.probs)}
     dsc = {kind: {name: float(dice(mask, validation.masks).mean()) for name, mask in masks.items()}
            for kind, masks in (("models", models), ("rules", candidates))}
     choice = {"validation_dsc": dsc}

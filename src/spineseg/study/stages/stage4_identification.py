@@ -23,7 +23,7 @@ from spineseg.identification import (
     panoptic_quality,
     vertebra_centres,
 )
-from spineseg.metrics import MODEL_THRESHOLD, dice
+from spineseg.metrics import ARTICLE_THRESHOLD, dice
 from spineseg.names import LOCATOR, PRIOR_BAND, PRIOR_MEAN
 from spineseg.position_prior import PositionPrior
 from spineseg.study.core.session import Study, StudyData
@@ -57,7 +57,7 @@ def identification(inputs: EnsembleInputs, masks: dict[str, np.ndarray], dataset
     """One row per image and per member model (its mask as stages 1–3 score it), rule (its mask at the rule's T)
     or reference (`references_of`: a locator without a mask is scored by its centres alone)."""
     frames = []
-    groups = [(name, "model", probs > MODEL_THRESHOLD, levels, None)
+    groups = [(name, "model", probs > ARTICLE_THRESHOLD, levels, None)
               for name, probs, levels in zip(inputs.names, inputs.probs, inputs.levels)]
     groups += [(rule, "rule", mask, None, None) for rule, mask in masks.items()]
     groups += [(group, kind, mask, None, centres) for group, kind, mask, centres in references]

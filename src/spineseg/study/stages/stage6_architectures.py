@@ -43,10 +43,7 @@ BASELINE = {"decoder": "unet", "optimizer": "adam", "attention": False, "pruning
 
 def section(study: Study) -> Stage2:
     """Stage 2's training settings, with what the `architectures` section sets instead."""
-    arch = study.cfg.architectures
-    overrides = {k: getattr(arch, k) for k in ("repeats", "image_size", "batch_size", "lr", "max_epochs", "patience")
-                 if getattr(arch, k) is not None}
-    return study.cfg.stage2.model_copy(update=overrides)
+    return study.cfg.stage2.model_copy(update=study.cfg.architectures.training)
 
 
 def pair_name(decoder: str, encoder: str) -> str:
