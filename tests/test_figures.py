@@ -27,7 +27,7 @@ def _inputs(n: int = 5) -> EnsembleInputs:
     images = np.random.default_rng(0).random((n, 32, 32)).astype(np.float32)
     return EnsembleInputs(names=["A", "B"], ids=[f"img{k}" for k in range(n)], patients=[f"p{k}" for k in range(n)],
                           probs=probs, masks=masks, images=images, labels=None, levels=[None, None],
-                          val_dsc=np.array([0.8, 0.7]))
+                          val_dsc=np.array([0.8, 0.7]), threshold=0.5)
 
 
 def test_dsc_boxplot_is_as_wide_as_the_models_it_shows():
@@ -57,12 +57,12 @@ def test_a_saved_figure_has_the_profiles_dpi_and_its_size(tmp_path):
 
 def test_mask_figures_carry_their_colour_key_and_ranking_rule():
     inputs = _inputs()
-    fig = figures.ensemble_overlays(inputs, threshold=0.5)
+    fig = figures.ensemble_overlays(inputs)
     keys = [legend for legend in fig.legends if legend.get_label() == "mask key"]
     assert len(keys) == 1  # added once, however many panels
     assert [text.get_text() for text in keys[0].get_texts()] == [*figures.MASK_KEY, "truth outline"]
     assert "ranked by soft voting DSC at T = 0.5" in fig._suptitle.get_text()
-    picks = figures.ranked_picks(inputs, 0.5)
+    picks = figures.ranked_picks(inputs)
     assert [fig.axes[5 * row].get_ylabel().split("\n")[0] for row in range(3)] == list(picks)
     assert fig.get_size_inches()[0] <= figures.PAGE_WIDTH_IN  # five rules side by side fit a journal page
     plt.close(fig)
@@ -81,7 +81,7 @@ def test_the_mask_colours_are_the_keys():
 def test_ranked_picks_follow_soft_voting_dsc():
     inputs = _inputs()
     dsc = dice(combine(inputs.probs, "soft", 0.5), inputs.masks)
-    picks = figures.ranked_picks(inputs, 0.5)
+    picks = figures.ranked_picks(inputs)
     assert dsc[picks["best"]] == dsc.max() and dsc[picks["worst"]] == dsc.min()
 
 
@@ -89,9 +89,9 @@ def test_worst_case_gallery_fits_a_page_however_many_members():
     inputs = _inputs(6)
     ten = EnsembleInputs(names=[f"member {k}" for k in range(10)], ids=inputs.ids, patients=inputs.patients,
                          probs=np.concatenate([inputs.probs] * 5), masks=inputs.masks, images=inputs.images,
-                         labels=None, levels=[None] * 10, val_dsc=np.full(10, 0.8))
+                         labels=None, levels=[None] * 10, val_dsc=np.full(10, 0.8), threshold=0.5)
     cases = pd.DataFrame({"id": inputs.ids})
-    fig = cases_module.worst_gallery(ten, cases, threshold=0.5)
+    fig = cases_module.worst_gallery(ten, cases)
     width, height = fig.get_size_inches()
     assert width <= figures.PAGE_WIDTH_IN and height <= figures.PAGE_HEIGHT_IN + 0.5
     titles = [ax.get_title() for ax in fig.axes[:4]]

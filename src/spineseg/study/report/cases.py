@@ -35,7 +35,7 @@ GALLERY = 6
 
 def per_case(study: Study, inputs: EnsembleInputs, dataset: str) -> pd.DataFrame:
     """Every image of one test set: each rule's DSC, the members' disagreement, worst (soft voting) first."""
-    threshold = study.cfg.stage4.threshold
+    threshold = inputs.threshold
     table = pd.DataFrame({"id": inputs.ids, "patient": inputs.patients})
     for rule in RULES:
         table[rule_name(rule)] = 100 * dice(combine(inputs.probs, rule, threshold), inputs.masks)
@@ -88,18 +88,18 @@ def case_tables(study: Study, data: StudyData) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def worst_gallery(inputs: EnsembleInputs, cases: pd.DataFrame, threshold: float, n: int = GALLERY) -> plt.Figure:
+def worst_gallery(inputs: EnsembleInputs, cases: pd.DataFrame, n: int = GALLERY) -> plt.Figure:
     """The worst images (soft voting), cropped around the spine: the member that did best and the one that did
     worst on that image, the ensemble, the members' disagreement. Four panels a row fit a journal page at legible
     label sizes whatever the ensemble's size; every member's DSC on every image is in the per-case table."""
     worst = [inputs.ids.index(i) for i in cases["id"].head(n)]
     panel = min(1.8, PAGE_WIDTH_IN / 4, PAGE_HEIGHT_IN / max(len(worst), 1))  # inches per image
     fig, axes = plt.subplots(len(worst), 4, figsize=(4 * panel, panel * len(worst) + 0.4), squeeze=False)
-    soft = combine(inputs.probs, "soft", threshold)
-    spread = disagreement(inputs.probs, threshold)[0]
+    soft = combine(inputs.probs, "soft", inputs.threshold)
+    spread = disagreement(inputs.probs, inputs.threshold)[0]
     for row, index in zip(axes, worst):
         truth = inputs.masks[index].astype(bool)
-        members = [(name, probs[index] > threshold) for name, probs in zip(inputs.names, inputs.probs)]
+        members = [(name, probs[index] > inputs.threshold) for name, probs in zip(inputs.names, inputs.probs)]
         scores = [dice(mask, truth)[0] for _, mask in members]
         best, worst_member = members[int(np.argmax(scores))], members[int(np.argmin(scores))]
         box = crop_box([truth, soft[index], best[1], worst_member[1]])
@@ -148,11 +148,10 @@ def reliability_plot(tables: dict[str, pd.DataFrame], ece: pd.DataFrame, dataset
 
 def case_figures(study: Study, data: StudyData) -> dict[str, plt.Figure]:
     figures = {}
-    threshold = study.cfg.stage4.threshold
     for dataset, split in available_eval_sets(data):
         inputs = ensemble_inputs(study, data, dataset, split)
         cases = per_case(study, inputs, dataset)
-        figures[f"worst_cases_{dataset}"] = worst_gallery(inputs, cases, threshold)
+        figures[f"worst_cases_{dataset}"] = worst_gallery(inputs, cases)
         figures[f"uncertainty_{dataset}"] = uncertainty_plot(cases, uncertainty(cases), dataset)
         ece, tables = calibration(study, inputs)
         figures[f"reliability_{dataset}"] = reliability_plot(tables, ece, dataset)

@@ -73,11 +73,11 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
                        ignore_index=True)
     labels = rule_labels(curves)
     d1 = all_inputs["d1"]
-    picks = ranked_picks(d1, study.cfg.stage4.threshold)
+    picks = ranked_picks(d1)
     fig = make_subplots(rows=2, cols=3, specs=[[{"colspan": 3}, None, None], [{}, {}, {}]],
                         row_heights=[0.42, 0.58], vertical_spacing=0.16,
                         subplot_titles=["Mean DSC against T", *(f"{p}:<br>{d1.ids[i]}" for p, i in picks.items())])
-    start = int(np.argmin(np.abs(THRESHOLD_GRID - study.cfg.stage4.threshold)))  # the grid's T nearest the profile's
+    start = int(np.argmin(np.abs(THRESHOLD_GRID - d1.threshold)))  # the grid's T nearest the profile's
     for trace in _key_traces():
         fig.add_trace(trace, row=1, col=1)
     for dataset in all_inputs:  # the line style of each dataset, keyed once rather than beside every rule
@@ -91,7 +91,7 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
                                      line={"color": _hex(RULE_COLOURS.get(rule)), "dash": _dash(dataset)}),
                           row=1, col=1)
     fixed = len(fig.data)
-    profile_masks = combine(d1.probs, "soft", study.cfg.stage4.threshold)
+    profile_masks = combine(d1.probs, "soft", d1.threshold)
     boxes = {p: crop_box([d1.masks[i], profile_masks[i]]) for p, i in picks.items()}
     dsc = np.zeros((len(THRESHOLD_GRID), len(d1.ids)))  # each image's DSC at each T of the grid, for the titles
     for k, t in enumerate(THRESHOLD_GRID):
@@ -120,7 +120,7 @@ def explorer_figure(study: Study, data: StudyData) -> go.Figure:
     fig.update_layout(sliders=[{"active": start, "currentvalue": {"prefix": "T = "}, "steps": steps, "pad": {"t": 30}}],
                       shapes=[_marker(THRESHOLD_GRID[start])], height=760, width=900, legend={"font": {"size": 9}},
                       title="Soft-voting masks of three dataset-1 test images, and every rule's DSC, as T varies<br>"
-                            f"<sup>best, median and worst image {ranking_text(study.cfg.stage4.threshold)}</sup>")
+                            f"<sup>best, median and worst image {ranking_text(d1.threshold)}</sup>")
     for column, (pick, index) in enumerate(picks.items(), start=1):
         fig.layout.annotations[column].text = _panel_title(pick, d1.ids[index], dsc[start, index])
     fig.update_xaxes(title_text="T", row=1, col=1)

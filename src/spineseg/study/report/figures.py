@@ -161,9 +161,9 @@ def add_mask_key(fig: Figure) -> None:
 RANKING_RULE = "soft"  # the rule whose DSC picks the best, median and worst images of every mask figure
 
 
-def ranked_picks(inputs: EnsembleInputs, threshold: float) -> dict[str, int]:
-    """The best, median and worst image by `RANKING_RULE`'s DSC at `threshold`: their indices."""
-    order = np.argsort(dice(combine(inputs.probs, RANKING_RULE, threshold), inputs.masks), kind="stable")
+def ranked_picks(inputs: EnsembleInputs) -> dict[str, int]:
+    """The best, median and worst image by `RANKING_RULE`'s DSC at the inputs' T: their indices."""
+    order = np.argsort(dice(combine(inputs.probs, RANKING_RULE, inputs.threshold), inputs.masks), kind="stable")
     return {"best": int(order[-1]), "median": int(order[len(order) // 2]), "worst": int(order[0])}
 
 
@@ -171,11 +171,11 @@ def ranking_text(threshold: float) -> str:
     return f"ranked by {rule_name(RANKING_RULE).lower()} DSC at T = {threshold:g}"
 
 
-def ensemble_overlays(inputs: EnsembleInputs, threshold: float = 0.5, methods=RULES) -> plt.Figure:
+def ensemble_overlays(inputs: EnsembleInputs, methods=RULES) -> plt.Figure:
     """Every rule's mask on the best, median and worst test image, cropped around the spine, with the colour key."""
-    masks = {m: combine(inputs.probs, m, threshold) for m in methods}
+    masks = {m: combine(inputs.probs, m, inputs.threshold) for m in methods}
     truth = inputs.masks.astype(bool)
-    picks = ranked_picks(inputs, threshold)
+    picks = ranked_picks(inputs)
     panel = min(2.2, PAGE_WIDTH_IN / len(methods))  # inches per image
     fig, axes = plt.subplots(len(picks), len(methods), figsize=(panel * len(methods), 2.3 * len(picks) * panel / 2.2),
                              squeeze=False)
@@ -186,7 +186,7 @@ def ensemble_overlays(inputs: EnsembleInputs, threshold: float = 0.5, methods=RU
             dsc = per_image(masks[method][index], truth[index])["dsc"].iloc[0]
             ax.set_title(f"{rule_name(method)}\nDSC {100 * dsc:.1f}%", fontsize=8)
         row[0].set_ylabel(f"{label}\n{inputs.ids[index]}", fontsize=8)
-    fig.suptitle(f"Rows: the best, median and worst image, {ranking_text(threshold)}", fontsize=9)
+    fig.suptitle(f"Rows: the best, median and worst image, {ranking_text(inputs.threshold)}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -360,17 +360,16 @@ def data_figures(study: Study, data: StudyData) -> dict[str, Figure]:
 
 def write_figures(study: Study, data: StudyData) -> dict[str, Figure]:
     """The analysis figures: every rule's masks on the best/median/worst image, DSC box plots, DSC vs T."""
-    threshold = study.cfg.stage4.threshold
     figures, curves = {}, []
     for dataset, split in available_eval_sets(data):
         inputs = ensemble_inputs(study, data, dataset, split)
-        figures[f"ensemble_masks_{dataset}"] = ensemble_overlays(inputs, threshold)
+        figures[f"ensemble_masks_{dataset}"] = ensemble_overlays(inputs)
         curves.append(threshold_curves(inputs).assign(dataset=dataset))
     stage4 = load_stage_metrics(study, "stage4")
     figures["dsc_by_ensemble"] = dsc_boxplot(stage4.assign(group=stage4["group"].map(rule_name)),
                                              [rule_name(m) for m in RULES], "Ensembles")
     figures["dsc_by_encoder"] = dsc_boxplot(load_stage_metrics(study, "stage3"), CANDIDATE_ORDER, "Stage-3 models")
-    figures["dsc_vs_threshold"] = threshold_plot(pd.concat(curves, ignore_index=True), threshold)
+    figures["dsc_vs_threshold"] = threshold_plot(pd.concat(curves, ignore_index=True), inputs.threshold)
     figures |= identification_figures(study, data)
     for name, figure in figures.items():
         save(figure, study, name)
@@ -449,7 +448,7 @@ def worst_identifications(study: Study, data: StudyData, dataset: str) -> Figure
     else:
         best = Learned.load(study.layout.learned).best_rule if study.layout.learned.is_file() else RANKING_RULE
         rule = best if best in (*RULES, *EXTRA_RULES) else RANKING_RULE
-        masks, title = combine(inputs.probs, rule, study.cfg.stage4.threshold), rule_name(rule)
+        masks, title = combine(inputs.probs, rule, inputs.threshold), rule_name(rule)
         named, names = [mask_centres(mask) for mask in masks], list(REGION)
     rows = identification_table(masks, inputs.labels)
     failed = np.nonzero(~rows["identified_strict"].to_numpy(dtype=bool))[0]

@@ -32,6 +32,7 @@ class EnsembleInputs:
     labels: np.ndarray | None  # the level label maps, where the dataset has them
     levels: list[np.ndarray | None]  # each member's ordered level maps (level-aware members)
     val_dsc: np.ndarray  # each model's best validation DSC (weights for weighted voting)
+    threshold: float  # the ensembles' T (stage4.threshold): what every reader of these inputs thresholds them at
 
 
 def ensemble_inputs(study: Study, data: StudyData, dataset: str, split: str) -> EnsembleInputs:
@@ -46,7 +47,8 @@ def ensemble_inputs(study: Study, data: StudyData, dataset: str, split: str) -> 
             raise StageOrderError(f"cached probabilities of {member.folder} do not match {folder} ({split}); rerun stage 3")
     return EnsembleInputs([m.name for m in members], list(loaded.ids), list(loaded.patients),
                           np.stack([p.probs for p in cached]), loaded.masks, loaded.images, loaded.labels,
-                          [p.levels for p in cached], np.array([m.validation_dsc for m in members]))
+                          [p.levels for p in cached], np.array([m.validation_dsc for m in members]),
+                          study.cfg.stage4.threshold)
 
 
 def available_eval_sets(data: StudyData) -> list[tuple[str, str]]:

@@ -52,9 +52,9 @@ def ensemble_masks(inputs: EnsembleInputs, rules, threshold: float) -> dict[str,
 
 def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     """Per-image metrics of every rule on every test set; also writes the tuning and ablation tables."""
-    threshold, layout = study.cfg.stage4.threshold, study.layout
-    rules = chosen_rules(study)
+    layout, rules = study.layout, chosen_rules(study)
     validation = ensemble_inputs(study, data, "d1", "val")
+    threshold = validation.threshold
     tuned_threshold, tuning = tune_threshold(validation.probs, validation.masks.astype(bool), method="soft")
     stacker = fit_stacker(validation.probs, validation.masks.astype(bool))
     temperatures = [fit_temperature(p, validation.masks) for p in validation.probs]
