@@ -25,6 +25,7 @@ a vertebra when its centre lies inside the quadrilateral.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 from spineseg import atomic
 from spineseg.data.dataset import (
     CONVERSION_SUMMARY,
+    TWINS,
     DatasetError,
     Sample,
     Size,
@@ -398,9 +400,26 @@ def _summary(root: Path, annotations: Mapping[str, _SplitAnnotations], names: Ma
         lines.append(f"later batch -> {names[LATER]}: the latest {len(later)} training images ({later['patient'].nunique()} "
                      f"patient groups, acquired {days[0]} to {days[-1]}) held out as a test set; {names['training']} "
                      f"keeps {len(read_manifest(root / names['training']))}")
+        report = root / names[split] / TWINS
+        if report.is_file():
+            lines.extend(_twin_lines(names[split], json.loads(report.read_text())))
     written = list(dict.fromkeys(names.values()))
     for first, second in zip(written, written[1:]):
-        twins = twins_between(root / first, root / second)
-        pairs = ", ".join(f"{t.first} = {t.second} (r = {t.score:.3f})" for t in twins)
-        lines.append(f"{first} and {second} share {len(twins)} radiograph(s){': ' + pairs if twins else ''}")
+        search = twins_between(root / first, root / second)
+        pairs = ", ".join(twin.evidence(f"{twin.first} = {twin.second}") for twin in search.twins)
+        lines.append(f"{first} and {second} share {len(search.twins)} radiograph(s){': ' + pairs if search.twins else ''} "
+                     f"({search.describe()})")
     return "".join(f"{line}\n" for line in lines)
+
+
+def _twin_lines(name: str, report: dict) -> list[str]:
+    """The twin search of a dataset: its rule, every join with both scores, and the candidates it refused."""
+    def shown(pair: dict) -> str:
+        distance = "" if pair["distance"] is None else f", d = {pair['distance']:.4f}"
+        return f"{pair['first']} = {pair['second']} (r = {pair['r']:.3f}{distance})"
+
+    joined = [shown(pair) for pair in report["pairs"] if pair["joined"]]
+    refused = [shown(pair) for pair in report["pairs"] if not pair["joined"]]
+    return [f"{name} twins: {report['rule']}",
+            f"{name} twins joined ({len(joined)}): " + ("; ".join(joined) or "none"),
+            f"{name} candidates refused by the geometry ({len(refused)}): " + ("; ".join(refused) or "none")]

@@ -29,12 +29,13 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from spineseg import atomic
-from spineseg.data.twins import TWIN_THRESHOLD, Twin, find_twins, join_patients, spine_crop
+from spineseg.data.twins import TwinSearch, find_twins, join_patients, level_centres, spine_crop
 from spineseg.errors import DatasetError
 from spineseg.limits import MAX_SEED, MAX_SIDE
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.csv"
+TWINS = "twins.json"  # beside the manifest of a dataset written with join_twins (`write_twin_report`)
 CONVERSION_SUMMARY = "conversion_summary.txt"  # what a converter writes beside its datasets
 REQUIRED_COLUMNS = ("id", "split", "image", "mask")
 FILE_COLUMNS = ("image", "mask", "labels")
@@ -123,17 +124,19 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _join_twins(frame: pd.DataFrame, crops: list[np.ndarray | None]) -> pd.DataFrame:
-    """Patients joined wherever two of their images are one radiograph; the ``twins`` column says which and how alike."""
+def _join_twins(frame: pd.DataFrame, crops: list[np.ndarray | None],
+                centres: list[np.ndarray | None]) -> tuple[pd.DataFrame, TwinSearch]:
+    """Patients joined wherever two of their images are one radiograph (`spineseg.data.twins`); the ``twins``
+    column says which, how alike and, where label maps exist, how close their spines' shapes are."""
     ids = list(frame["id"])
     patients = [patient or sample_id for patient, sample_id in zip(frame["patient"], ids)]
-    patient_of = dict(zip(ids, patients))
-    joining = [twin for twin in find_twins(ids, crops) if patient_of[twin.first] != patient_of[twin.second]]
+    search = find_twins(ids, crops, centres if any(c is not None for c in centres) else None, patients)
     evidence: dict[str, list[str]] = {sample_id: [] for sample_id in ids}
-    for twin in joining:
-        evidence[twin.first].append(f"{twin.second} r={twin.score:.3f}")
-        evidence[twin.second].append(f"{twin.first} r={twin.score:.3f}")
-    return frame.assign(patient=join_patients(ids, patients, joining), twins=["; ".join(evidence[i]) for i in ids])
+    for twin in search.twins:
+        evidence[twin.first].append(twin.evidence(twin.second))
+        evidence[twin.second].append(twin.evidence(twin.first))
+    joined = frame.assign(patient=join_patients(ids, patients, search.twins), twins=["; ".join(evidence[i]) for i in ids])
+    return joined, search
 
 
 def write_dataset(root: str | Path, name: str, samples: Iterable[Sample], *, test_only: bool = False,
@@ -144,10 +147,11 @@ def write_dataset(root: str | Path, name: str, samples: Iterable[Sample], *, tes
     ``test_only`` marks an external dataset (the paper's dataset 2); otherwise a patient-level
     train/val/test split is drawn with ``seed`` and recorded in the manifest. ``join_twins`` first
     joins the patients of images that are one radiograph filed twice (`spineseg.data.twins`), so that
-    the split keeps them together.
+    the split keeps them together, and writes ``twins.json``: every candidate pair with both scores and
+    whether it was joined, and how the search decided.
     """
     folder = Path(root) / name
-    rows, crops = [], []
+    rows, crops, centres = [], [], []
     for s in samples:
         if s.image.shape != s.mask.shape:
             raise DatasetError(f"sample {s.id!r}: image {s.image.shape} and mask {s.mask.shape} differ in size")
@@ -163,13 +167,15 @@ def write_dataset(root: str | Path, name: str, samples: Iterable[Sample], *, tes
         rows.append(row)
         if join_twins:
             crops.append(spine_crop(s.image, s.mask))
+            centres.append(level_centres(s.labels))
     if not rows:
         raise DatasetError(f"dataset {folder}: no samples to write")
     frame = pd.DataFrame(rows)
     if frame["id"].duplicated().any():
         raise DatasetError(f"dataset {folder}: duplicate ids {sorted(frame.loc[frame['id'].duplicated(), 'id'])}")
     if join_twins:
-        frame = _join_twins(frame, crops)
+        frame, search = _join_twins(frame, crops, centres)
+        write_twin_report(folder / TWINS, search)
     frame["split"] = "test" if test_only else assign_splits(list(frame["id"]), list(frame["patient"]), seed, fractions)
     frame = frame.drop(columns=[c for c in ("twins", "flags") if c in frame and not frame[c].astype(bool).any()])
     columns = [c for c in ("id", "split", "image", "mask", "labels", "patient", "twins", "source", "flags") if c in frame]
@@ -570,20 +576,34 @@ def load_split(folder: str | Path, split: str, size: Size | None = None, labels:
     return cached
 
 
-def twins_between(first: str | Path, second: str | Path, threshold: float = TWIN_THRESHOLD) -> list[Twin]:
+def twins_between(first: str | Path, second: str | Path) -> TwinSearch:
     """Images of dataset ``first`` that are one radiograph with an image of dataset ``second``, best first.
 
     An external test set (the article's dataset 2) should have none: a twin there was trained on.
     """
-    ids_a, crops_a = _spine_crops(Path(first))
-    ids_b, crops_b = _spine_crops(Path(second))
-    return find_twins(ids_a, crops_a, ids_b, crops_b, threshold)
+    ids_a, crops_a, centres_a = _spine_crops(Path(first))
+    ids_b, crops_b, centres_b = _spine_crops(Path(second))
+    return find_twins(ids_a, crops_a, centres_a, other_ids=ids_b, other_crops=crops_b, other_centres=centres_b)
 
 
-def _spine_crops(folder: Path) -> tuple[list[str], list[np.ndarray | None]]:
+def _spine_crops(folder: Path) -> tuple[list[str], list[np.ndarray | None], list[np.ndarray] | None]:
+    """Each image's id, spine crop and (where the dataset has label maps) vertebra centres."""
     frame = read_manifest(folder)
-    return list(frame["id"]), [spine_crop(read_image(folder / row.image), read_mask(folder / row.mask))
-                               for row in frame.itertuples()]
+    crops = [spine_crop(read_image(folder / row.image), read_mask(folder / row.mask)) for row in frame.itertuples()]
+    labelled = "labels" in frame.columns and frame["labels"].astype(bool).all()
+    centres = [level_centres(read_labels(folder / row.labels)) for row in frame.itertuples()] if labelled else None
+    return list(frame["id"]), crops, centres
+
+
+def write_twin_report(path: Path, search: TwinSearch) -> None:
+    """``twins.json``: how the search decided (rule, distance threshold, unrelated pairs, false-join rate), and
+    every candidate pair with its correlation and distance, joined or refused."""
+    pairs = [{"first": t.first, "second": t.second, "r": round(t.score, 4),
+              "distance": None if np.isnan(t.distance) else round(t.distance, 4), "joined": joined}
+             for joined, found in ((True, search.twins), (False, search.refused)) for t in found]
+    atomic.write_json(path, {"rule": search.describe(), "threshold": None if np.isnan(search.threshold) else search.threshold,
+                             "reference_pairs": search.reference_pairs, "false_join_rate": search.false_join_rate,
+                             "pairs": pairs})
 
 
 def splits_present(folder: str | Path) -> list[str]:

@@ -2,19 +2,28 @@
 
 AASCE files some radiographs twice under different case numbers (``153 B`` is ``78 B``). Names cannot
 tell, pixels can: each image is reduced to a small crop of the spine around its Th8–Th11 mask, centred
-and scaled by the region so that two framings or resolutions of one radiograph give the same crop, and
-two images are twins when their crops' Pearson correlation reaches `TWIN_THRESHOLD`. Twins' patients
-are joined into one group (union–find), and that group is what a split keeps together.
+and scaled by the region so that two framings or resolutions of one radiograph give the same crop.
+
+Where the images have level label maps, two tests decide, the second with a declared error rate:
+1. a candidate: the crops' Pearson correlation reaches `CANDIDATE_CORRELATION`;
+2. confirmed by the geometry: the Procrustes distance of the two spines' vertebra centres (Th1…L5, position,
+   size and rotation removed) is at most the `FALSE_JOIN_RATE` quantile of the distances between images of
+   different patients that are not candidates: an unrelated pair passes it with that probability.
+Without label maps the correlation alone decides, at `TWIN_THRESHOLD`. Twins' patients are joined into one
+group (union–find), and that group is what a split keeps together.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 from scipy.cluster.hierarchy import DisjointSet
+
+from spineseg.identification import vertebra_centres
 
 CROP_SIZE = (64, 32)  # (height, width) of the compared crop
 CROP_REGIONS = 3.0  # the crop's height in region heights: from about Th1 to L3 on AASCE
@@ -26,16 +35,48 @@ CROP_REGIONS = 3.0  # the crop's height in region heights: from about Th1 to L3 
 # 238 = 239 at 0.989, coronal4 = 1, coronal12 = 48, coronal3 = coronal10 at 0.993 or more). A missed twin
 # leaks an image across the split; a false join only keeps two patients together, so the threshold sits at
 # the top of the unrelated tail rather than in the middle of the twins.
-TWIN_THRESHOLD = 0.97
+TWIN_THRESHOLD = 0.97  # the correlation alone, for images without level label maps
+# Measured on the same 481 radiographs (issue #32): the image-only test joined three pairs of different patients
+# (196 C = 237 B at 0.974, 200 A = 237 A, 234 A = 237 C), whose spines lie at Procrustes distances 0.044–0.055,
+# while every pair above 0.97 that is one radiograph by eye lies at 0.008–0.023. A candidate is looser than
+# TWIN_THRESHOLD, so that the geometry, not a correlation cut between twins and strangers, decides.
+CANDIDATE_CORRELATION = 0.95
+FALSE_JOIN_RATE = 0.001  # the share of unrelated pairs the geometric test lets through: the declared false-join rate
+MIN_COMMON_LEVELS = 8  # vertebra centres both images must have for a distance
 
 
 @dataclass(frozen=True)
 class Twin:
-    """Two images that are one radiograph, and the evidence: their crops' correlation."""
+    """Two images that are one radiograph, or a candidate pair, and the evidence: their crops' correlation and
+    (where label maps exist) the Procrustes distance of their vertebra centres."""
 
     first: str
     second: str
     score: float
+    distance: float = math.nan
+
+    def evidence(self, partner: str) -> str:
+        return f"{partner} r={self.score:.3f}" + ("" if math.isnan(self.distance) else f" d={self.distance:.4f}")
+
+
+@dataclass(frozen=True)
+class TwinSearch:
+    """What a search found and how it decided: the twins, the candidates the geometry refused, and the distance
+    threshold with the unrelated pairs that set it (NaN and 0 where the correlation alone decided)."""
+
+    twins: list[Twin]
+    refused: list[Twin] = field(default_factory=list)
+    threshold: float = math.nan
+    reference_pairs: int = 0
+    false_join_rate: float = FALSE_JOIN_RATE
+
+    def describe(self) -> str:
+        """One line: how twins were decided here."""
+        if math.isnan(self.threshold):
+            return f"twins by image correlation alone (r >= {TWIN_THRESHOLD}: no level label maps to confirm them)"
+        return (f"candidates at r >= {CANDIDATE_CORRELATION}, confirmed where the vertebra centres' Procrustes distance "
+                f"is <= {self.threshold:.4f}, the {self.false_join_rate:g} quantile of {self.reference_pairs} unrelated "
+                f"pairs (declared false-join rate {self.false_join_rate:g} per candidate)")
 
 
 def spine_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
@@ -65,25 +106,102 @@ def correlations(crops_a: np.ndarray, crops_b: np.ndarray) -> np.ndarray:
     return np.asarray(crops_a) @ np.asarray(crops_b).T
 
 
-def find_twins(ids: Sequence[str], crops: Sequence[np.ndarray | None], other_ids: Sequence[str] | None = None,
-               other_crops: Sequence[np.ndarray | None] | None = None,
-               threshold: float = TWIN_THRESHOLD) -> list[Twin]:
-    """Pairs of images whose crops correlate at `threshold` or more, best first.
+def level_centres(labels: np.ndarray | None) -> np.ndarray | None:
+    """The vertebra centres (Th1…L5, [17, 2] rows and columns, NaN where a level is absent) of a level label
+    map; None without one."""
+    return None if labels is None else vertebra_centres(labels)
 
-    Within one set of images, or (given ``other_ids`` and ``other_crops``) between two sets. Images
-    without a crop are never anyone's twin.
+
+def _standardised(points: np.ndarray) -> np.ndarray:
+    centred = points - points.mean(axis=-2, keepdims=True)
+    return centred / np.linalg.norm(centred, axis=(-2, -1), keepdims=True)
+
+
+def shape_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """The Procrustes distance of two sets of vertebra centres over the levels both have: the root of the
+    disparity left after position, size and rotation are removed (`scipy.spatial.procrustes`'s, which would
+    also allow a mirror image); NaN with fewer than `MIN_COMMON_LEVELS` levels in common (or a spine of
+    coincident points)."""
+    both = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+    if both.sum() < MIN_COMMON_LEVELS:
+        return math.nan
+    return float(_distances(a[both][None], b[both][None])[0, 0])
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[N, M] Procrustes distances between [N, L, 2] and [M, L, 2] complete point sets, all at once. Rotations
+    only: a mirror image is not allowed to match, since a spine bent left and one bent right are two spines."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sa, sb = _standardised(a), _standardised(b)
+        cross = np.einsum("nld,mle->nmde", sa, sb).reshape(-1, 2, 2)
+        singular = np.linalg.svd(cross, compute_uv=False)
+        fit = singular[:, 0] + np.sign(np.linalg.det(cross)) * singular[:, 1]  # the best proper rotation's
+    return np.sqrt(np.clip(1.0 - fit.reshape(len(a), len(b)) ** 2, 0.0, None))
+
+
+def shape_distances(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
+    """[N, M] `shape_distance` of every centre set of `a` with every one of `b`; complete spines in one batch."""
+    a, b = np.stack(a), np.stack(b)
+    full_a, full_b = np.isfinite(a).all(axis=(1, 2)), np.isfinite(b).all(axis=(1, 2))
+    out = np.full((len(a), len(b)), np.nan)
+    if full_a.any() and full_b.any():
+        out[np.ix_(full_a, full_b)] = _distances(a[full_a], b[full_b])
+    for i, j in zip(*np.nonzero(~(full_a[:, None] & full_b[None, :]))):
+        out[i, j] = shape_distance(a[i], b[j])
+    return out
+
+
+def find_twins(ids: Sequence[str], crops: Sequence[np.ndarray | None], centres: Sequence[np.ndarray | None] | None = None,
+               patients: Sequence[str] | None = None, other_ids: Sequence[str] | None = None,
+               other_crops: Sequence[np.ndarray | None] | None = None,
+               other_centres: Sequence[np.ndarray | None] | None = None,
+               false_join_rate: float = FALSE_JOIN_RATE) -> TwinSearch:
+    """Images that are one radiograph, best first (see the module's two tests).
+
+    Within one set of images, or (given ``other_ids`` and ``other_crops``) between two sets. Within one set,
+    pairs of one patient (`patients`) are not searched: they are together already. Images without a crop are
+    never anyone's twin; without centres on both sides (or with too few unrelated pairs to set the threshold
+    at `false_join_rate`), the correlation alone decides, at `TWIN_THRESHOLD`.
     """
     within = other_ids is None
-    other_ids, other_crops = (ids, crops) if within else (other_ids, other_crops)
+    if within:
+        other_ids, other_crops, other_centres = ids, crops, centres
     keep_a = [k for k, crop in enumerate(crops) if crop is not None]
     keep_b = [k for k, crop in enumerate(other_crops) if crop is not None]
     if not keep_a or not keep_b:
-        return []
+        return TwinSearch([])
     scores = correlations(np.stack([crops[k] for k in keep_a]), np.stack([other_crops[k] for k in keep_b]))
+    eligible = np.ones(scores.shape, dtype=bool)
     if within:
-        scores = np.triu(scores, k=1)  # each pair once, never an image with itself
-    rows, cols = np.nonzero(scores >= threshold)
-    twins = [Twin(ids[keep_a[r]], other_ids[keep_b[c]], float(scores[r, c])) for r, c in zip(rows, cols)]
+        eligible = np.triu(eligible, k=1)  # each pair once, never an image with itself
+        if patients is not None:
+            eligible &= np.asarray(patients, dtype=object)[keep_a][:, None] != np.asarray(patients, dtype=object)[keep_b][None, :]
+
+    def pair(r: int, c: int, distance: float = math.nan) -> Twin:
+        return Twin(ids[keep_a[r]], other_ids[keep_b[c]], float(scores[r, c]), distance)
+
+    measured = centres is not None and other_centres is not None
+    if measured:
+        usable_a = [centres[k] if centres[k] is not None else np.full((1, 2), np.nan) for k in keep_a]
+        usable_b = [other_centres[k] if other_centres[k] is not None else np.full((1, 2), np.nan) for k in keep_b]
+        measured = len({c.shape for c in (*usable_a, *usable_b)}) == 1
+    if measured:
+        distances = shape_distances(usable_a, usable_b)
+        reference = distances[eligible & (scores < CANDIDATE_CORRELATION) & np.isfinite(distances)]
+        measured = len(reference) * false_join_rate >= 1  # the quantile needs at least one pair below it
+    if not measured:
+        rows, cols = np.nonzero(eligible & (scores >= TWIN_THRESHOLD))
+        return TwinSearch(_best_first(pair(r, c) for r, c in zip(rows, cols)))
+    threshold = float(np.quantile(reference, false_join_rate))
+    twins, refused = [], []
+    for r, c in zip(*np.nonzero(eligible & (scores >= CANDIDATE_CORRELATION))):
+        candidate = pair(r, c, float(distances[r, c]))
+        confirmed = candidate.distance <= threshold if np.isfinite(candidate.distance) else candidate.score >= TWIN_THRESHOLD
+        (twins if confirmed else refused).append(candidate)
+    return TwinSearch(_best_first(twins), _best_first(refused), threshold, len(reference), false_join_rate)
+
+
+def _best_first(twins) -> list[Twin]:
     return sorted(twins, key=lambda twin: (-twin.score, twin.first, twin.second))
 
 

@@ -8,6 +8,7 @@ hours into stage 2. Radiographs that dataset 2 shares with dataset 1 are listed 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,7 @@ import pandas as pd
 from spineseg import atomic
 from spineseg.data import read_manifest
 from spineseg.data.dataset import check_dataset, twins_between
-from spineseg.data.twins import TWIN_THRESHOLD
+from spineseg.data.twins import CANDIDATE_CORRELATION, FALSE_JOIN_RATE, TWIN_THRESHOLD
 from spineseg.study.core.session import Study, StudyData, check_before_any_stage
 
 
@@ -39,9 +40,12 @@ def cross_twins(study: Study, data: StudyData) -> list[dict]:
     """
     path = study.layout.cross_twins
     known = atomic.read_json_cache(path)
-    if known.get("fingerprint") != data.fingerprint or known.get("threshold") != TWIN_THRESHOLD:
-        twins = [{"d1": t.first, "d2": t.second, "r": round(t.score, 4)} for t in twins_between(data.d1, data.d2)]
-        known = {"fingerprint": data.fingerprint, "threshold": TWIN_THRESHOLD, "twins": twins}
+    rule = (CANDIDATE_CORRELATION, TWIN_THRESHOLD, FALSE_JOIN_RATE)
+    if known.get("fingerprint") != data.fingerprint or known.get("rule") != list(rule):
+        search = twins_between(data.d1, data.d2)
+        twins = [{"d1": t.first, "d2": t.second, "r": round(t.score, 4),
+                  "distance": None if math.isnan(t.distance) else round(t.distance, 4)} for t in search.twins]
+        known = {"fingerprint": data.fingerprint, "rule": list(rule), "how": search.describe(), "twins": twins}
         atomic.write_json(path, known)
     return known["twins"]
 
