@@ -64,6 +64,8 @@ def prepare_data(study: Study) -> StudyData:
     wanted = cfg.model_dump(mode="json", include={"source", "seed", "size", "d1_count", "d2_count", "aasce_src", "later_batch"})
     if not cfg.later_batch:
         wanted.pop("later_batch")  # a store converted before the later batch existed stays valid
+    if cfg.source == "aasce":  # the twin rule decides the patient groups, so the split: another rule converts again
+        wanted["twins"] = [CANDIDATE_CORRELATION, TWIN_THRESHOLD, FALSE_JOIN_RATE]
     if atomic.read_json_cache(stamp) != wanted:
         # the stage's own records of the data it replaces go first: the converter replaces only what it wrote
         for record in (stamp, study.layout.data_check("d1"), study.layout.data_check("d2"), study.layout.cross_twins):
