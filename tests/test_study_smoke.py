@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import LOADED_BY_PREDICT, assert_no_training_code, running, write_dicom
+from spineseg.data import read_manifest
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.names import RULES, rule_name
 from spineseg.study.core.artifacts import NOTEBOOKS, Layout, read_table
@@ -583,3 +584,15 @@ def test_a_notebook_rerun_with_other_settings_leaves_the_study_as_it_was(project
     assert (variant / "stage4/metrics_test.csv").is_file() and (variant / "stage3/metrics_test.csv").is_file()
     assert json.loads((variant / "variant.json").read_text())["overrides"] == {"stage4.threshold": 0.3}
     assert json.loads((variant / "provenance.json").read_text())["04_ensembles"]["overrides"] == {"stage4.threshold": 0.3}
+
+
+def test_the_study_split_exports_as_an_nnunet_dataset_from_the_command_line(project, tmp_path, capsys):
+    from spineseg.cli import main
+
+    assert main(["data", "nnunet", "--profile", "smoke", "--project", str(project), "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "Dataset501_SpineTh8Th11"
+    assert capsys.readouterr().out.strip() == str(folder)
+    d1 = read_manifest(project / "runs/smoke/data/d1")
+    fold = json.loads((folder / "splits_final.json").read_text())[0]
+    assert sorted(fold["val"]) == sorted(d1.loc[d1["split"] == "val", "id"])
+    assert len(list((folder / "imagesTs").glob("d2_*_0000.png"))) == len(read_manifest(project / "runs/smoke/data/d2"))

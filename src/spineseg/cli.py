@@ -1,4 +1,4 @@
-"""Command line: ``spineseg data synth|aasce``, ``spineseg run``, ``spineseg predict``, ``spineseg export``,
+"""Command line: ``spineseg data synth|aasce|nnunet``, ``spineseg run``, ``spineseg predict``, ``spineseg export``,
 ``spineseg report``, ``spineseg bench``."""
 
 from __future__ import annotations
@@ -60,6 +60,14 @@ def _aasce(args) -> None:
     for name, folder in convert(args.src, args.out, splits=args.splits.split(","), size=args.size, seed=args.seed,
                                 force=args.force, later_batch=args.later_batch).items():
         print(f"{name}: {folder}")
+
+
+def _nnunet(args) -> None:
+    from spineseg.data.nnunet import export_nnunet
+    from spineseg.study.stages.stage0_data import prepare_data
+
+    data = prepare_data(_study(args))  # the study's datasets, made or converted once, as every stage sees them
+    print(export_nnunet(data.d1, args.out, data.d2, dataset_id=args.dataset_id))
 
 
 def _run(args) -> None:
@@ -188,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hold out this share of the training split, its latest acquisitions, as a test set of its own")
     aasce.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     aasce.set_defaults(func=_aasce)
+    nnunet = data.add_parser("nnunet", help="write a study's datasets as an nnU-Net v2 raw dataset (its split as fold 0)")
+    nnunet.add_argument("--profile", default="quick", help=_profile_help())
+    nnunet.add_argument("--project", type=Path, help="the project folder (default: the one this runs in)")
+    nnunet.add_argument("--out", required=True, type=Path, help="nnUNet_raw: Dataset<id>_SpineTh8Th11/ is written in it")
+    nnunet.add_argument("--dataset-id", type=int, default=501, help="nnU-Net's dataset id, 500–999 for your own (default: 501)")
+    nnunet.set_defaults(func=_nnunet)
 
     run = commands.add_parser("run", help="execute the study notebooks with papermill")
     run.add_argument("--profile", default="quick", help=_profile_help() + "; smoke is a ~10-minute first look")
