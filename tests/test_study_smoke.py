@@ -558,6 +558,7 @@ def test_pretrained_encoders_are_compared_with_their_from_scratch_twins(project)
     assert {"val_dsc", "test_dsc_d1", "test_dsc_d2", "identified_d1", "epochs_to_best", "seconds"} <= set(table.columns)
     tests = pd.read_csv(run_dir / "tables/pretraining_wilcoxon.csv")
     assert len(tests) == 4 and set(tests["family"]) == {"pre-trained vs from scratch"}  # 2 targets x 2 datasets
+    assert {"p", "p_holm", "significant"} <= set(tests.columns)  # Holm over the four: one family
     rendered = (run_dir / "notebooks/05_analysis.ipynb").read_text()
     assert "Pre-trained vs from scratch" in rendered and "EfficientNetLite0 · ImageNet" in rendered
 

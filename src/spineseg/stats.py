@@ -33,6 +33,8 @@ _DIFF_DECIMALS = 12
 # Bootstrap index matrices are drawn in chunks of at most this many entries.
 _BOOT_CHUNK_ENTRIES = 2_000_000
 
+ALPHA = 0.05  # the significance level of every test the study reports
+
 
 def _as_list(columns: str | Iterable[str]) -> list[str]:
     return [columns] if isinstance(columns, str) else list(columns)
@@ -167,7 +169,7 @@ def wilcoxon_family(
     *,
     family: str,
     pair_on: Sequence[str] = IMAGE_KEYS,
-    alpha: float = 0.05,
+    alpha: float = ALPHA,
 ) -> pd.DataFrame:
     """Test every pair on every metric and dataset, Holm-adjusting within each (dataset, metric).
 

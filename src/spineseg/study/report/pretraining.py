@@ -14,7 +14,7 @@ import pandas as pd
 from spineseg.data import load_split
 from spineseg.identification import identification_table
 from spineseg.metrics import ARTICLE_THRESHOLD
-from spineseg.stats import PATIENT_KEYS, format_wilcoxon, paired_wilcoxon
+from spineseg.stats import ALPHA, PATIENT_KEYS, format_wilcoxon, holm_across, paired_wilcoxon
 from spineseg.study.core.artifacts import SCRATCH_TWINS
 from spineseg.study.core.session import Study, StudyData
 from spineseg.study.report.tables import write_table
@@ -26,7 +26,8 @@ WEIGHTS = {"imagenet": "ImageNet", "none": "from scratch"}
 CAPTIONS = {
     "pretraining": "Pre-trained vs from scratch: the same encoder, settings and epoch budget of stage 2, started "
                    "from ImageNet weights or from random weights (means over repeats; DSC and identified in %)",
-    "pretraining_wilcoxon": "Pre-trained vs from scratch: Wilcoxon signed-rank test of test DSC by patient",
+    "pretraining_wilcoxon": "Pre-trained vs from scratch: Wilcoxon signed-rank tests of test DSC by patient, Holm over "
+                            "every twin and test set of this table (exploratory)",
 }
 
 
@@ -77,8 +78,11 @@ def comparison(study: Study, data: StudyData) -> dict[str, pd.DataFrame]:
              for dataset in sorted(metrics["dataset"].unique())
              for a in specs if a.pretrained == "imagenet" and a.seed == 0
              for b in specs if b.pretrained == "none" and (b.encoder, b.target, b.seed) == (a.encoder, a.target, a.seed)]
-    return {"pretraining": training.round(2).rename_axis(None),
-            "pretraining_wilcoxon": format_wilcoxon(pd.DataFrame(tests))}
+    tests = pd.DataFrame(tests)
+    if not tests.empty:  # one family: every twin on every test set, Holm over all of them
+        tests["p_holm"] = holm_across(tests["p"])
+        tests["significant"] = tests["p_holm"] < ALPHA
+    return {"pretraining": training.round(2).rename_axis(None), "pretraining_wilcoxon": format_wilcoxon(tests)}
 
 
 def write_comparison(study: Study, data: StudyData) -> dict[str, pd.DataFrame]:

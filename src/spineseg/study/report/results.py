@@ -111,7 +111,9 @@ def _pretraining(study: Study) -> dict:
     kept = [c for c in ("arm", "runs", "val_dsc", "test_dsc_d1", "test_dsc_d2", "identified_d1") if c in arms]
     found = {"arms": arms[kept].round(2).to_dict(orient="records")}
     if tests.is_file():
-        found["tests"] = read_table(tests)[["dataset", "a", "b", "n", "median_diff", "effect_size", "p"]].to_dict(orient="records")
+        table = read_table(tests)
+        kept = [c for c in ("dataset", "a", "b", "n", "median_diff", "effect_size", "p", "p_holm") if c in table]
+        found["tests"] = table[kept].to_dict(orient="records")
     return found
 
 
@@ -195,7 +197,9 @@ def render(results: dict) -> str:
             lines.append(f"| {arm['arm']} | " + " | ".join("—" if c is None or c != c else f"{c:.1f}" for c in cells) + " |")
         for test in pretraining.get("tests", []):
             lines.append(f"- {test['a']} − {test['b']} ({test['dataset']}, test DSC): median per patient "
-                         f"{test['median_diff']}, r = {test['effect_size']}, p = {test['p']}, n = {test['n']} patients.")
+                         f"{test['median_diff']}, r = {test['effect_size']}, p = {test['p']}"
+                         f"{'' if 'p_holm' not in test else ' (Holm over the table: ' + str(test['p_holm']) + ')'}, "
+                         f"n = {test['n']} patients.")
         lines.append("")
     minutes = results["stage_minutes"]
     if minutes:
