@@ -367,6 +367,13 @@ def run_all(specs: Iterable[RunSpec], data: StudyData, store: Path, device: str 
     return summaries
 
 
+def require_trained(spec: RunSpec, store: Path, what: str, profile: str) -> None:
+    """A run a later stage loads must have finished; else one line saying which (`what`) and what to run."""
+    if not spec.files(store).done.is_file():
+        raise StageOrderError(f"{what} {spec.folder_name()} has not been trained: "
+                              f"run `spineseg run --profile {profile} --stages 3` first")
+
+
 def load_trained(store: Path, spec: RunSpec, device: torch.device) -> Segmenter:
     """A finished run's model with its best weights, ready for inference."""
     return load_weights(segmenter(spec), spec.files(store).best, device)

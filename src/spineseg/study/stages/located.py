@@ -28,7 +28,15 @@ from spineseg.locator import Locator
 from spineseg.names import CENTRES
 from spineseg.study.core.executors import make_executor
 from spineseg.study.core.session import Study, StudyData
-from spineseg.study.runs.store import OUTSIDE_CODES, RunSpec, damaged, load_chain_prior, load_trained, run_all
+from spineseg.study.runs.store import (
+    OUTSIDE_CODES,
+    RunSpec,
+    damaged,
+    load_chain_prior,
+    load_trained,
+    require_trained,
+    run_all,
+)
 from spineseg.study.runs.training import run_spec
 from spineseg.study.stages.ensemble_inputs import EnsembleInputs
 from spineseg.study.stages.two_stage import trained_crop_model
@@ -86,9 +94,7 @@ class Located:
         spec = locator_spec(study, data)
         if spec is None:
             return None
-        if not spec.files(study.layout.store).done.is_file():
-            raise StageOrderError(f"locator.enabled, but the locator {spec.folder_name()} has not been trained: "
-                                  f"run `spineseg run --profile {study.name} --stages 3` first")
+        require_trained(spec, study.layout.store, "locator.enabled, but the locator", study.name)
         device = pick_device(study.cfg.device)
         return cls(study, spec, trained_crop_model(study, data, device), study.cfg.stage4.threshold, device)
 

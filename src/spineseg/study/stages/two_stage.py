@@ -19,11 +19,10 @@ import torch
 from spineseg.crops import CropGeometry, CropModel
 from spineseg.device import pick_device
 from spineseg.ensemble import combine
-from spineseg.errors import StageOrderError
 from spineseg.predict import Segmenter, ensemble_forward
 from spineseg.study.core.executors import make_executor
 from spineseg.study.core.session import Study, StudyData
-from spineseg.study.runs.store import RunSpec, load_trained, run_all
+from spineseg.study.runs.store import RunSpec, load_trained, require_trained, run_all
 from spineseg.study.runs.training import run_spec
 from spineseg.study.stages.ensemble_inputs import EnsembleInputs
 
@@ -54,9 +53,7 @@ def trained_crop_model(study: Study, data: StudyData, device: torch.device) -> C
     spec = crop_spec(study, data)
     if spec is None:
         return None
-    if not spec.files(study.layout.store).done.is_file():
-        raise StageOrderError(f"two_stage.enabled, but its crop model {spec.folder_name()} has not been trained: "
-                              f"run `spineseg run --profile {study.name} --stages 3` first")
+    require_trained(spec, study.layout.store, "two_stage.enabled, but its crop model", study.name)
     return CropModel(load_trained(study.layout.store, spec, device), spec.crop)
 
 
