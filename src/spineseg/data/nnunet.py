@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from spineseg.data.dataset import DatasetError, read_manifest
+from spineseg.data.dataset import DatasetError, fresh_output, read_manifest
 
 LABELS = {"background": 0, "Th8-Th11": 1}
 CHANNEL = "X-ray"  # any name but "CT" gets nnU-Net's z-score normalisation
@@ -41,15 +40,13 @@ def export_nnunet(d1: str | Path, out: str | Path, d2: str | Path | None = None,
     target = Path(out) / f"Dataset{dataset_id:03d}_{name}"
     if target.exists():
         raise DatasetError(f"{target} exists: nnU-Net finds a dataset by its id, so choose another --dataset-id or folder")
-    sources = {"d1": read_manifest(Path(d1)), **({"d2": read_manifest(Path(d2))} if d2 else {})}
-    folders = {"d1": Path(d1), "d2": Path(d2) if d2 else None}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    folders = {"d1": Path(d1), **({"d2": Path(d2)} if d2 else {})}
+    manifests = {dataset: read_manifest(folder) for dataset, folder in folders.items()}
+    with fresh_output(target) as staging:  # whole or not at all, with the umask's permissions
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             (staging / sub).mkdir()
         folds = {"train": [], "val": []}
-        for dataset, manifest in sources.items():
+        for dataset, manifest in manifests.items():
             for row in manifest.itertuples():
                 if dataset == "d1" and row.split in folds:
                     case, images, labels = row.id, "imagesTr", "labelsTr"
@@ -68,8 +65,4 @@ def export_nnunet(d1: str | Path, out: str | Path, d2: str | Path | None = None,
                                                     "(spineseg data nnunet): dataset 1's split as fold 0"}
         (staging / "dataset.json").write_text(json.dumps(description, indent=2))
         (staging / "splits_final.json").write_text(json.dumps([folds], indent=2))
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

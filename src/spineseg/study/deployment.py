@@ -29,16 +29,7 @@ from spineseg.study.inference.apply import InferenceOptions, PredictionReport, p
 from spineseg.study.inference.bundle import FORMAT, EnsembleFolders
 from spineseg.study.runs.store import RunSpec
 from spineseg.study.stages.located import locator_spec
-from spineseg.study.stages.stage3_final import ensemble_members
 from spineseg.study.stages.two_stage import crop_spec
-
-
-def trained_data(study: Study) -> StudyData:
-    """The data stage 3 trained the ensemble on, as its members record says: no dataset is read or made."""
-    if not study.layout.members.is_file():
-        raise StageOrderError(f"the study `{study.name}` has no trained ensemble yet ({study.layout.members} is "
-                              f"missing); run `spineseg run --profile {study.name}` first")
-    return StudyData(dataset_folder(study, "d1"), None, EnsembleMembers.load(study.layout.members).data)
 
 
 def dataset_folder(study: Study, name: str) -> Path | None:
@@ -60,14 +51,19 @@ def _finished(study: Study, folder: Path) -> Path:
 
 def _trained(study: Study, spec: RunSpec | None) -> Path | None:
     """A variant's model folder once its run has finished; None where the profile does not ask for it or it is untrained."""
-    return spec.files(study.layout.store).folder if spec is not None and spec.files(study.layout.store).done.is_file() else None
+    files = None if spec is None else spec.files(study.layout.store)
+    return files.folder if files is not None and files.done.is_file() else None
 
 
 def study_ensemble(study: Study) -> EnsembleFolders:
-    """The members stage 3 recorded, the study's crop model and its locator, found from its records alone."""
-    data = trained_data(study)
-    members = [(_finished(study, study.layout.store / m.folder), m.validation_dsc)
-               for m in ensemble_members(study, data).members]
+    """The members stage 3 recorded, the study's crop model and its locator, found from its records alone: no
+    dataset is read or made (the variants' run specs need only the fingerprint of the data the members trained on)."""
+    if not study.layout.members.is_file():
+        raise StageOrderError(f"the study `{study.name}` has no trained ensemble yet ({study.layout.members} is "
+                              f"missing); run `spineseg run --profile {study.name}` first")
+    recorded = EnsembleMembers.load(study.layout.members)
+    data = StudyData(dataset_folder(study, "d1"), None, recorded.data)
+    members = [(_finished(study, study.layout.store / m.folder), m.validation_dsc) for m in recorded.members]
     learned = Learned.load(study.layout.learned) if study.layout.learned.is_file() else None
     return EnsembleFolders(members, _trained(study, crop_spec(study, data)), study.cfg.stage4.threshold,
                            study.cfg.precision, learned and learned.two_stage_locator, f"the study `{study.name}`",
@@ -75,9 +71,10 @@ def study_ensemble(study: Study) -> EnsembleFolders:
                            best_rule=learned and learned.best_rule, members_hflip=study.cfg.stage3.tta_hflip)
 
 
-def bundle_contents(study: Study) -> tuple[dict, dict[Path, Path]]:
-    """What a bundle of the study holds: its manifest, and each model folder to copy with its place in the bundle
-    (relative to the bundle's root). The model card is written from the manifest, in the bundle and in the report."""
+def bundle_contents(study: Study) -> tuple[dict, dict[Path, Path], Learned]:
+    """What a bundle of the study holds: its manifest, each model folder to copy with its place in the bundle
+    (relative to the bundle's root), and what stage 4 learned. The model card is written from these, in the bundle
+    and in the report."""
     learned = Learned.load(study.layout.learned)
     found = study_ensemble(study)
     crop = found.crop if learned.best_rule in (TWO_STAGE, LOCATED) else None
@@ -101,13 +98,13 @@ def bundle_contents(study: Study) -> tuple[dict, dict[Path, Path]]:
                 "threshold": found.threshold, "precision": found.precision, "two_stage_locator": found.locator if crop else None,
                 "best_rule": learned.best_rule, "members_hflip": found.members_hflip,
                 "preprocessing": {"pixels": PIXELS}, "code_version": code_version()}
-    return manifest, copies
+    return manifest, copies, learned
 
 
 def study_model_card(study: Study) -> str:
     """The card `spineseg export` would put in the study's bundle, for the report."""
-    manifest, _ = bundle_contents(study)
-    return model_card(study, Learned.load(study.layout.learned), manifest)
+    manifest, _, learned = bundle_contents(study)
+    return model_card(study, learned, manifest)
 
 
 def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
@@ -118,16 +115,16 @@ def export_bundle(study: Study, out: str | Path, force: bool = False) -> Path:
         raise ConfigError(f"--out {out}: name a .zip file")
     if out.exists() and not (force and out.is_file()):
         raise ConfigError(f"--out {out} exists; choose another name{' or pass --force' if out.is_file() else ''}")
-    manifest, copies = bundle_contents(study)
+    manifest, copies, learned = bundle_contents(study)
     with tempfile.TemporaryDirectory() as folder:
         files = BundleFiles(Path(folder))
         for source, place in copies.items():
             _copy_model(source, files.root / place)
         atomic.write_json(files.manifest, manifest)
-        Learned.load(study.layout.learned).save(files.learned)
+        learned.save(files.learned)
         if study.layout.provenance.is_file():
             shutil.copy(study.layout.provenance, files.provenance)
-        atomic.write_text(files.card, model_card(study, Learned.load(study.layout.learned), manifest))
+        atomic.write_text(files.card, model_card(study, learned, manifest))
         with atomic.atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
             entries = sorted(p for p in files.root.rglob("*") if p.is_file())
             with tqdm(total=sum(p.stat().st_size for p in entries), desc=f"zipping {out.name}", unit="B",

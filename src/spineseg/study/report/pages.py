@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,8 +102,8 @@ def _table_order(path: Path) -> tuple:
 
 
 def tables_page(layout: Layout) -> str | None:
-    """Every table the study wrote (its Markdown copy, caption included) on one page, with links to its CSV and
-    LaTeX files under the run folder; None before any table exists."""
+    """Every table the study wrote (its Markdown copy, caption included) on one page, saying where its CSV and
+    LaTeX copies are; None before any table exists."""
     from nbconvert.filters.markdown import markdown2html
 
     tables = sorted(layout.tables_dir.glob("*.md"), key=_table_order)
@@ -147,8 +146,7 @@ def write_report(project: Path, profile: str, out: Path | None = None, progress:
     explorer = layout.figure("threshold_explorer", "html")
     if explorer.is_file():
         target = page("threshold_explorer")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(explorer, target)
+        atomic.write_bytes(target, explorer.read_bytes())  # like every page of the report: whole or not at all
         pages.append(target)
         extras.append((target.name, "Threshold explorer", "every rule's DSC and three images' masks as T moves; "
                                                            "works offline"))
