@@ -3,14 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PROFILE ?= quick
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.spineseg-installed
+COMMA := ,
+# a profile with an `nnunet:` section (aasce) also installs the nnunet extra: nnU-Net v2, the study's peer
+EXTRAS ?= $(shell grep -qs '^nnunet:' params/$(PROFILE).yaml && echo ",nnunet")
+STAMP := $(VENV)/.spineseg-installed$(subst $(COMMA),-,$(EXTRAS))
 
 .PHONY: install study smoke test check sigint-check lint report bench lab clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
+	$(BIN)/python -m pip install --progress-bar on -e ".[dev$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
