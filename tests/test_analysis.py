@@ -233,3 +233,32 @@ def test_the_identification_endpoint_compares_the_chosen_rule_with_the_chosen_mo
     assert 0 < row["Δ rule − prior (pp) CI low"] < 70 < row["Δ rule − prior (pp) CI high"] <= 100
     assert row["r rule vs prior (rank-biserial)"] == 1.0 and row["p rule vs prior (Wilcoxon by patient, Holm)"] == "<0.001"
     assert (row["patients"], row["images"]) == (20, 40)
+
+
+def test_with_the_peer_enabled_the_endpoint_also_tests_the_rule_against_nnunet_holm_over_three(tmp_path):
+    """nnU-Net identifies 24 of 40 images where the rule identifies 36: its arm joins the declared family, and
+    Holm over three tests can only raise each p of the two-test family."""
+    from spineseg import atomic
+    from spineseg.study.core.records import Learned
+
+    def endpoint(peer: bool) -> pd.Series:
+        profile = {"analysis": {"primary_endpoint": "identification", "n_boot": 200}, "nnunet": {"enabled": peer}}
+        study = Study(Profile.model_validate(profile), Layout(tmp_path, f"peer{int(peer)}"))
+        patients = [f"p{k // 2}" for k in range(40)]
+        arms = [("located", "rule", [True] * 36 + [False] * 4), ("Lite1 (levels)", "model", [True] * 30 + [False] * 10),
+                ("prior_mean", "prior", [True] * 8 + [False] * 32), ("nnunet", "peer", [False] * 16 + [True] * 24)]
+        rows = [{"group": group, "kind": kind, "dataset": "d2", "id": f"i{k}", "patient": patients[k],
+                 "identified_strict": found[k], "dsc": 0.7 if kind == "peer" else 0.8} for group, kind, found in arms for k in range(40)]
+        study.layout.identification.parent.mkdir(parents=True)
+        atomic.write_csv(study.layout.identification, pd.DataFrame(rows))
+        Learned(0.5, {"coef": [1.0], "intercept": 0.0}, {}, ["Lite1 (levels)"], "Lite1 (levels)", "located",
+                {"models": {}, "rules": {}}).save(study.layout.learned)
+        assert ("nnU-Net peer" in tables.caption(study, "identification_endpoint")) == peer
+        return tables.identification_endpoint(study).iloc[0]
+
+    with_peer, without = endpoint(True), endpoint(False)
+    assert with_peer["Identified strictly peer"] == 60 and with_peer["Δ rule − peer (pp)"] == 30
+    assert with_peer["DSC peer (secondary)"] == 70 and "Δ rule − peer (pp)" not in without.index
+    assert with_peer["Δ rule − peer (pp) CI low"] < 30 < with_peer["Δ rule − peer (pp) CI high"]
+    model_p = [float(row["p rule vs model (Wilcoxon by patient, Holm)"]) for row in (with_peer, without)]
+    assert model_p[0] >= model_p[1] > 0

@@ -31,6 +31,8 @@ TWO_STAGE = "two_stage"
 SINGLE_CROP = "single_crop"
 # The located variant: the locator names Th8–Th11 by counting the chain C7…S1, the crop model outlines them.
 LOCATED = "located"
+# The peer a user would pick instead: nnU-Net v2 at the study's budget (`spineseg.nnunet_peer`).
+NNUNET = "nnunet"
 # Identification's reference rows: the locator's centres alone, and the position priors that never look at an image.
 LOCATOR = "locator"
 PRIOR_BAND = "prior_band"
@@ -51,6 +53,7 @@ RULE_NAMES = MappingProxyType({
     TWO_STAGE: "Two-stage (best rule + crop model)",
     SINGLE_CROP: "Best single model + crop model",
     LOCATED: "Located (locator + crop model)",
+    NNUNET: "nnU-Net v2 (2d, set budget)",
     LOCATOR: "Locator (its centres)",
     PRIOR_BAND: "Position prior: band of rows",
     PRIOR_MEAN: "Position prior: mean position",

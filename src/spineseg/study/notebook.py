@@ -26,7 +26,8 @@ def start(profile: str, overrides: Mapping[str, Any] | None, project_dir: str | 
     data = prepare_data(study)
     facts = provenance.collect(study.project, study.name, overrides, study.cfg.device, study.cfg.threads)
     # the endpoints as declared, in every stage's record from stage 0 on: written before anything is trained
-    facts["endpoints"] = {"primary": study.cfg.analysis.primary_endpoint, "choose_by": study.cfg.stage4.choose_by}
+    facts["endpoints"] = {"primary": study.cfg.analysis.primary_endpoint, "choose_by": study.cfg.stage4.choose_by,
+                          "against": ["best single model", "mean-position prior"] + (["nnU-Net"] if study.cfg.nnunet.enabled else [])}
     provenance.record(study.layout.provenance, notebook, facts)
     # the description is the profile author's text, shown as text: its HTML (a <script>) never runs in the page
     # the run folder relative to the project: a rendered page names no folder of the machine that ran it

@@ -71,7 +71,7 @@ STAGES = (
     Stage(0, "00_data", (), ("data",)),
     Stage(1, "01_augmentation", ("stage1",), ("precision", "stage1")),
     Stage(2, "02_backbone_selection", ("stage2", SCRATCH_TWINS), ("stage2",)),
-    Stage(3, "03_final_training", ("stage3",), ("stage3", "two_stage", "locator")),
+    Stage(3, "03_final_training", ("stage3",), ("stage3", "two_stage", "locator", "nnunet")),
     Stage(4, "04_ensembles", ("stage4",), ("stage4",)),
     Stage(5, "05_analysis", (), ("analysis",)),
     Stage(6, "06_architectures", ("stage6", DECODERS, OPTIMISERS, ATTENTION, PRUNING), ("architectures",)),

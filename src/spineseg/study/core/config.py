@@ -275,6 +275,19 @@ class LocatorSection(Training):
         return self
 
 
+class NnUNetSection(Section):
+    """nnU-Net v2 as a peer (`spineseg.nnunet_peer`): its own plan, trained on dataset 1's train split (validated on
+    its validation split) for `epochs` × `iterations` batches on the study's device budget, then scored on the test
+    sets beside the ensembles. Needs the ``nnunet`` install extra."""
+
+    enabled: bool = False
+    epochs: Epochs = 5
+    iterations: _count(1, 100_000) = 20  # batches per epoch (nnU-Net's default: 250)
+    validation_iterations: _count(1, 100_000) = 2  # batches of its running validation Dice per epoch (default: 50)
+    augmentation_workers: _count(1, 64) = 1  # nnU-Net's background augmentation processes (its planner needs one)
+    dataset_id: _count(500, 999) = 501  # the nnU-Net dataset number of the export (custom datasets: 500 on)
+
+
 class Stage4(Section):
     threshold: Fraction = ARTICLE_THRESHOLD  # the ensembles' T; single models always at the article's
     # what picks the study's best rule and best single model on dataset-1 validation: mean DSC, or the share
@@ -380,6 +393,7 @@ class Profile(Section):
     stage3: Stage3 = Field(default_factory=Stage3)
     two_stage: TwoStage = Field(default_factory=TwoStage)
     locator: LocatorSection = Field(default_factory=LocatorSection)
+    nnunet: NnUNetSection = Field(default_factory=NnUNetSection)
     stage4: Stage4 = Field(default_factory=Stage4)
     analysis: Analysis = Field(default_factory=Analysis)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)

@@ -18,13 +18,15 @@ import pandas as pd
 from spineseg import atomic
 from spineseg.errors import StageOrderError
 from spineseg.identification import FAILURES
-from spineseg.names import LOCATED, LOCATOR, PRIOR_BAND, PRIOR_MEAN, rule_name
-from spineseg.study.core.artifacts import NOTEBOOKS, read_table
+from spineseg.names import LOCATED, LOCATOR, NNUNET, PRIOR_BAND, PRIOR_MEAN, rule_name
+from spineseg.study.core.artifacts import NOTEBOOKS, SCRATCH_TWINS, read_table
 from spineseg.study.core.records import Learned
 from spineseg.study.core.session import Study, StudyData
 from spineseg.study.report.tables import identification_summary, load_identification
 from spineseg.study.runs.store import read_summary
 from spineseg.study.stages.located import locator_spec
+from spineseg.study.stages.nnunet import NnUNetPeer
+from spineseg.study.stages.two_stage import crop_spec
 
 FORMAT = "spineseg-results/1"
 DATASETS = {"d1": "dataset-1 test (random split)", "d2": "dataset 2"}
@@ -39,7 +41,7 @@ def collect(study: Study, data: StudyData) -> dict:
     learned = Learned.load(study.layout.learned)
     shown = {"best single model (validation)": ("model", learned.best_model),
              f"best rule (validation): {rule_name(learned.best_rule)}": ("rule", learned.best_rule),
-             rule_name(LOCATED): ("rule", LOCATED), rule_name(LOCATOR): ("locator", LOCATOR),
+             rule_name(LOCATED): ("rule", LOCATED), rule_name(NNUNET): ("peer", NNUNET), rule_name(LOCATOR): ("locator", LOCATOR),
              rule_name(PRIOR_MEAN): ("prior", PRIOR_MEAN), rule_name(PRIOR_BAND): ("prior", PRIOR_BAND)}
     datasets = {}
     for dataset, part in frame.groupby("dataset"):
@@ -57,6 +59,7 @@ def collect(study: Study, data: StudyData) -> dict:
             "best_rule": learned.best_rule, "best_model": learned.best_model, "datasets": datasets,
             "failures": _failures(study, [rule_name(learned.best_rule), learned.best_model]),
             "locator": _locator(study, data), "endpoint": _endpoint(study), "pretraining": _pretraining(study),
+            "peer": _peer(study, data), "training_minutes": _training_minutes(study, data),
             "stage_minutes": _stage_minutes(study),
             "provenance": _provenance(study) | {"data": data.fingerprint}}
 
@@ -95,6 +98,35 @@ def _locator(study: Study, data: StudyData) -> dict:
     return {"encoder": run["encoder"], "image_size": run["image_size"], "augmentation": run["augmentation"],
             "best_epoch": run["best_epoch"], "epochs_run": run["epochs_run"], "max_epochs": run["max_epochs"],
             "validation_identified": round(100 * run["best_val_dsc"], 1), "minutes": round(run["seconds"] / 60, 1)}
+
+
+def _peer(study: Study, data: StudyData) -> dict:
+    """The nnU-Net peer's plan, budget and minutes (`spineseg.nnunet_peer`), and the study's best rule against it on
+    DSC (Wilcoxon by patient; its identification test is in the endpoint's family)."""
+    peer = NnUNetPeer.load(study, data)
+    if peer is None:
+        return {}
+    found = {key: value for key, value in peer.summary().items() if key != "budget"} | {"budget": peer.summary()["budget"]}
+    path = study.layout.table("wilcoxon", "csv")
+    if path.is_file():
+        tests = read_table(path)
+        tests = tests[(tests["family"] == "best rule vs nnU-Net") & (tests["metric"] == "dsc")]
+        found["dsc_tests"] = tests[["dataset", "a", "b", "n", "median_diff", "effect_size", "p"]].round(4).to_dict(orient="records")
+    return found
+
+
+def _training_minutes(study: Study, data: StudyData) -> dict[str, float]:
+    """Minutes each group of the study's own trainings took (each run's own wall time, however often the stages
+    were rerun): the budget the nnU-Net peer is measured against."""
+    minutes = {}
+    for stage in ("stage1", "stage2", SCRATCH_TWINS, "stage3"):
+        path = study.layout.runs_table(stage)
+        if path.is_file():
+            minutes[stage] = round(float(read_table(path)["seconds"].sum()) / 60, 1)
+    for name, spec in (("locator", locator_spec(study, data)), ("crop model", crop_spec(study, data))):
+        if spec is not None and spec.files(study.layout.store).summary.is_file():
+            minutes[name] = round(read_summary(spec.files(study.layout.store))["seconds"] / 60, 1)
+    return minutes
 
 
 def _endpoint(study: Study) -> list[dict]:
@@ -185,7 +217,8 @@ def render(results: dict) -> str:
         versus = [f"{row['Best rule']} − {name}: {row[f'Δ rule − {arm} (pp)']:+.1f} pp [{row[f'Δ rule − {arm} (pp) CI low']:.1f}, "
                   f"{row[f'Δ rule − {arm} (pp) CI high']:.1f}], r = {row[f'r rule vs {arm} (rank-biserial)']:.2f}, "
                   f"p = {row[f'p rule vs {arm} (Wilcoxon by patient, Holm)']}"
-                  for arm, name in (("model", row["Best model"]), ("prior", "mean-position prior"))]
+                  for arm, name in (("model", row["Best model"]), ("prior", "mean-position prior"), ("peer", "nnU-Net"))
+                  if f"Δ rule − {arm} (pp)" in row]
         lines.append(f"- Primary endpoint, identified strictly ({row['Dataset']}): {'; '.join(versus)}.")
     pretraining = results.get("pretraining") or {}
     if pretraining.get("arms"):
@@ -201,6 +234,9 @@ def render(results: dict) -> str:
                          f"{'' if 'p_holm' not in test else ' (Holm over the table: ' + str(test['p_holm']) + ')'}, "
                          f"n = {test['n']} patients.")
         lines.append("")
+    peer = results.get("peer")
+    if peer:
+        lines.append(_peer_line(peer, results.get("training_minutes") or {}))
     minutes = results["stage_minutes"]
     if minutes:
         stages = ", ".join(f"{name.split('_', 1)[0]} {value:.1f}" for name, value in minutes.items())
@@ -212,9 +248,25 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# the order the README shows: the validation-chosen model and rule, then the located variant, the locator, the priors
-SHOWN_ORDER = ("best single model", "best rule", rule_name(LOCATED), rule_name(LOCATOR), rule_name(PRIOR_MEAN),
-               rule_name(PRIOR_BAND))
+def _peer_line(peer: dict, training: dict[str, float]) -> str:
+    budget, minutes = peer["budget"], peer["minutes"]
+    height, width = peer["patch_size"]
+    own = (f"; the study's own trainings took {sum(training.values()):.1f} min ("
+           + ", ".join(f"{name} {value:.1f}" for name, value in training.items()) + ")") if training else ""
+    tests = "".join(f"; best rule − nnU-Net, DSC ({test['dataset']}): median per patient {test['median_diff']:+.3f}, "
+                    f"r = {test['effect_size']:.2f}, p = {test['p']:.3g}, n = {test['n']} patients"
+                    for test in peer.get("dsc_tests", []))
+    return (f"- The peer, nnU-Net v2 {peer['nnunetv2']} ({peer['configuration']}, its own plan: patch {height} × {width}, "
+            f"batch {peer['batch_size']}): {budget['epochs']} epochs × {budget['iterations']} batches = "
+            f"{peer['batches'] * peer['batch_size']:,} patches seen ({peer['training_cases']} training images), "
+            f"{minutes['train']:.1f} min of training on {peer['device']} with {peer['threads']} threads "
+            f"(+ {minutes['plan_and_preprocess']:.1f} min planning, {minutes['predict']:.1f} min predicting "
+            f"{peer['test_cases']} test images with its mirroring){own}{tests}.")
+
+
+# the order the README shows: the validation-chosen model and rule, the located variant, the peer, the locator, the priors
+SHOWN_ORDER = ("best single model", "best rule", rule_name(LOCATED), rule_name(NNUNET), rule_name(LOCATOR),
+               rule_name(PRIOR_MEAN), rule_name(PRIOR_BAND))
 
 
 def _method_rank(label: str) -> int:

@@ -22,6 +22,7 @@ from spineseg.names import (
     CALIBRATED,
     EXTRA_RULES,
     METRICS,
+    NNUNET,
     PRIOR_MEAN,
     RULES,
     SINGLE_CROP,
@@ -63,7 +64,7 @@ STAGE_TABLES = {
 }
 SUMMARY_TABLES = {"table4": "table6", "table5": "table7"}  # min / max / mean over the models
 BOUNDARY_TABLES = {"table10": "d1", "table11": "d2"}
-ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING, CALIBRATED, TWO_STAGE, SINGLE_CROP]
+ALL_RULES = [*RULES, *EXTRA_RULES, TUNED, STACKING, CALIBRATED, TWO_STAGE, SINGLE_CROP, NNUNET]
 # Encoder tables: the article's encoders in its order, each followed by its level-aware variant.
 # the article's encoders in its order, then the others (VGG16, the offline pre-trained EfficientNet-Lite, ...)
 CANDIDATE_ORDER = [candidate_name(encoder, target) for encoder in (*PAPER_ENCODERS, *EXTRA_ENCODERS) for target in TARGETS]
@@ -119,6 +120,9 @@ def caption(study: Study, name: str, beside_article: bool = False) -> str:
     base = TABLE_CAPTIONS.get(name, name)
     if name == "table1" and study.cfg.stage1.encoder != "VGG16":  # the article's title names its encoder
         base = base.replace("VGG16", f"{study.cfg.stage1.encoder} (article: VGG16)")
+    if name == "identification_endpoint" and study.cfg.nnunet.enabled:
+        return base.replace(" and against the mean-position prior", ", against the mean-position prior and against the "
+                                                                     "nnU-Net peer").replace("over the two", "over the three")
     if name == "best_vs_single" and study.cfg.analysis.primary_endpoint != "dsc":
         return base.replace("Primary endpoint:", "Secondary endpoint (the profile's primary is identification):")
     if name not in TABLE_STAGES:
@@ -192,7 +196,7 @@ def _rows(stage: str) -> list[str]:
         return list(published("table1").index)
     if stage == "stage4":
         by_name = {rule_name(key): key for key in RULES}
-        return [by_name[label] for label in published("table8").index]
+        return [by_name[label] for label in published("table8").index] + [NNUNET]  # the peer, where trained
     return CANDIDATE_ORDER
 
 
@@ -364,13 +368,17 @@ def best_vs_single(study: Study) -> pd.DataFrame:
 
 def identification_endpoint(study: Study) -> pd.DataFrame:
     """The identification endpoint on every test set: the validation-chosen best rule against the validation-chosen
-    best single model and against the mean-position prior, image by image (`IDENTIFICATION_ENDPOINT`)."""
+    best single model, the mean-position prior and, where the profile trains it, the nnU-Net peer, image by image;
+    Holm over those comparisons (the family the profile declares)."""
     frame = load_identification(study)
     if frame is None or not study.layout.learned.is_file():
         return pd.DataFrame()
     learned = Learned.load(study.layout.learned)
     n_boot = study.cfg.analysis.n_boot
     arms = {"rule": ("rule", learned.best_rule), "model": ("model", learned.best_model), "prior": ("prior", PRIOR_MEAN)}
+    if study.cfg.nnunet.enabled:
+        arms["peer"] = ("peer", NNUNET)
+    others = [arm for arm in arms if arm != "rule"]
     rows = []
     for dataset, part in frame.groupby("dataset"):
         scored = {arm: part[(part["kind"] == kind) & (part["group"] == group)].set_index("id")
@@ -379,20 +387,22 @@ def identification_endpoint(study: Study) -> pd.DataFrame:
             continue
         long = pd.concat([arm.assign(group=name).reset_index() for name, arm in scored.items()], ignore_index=True)
         long["identified_strict"] = long["identified_strict"].astype(float)
-        tests = wilcoxon_family(long, [("rule", "model"), ("rule", "prior")], metrics=("identified_strict",),
+        tests = wilcoxon_family(long, [("rule", other) for other in others], metrics=("identified_strict",),
                                 family="identification endpoint", pair_on=PATIENT_KEYS).set_index("b")
         rule = scored["rule"]
         row = {"Dataset": dataset, "Best rule": rule_name(learned.best_rule), "Best model": learned.best_model}
-        for arm, label in (("rule", "rule"), ("model", "model"), ("prior", "prior")):
-            row |= _with_ci(f"Identified strictly {label}", scored[arm]["identified_strict"].astype(float),
+        for arm in arms:
+            row |= _with_ci(f"Identified strictly {arm}", scored[arm]["identified_strict"].astype(float),
                             scored[arm]["patient"], n_boot)
-        for other in ("model", "prior"):
+        for other in others:
             difference = rule["identified_strict"].astype(float) - scored[other].loc[rule.index, "identified_strict"].astype(float)
             row |= _with_ci(f"Δ rule − {other} (pp)", difference, rule["patient"], n_boot)
             row[f"r rule vs {other} (rank-biserial)"] = tests.loc[other, "effect_size"]
             row[f"p rule vs {other} (Wilcoxon by patient, Holm)"] = format_p(tests.loc[other, "p_holm"])
         row |= _with_ci("DSC rule (secondary)", rule["dsc"], rule["patient"], n_boot)
         row |= _with_ci("DSC model (secondary)", scored["model"]["dsc"], scored["model"]["patient"], n_boot)
+        if "peer" in scored:
+            row |= _with_ci("DSC peer (secondary)", scored["peer"]["dsc"], scored["peer"]["patient"], n_boot)
         row |= {"patients": rule["patient"].nunique(), "images": len(rule)}
         rows.append(row)
     return pd.DataFrame(rows).round(2)
@@ -434,7 +444,7 @@ def write_all(study: Study) -> dict[str, pd.DataFrame]:
 def confidence_intervals(study: Study, n_boot: int) -> pd.DataFrame:
     """Bootstrap 95 % CIs for every mean of Tables 4–9, as percentages."""
     parts = []
-    for stage, groups in (("stage3", None), ("stage4", list(RULES))):
+    for stage, groups in (("stage3", None), ("stage4", [*RULES, NNUNET])):
         frame = _try(stage, study)
         if frame is None:
             continue
@@ -473,6 +483,10 @@ def wilcoxon_tests(study: Study) -> pd.DataFrame:
         if {two_stage, single_crop} <= set(named["group"]):  # the same crop model behind the ensemble or one model
             families.append(wilcoxon_family(named, [(two_stage, single_crop)], family="two-stage: ensemble vs single locator",
                                             **by_patient))
+        peer = rule_name(NNUNET)
+        if peer in set(named["group"]) and study.layout.learned.is_file():  # the study's best against the peer
+            best = rule_name(Learned.load(study.layout.learned).best_rule)
+            families.append(wilcoxon_family(named, [(best, peer)], family="best rule vs nnU-Net", **by_patient))
         if stage3 is not None:
             both = pd.concat([named[named["group"] == soft], stage3], ignore_index=True)
             families.append(wilcoxon_family(both, one_vs_rest(soft, sorted(set(stage3["group"]))),

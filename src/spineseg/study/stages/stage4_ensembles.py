@@ -19,11 +19,12 @@ from spineseg.ensemble import THRESHOLD_GRID, combine, fit_stacker, leave_one_ou
 from spineseg.errors import ConfigError
 from spineseg.identification import identification_table
 from spineseg.metrics import ARTICLE_THRESHOLD, dice, per_image
-from spineseg.names import CALIBRATED, EXTRA_RULES, LOCATED, RULES, SINGLE_CROP, STACKING, TUNED, TWO_STAGE
+from spineseg.names import CALIBRATED, EXTRA_RULES, LOCATED, NNUNET, RULES, SINGLE_CROP, STACKING, TUNED, TWO_STAGE
 from spineseg.study.core.records import Learned
 from spineseg.study.core.session import Study, StudyData
 from spineseg.study.stages.ensemble_inputs import EnsembleInputs, available_eval_sets, ensemble_inputs
 from spineseg.study.stages.located import Located
+from spineseg.study.stages.nnunet import NnUNetPeer
 from spineseg.study.stages.stage4_identification import identification, references_of
 from spineseg.study.stages.two_stage import TwoStage
 
@@ -51,7 +52,8 @@ def ensemble_masks(inputs: EnsembleInputs, rules, threshold: float) -> dict[str,
 
 
 def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
-    """Per-image metrics of every rule on every test set; also writes the tuning and ablation tables."""
+    """Per-image metrics of every rule (and of the nnU-Net peer) on every test set; also writes the tuning and
+    ablation tables. The peer is scored beside the rules, never a candidate for the best one."""
     layout, rules = study.layout, chosen_rules(study)
     validation = ensemble_inputs(study, data, "d1", "val")
     threshold = validation.threshold
@@ -67,6 +69,7 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
     if located is not None and located.can_outline(validation):
         candidates[LOCATED] = located.masks(validation, "d1", "val")
     choice = best_on_validation(validation, candidates, choose_by)
+    peer = NnUNetPeer.load(study, data)
     atomic.write_csv(layout.threshold_tuning, tuning)
     Learned(tuned_threshold, stacker.to_dict(), dict(zip(validation.names, temperatures)), validation.names,
             **choice, two_stage_locator=two_stage.locator if two_stage else None).save(layout.learned)
@@ -84,10 +87,12 @@ def run_stage4(study: Study, data: StudyData) -> pd.DataFrame:
         if located is not None and located.can_outline(inputs):
             masks[LOCATED] = located.masks(inputs, dataset, split)
         checks.append(rule_checks(inputs, masks, threshold, dataset))
-        for rule, mask in masks.items():
+        peers = {NNUNET: peer.masks(inputs, dataset)} if peer is not None else {}
+        for rule, mask in (masks | peers).items():
             frames.append(_scored(mask, inputs, rule, dataset))
         if inputs.labels is not None:
             references = references_of(study, data, inputs, located, dataset, split)
+            references += [(name, "peer", mask, None) for name, mask in peers.items()]
             identified.append(identification(inputs, masks, dataset, references))
         if len(inputs.names) >= 2:
             table = leave_one_out(inputs.probs, inputs.masks.astype(bool), inputs.names, "soft", threshold)

@@ -6,7 +6,7 @@ alone hides the failure a reader most needs counted. Where the dataset has level
 cannot pass that way (identified strictly, centres identified) and its failure class, and the level-aware
 members their level accuracy and panoptic quality. Beside them stand the references every method must beat
 or explain: the two position priors fitted on dataset 1's training label maps (the same answer for every
-image), and the locator's own centres.
+image), the locator's own centres and, where the profile trains it, the nnU-Net peer (`stages.nnunet`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def references_of(study: Study, data: StudyData, inputs: EnsembleInputs, located
 def identification(inputs: EnsembleInputs, masks: dict[str, np.ndarray], dataset: str,
                    references: list[tuple[str, str, np.ndarray, list[np.ndarray] | None]] = ()) -> pd.DataFrame:
     """One row per image and per member model (its mask as stages 1–3 score it), rule (its mask at the rule's T)
-    or reference (`references_of`: a locator without a mask is scored by its centres alone)."""
+    or reference (`references_of`, and the peer: a locator without a mask is scored by its centres alone)."""
     frames = []
     groups = [(name, "model", probs > ARTICLE_THRESHOLD, levels, None)
               for name, probs, levels in zip(inputs.names, inputs.probs, inputs.levels)]
