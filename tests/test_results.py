@@ -50,6 +50,28 @@ def test_render_writes_every_number_of_the_file_and_nothing_else():
     assert "Commit 0123456789, x86_64, 2 cores, 2 threads, data abc123." in text
 
 
+def test_the_peer_is_rendered_with_its_budget_beside_the_studys_own_training_and_its_tests():
+    with_peer = example()
+    with_peer["endpoint"][0] |= {"Δ rule − peer (pp)": 18.0, "Δ rule − peer (pp) CI low": 6.5, "Δ rule − peer (pp) CI high": 29.0,
+                                 "r rule vs peer (rank-biserial)": 0.61, "p rule vs peer (Wilcoxon by patient, Holm)": "0.004"}
+    with_peer["datasets"]["d2"]["methods"]["nnU-Net v2 (2d, set budget)"] = {"dsc": {"mean": 66.0}, "images": 76, "patients": 36}
+    with_peer["peer"] = {"nnunetv2": "2.8.1", "configuration": "2d", "patch_size": [512, 192], "batch_size": 15,
+                         "budget": {"epochs": 6, "iterations": 25}, "batches": 150, "training_cases": 263, "device": "cpu",
+                         "threads": 2, "test_cases": 172, "minutes": {"plan_and_preprocess": 1.4, "train": 31.25, "predict": 6.0},
+                         "dsc_tests": [{"dataset": "d2", "n": 36, "median_diff": 0.1234, "effect_size": 0.8, "p": 0.0001,
+                                        "p_holm_all": 0.004}]}
+    with_peer["training_minutes"] = {"stage2": 20.0, "stage3": 15.5, "locator": 9.0}
+    text = results.render(with_peer)
+    assert "Located − nnU-Net: +18.0 pp [6.5, 29.0], r = 0.61, p = 0.004." in text
+    assert "| nnU-Net v2 (2d, set budget) | — | — | 66.0 | 76 / 36 |" in text
+    assert ("- The peer, nnU-Net v2 2.8.1 (2d, its own plan: patch 512 × 192, batch 15): 6 epochs × 25 batches = 2,250 "
+            "patches seen (263 training images), 31.2 min of training on cpu with 2 threads (+ 1.4 min planning, 6.0 min "
+            "predicting 172 test images with its mirroring); the study's own trainings took 44.5 min (stage2 20.0, "
+            "stage3 15.5, locator 9.0); best rule − nnU-Net, DSC (d2, exploratory): median per patient +0.123, r = 0.80, "
+            "p = 0.0001 (Holm over the secondary family: 0.004), n = 36 patients.") in text
+    assert "The peer" not in results.render(example())
+
+
 def test_stages_run_at_several_commits_are_each_named_with_their_commit():
     rerun = example()
     rerun["provenance"]["stage_commits"] = {"00_data": "aaaaaaaaaaaa", "03_final_training": "aaaaaaaaaaaa",

@@ -106,12 +106,13 @@ def _peer(study: Study, data: StudyData) -> dict:
     peer = NnUNetPeer.load(study, data)
     if peer is None:
         return {}
-    found = {key: value for key, value in peer.summary().items() if key != "budget"} | {"budget": peer.summary()["budget"]}
+    found = peer.summary()
     path = study.layout.table("wilcoxon", "csv")
     if path.is_file():
         tests = read_table(path)
         tests = tests[(tests["family"] == "best rule vs nnU-Net") & (tests["metric"] == "dsc")]
-        found["dsc_tests"] = tests[["dataset", "a", "b", "n", "median_diff", "effect_size", "p"]].round(4).to_dict(orient="records")
+        columns = ["dataset", "a", "b", "n", "median_diff", "effect_size", "p", "p_holm_all"]
+        found["dsc_tests"] = tests[columns].round(4).to_dict(orient="records")
     return found
 
 
@@ -253,8 +254,9 @@ def _peer_line(peer: dict, training: dict[str, float]) -> str:
     height, width = peer["patch_size"]
     own = (f"; the study's own trainings took {sum(training.values()):.1f} min ("
            + ", ".join(f"{name} {value:.1f}" for name, value in training.items()) + ")") if training else ""
-    tests = "".join(f"; best rule − nnU-Net, DSC ({test['dataset']}): median per patient {test['median_diff']:+.3f}, "
-                    f"r = {test['effect_size']:.2f}, p = {test['p']:.3g}, n = {test['n']} patients"
+    tests = "".join(f"; best rule − nnU-Net, DSC ({test['dataset']}, exploratory): median per patient "
+                    f"{test['median_diff']:+.3f}, r = {test['effect_size']:.2f}, p = {test['p']:.3g} (Holm over the "
+                    f"secondary family: {test['p_holm_all']:.3g}), n = {test['n']} patients"
                     for test in peer.get("dsc_tests", []))
     return (f"- The peer, nnU-Net v2 {peer['nnunetv2']} ({peer['configuration']}, its own plan: patch {height} × {width}, "
             f"batch {peer['batch_size']}): {budget['epochs']} epochs × {budget['iterations']} batches = "
