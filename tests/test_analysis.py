@@ -145,11 +145,12 @@ def test_captions_say_how_each_stage_differs_from_the_article(tmp_path):
 def test_tables_8_and_9_say_how_an_empty_prediction_scores_and_count_them(tmp_path):
     study = _smoke_like(tmp_path)
     assert "no pixel above T" in tables.table_note(study, "table8")
-    rows = [("min", "d1", 0.0, 1.0), ("min", "d1", 0.5, 0.5), ("soft", "d1", 0.9, 0.9), ("min", "d2", 0.0, 1.0)]
+    rows = [("min", "d1", 0.0, 1.0), ("min", "d1", 0.5, 0.5), ("soft", "d1", 0.9, 0.9), ("min", "d2", 0.0, 1.0),
+            ("nnunet", "d1", 0.0, 1.0)]
     frame = pd.DataFrame(rows, columns=["group", "dataset", "recall", "precision"]).assign(run=0)
     study.layout.stage_metrics("stage4").parent.mkdir(parents=True)
     frame.to_csv(study.layout.stage_metrics("stage4"), index=False)
-    assert tables.table_note(study, "table8").endswith("Empty predictions in this run: Min 1 of 2.")
+    assert tables.table_note(study, "table8").endswith("Empty predictions in this run: Min 1 of 2, nnU-Net v2 (2d, set budget) 1 of 1.")
     frame[frame["dataset"] == "d1"].assign(recall=0.5).to_csv(study.layout.stage_metrics("stage4"), index=False)
     assert tables.table_note(study, "table8").endswith("Empty predictions in this run: none.")
 

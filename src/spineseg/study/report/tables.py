@@ -164,7 +164,7 @@ def _empty_predictions_note(study: Study, dataset: str) -> str:
     part = stage4[stage4["dataset"] == dataset]
     empty = ((part["recall"] == 0) & (part["precision"] == 1)).groupby(part["group"]).sum()
     images = part.groupby("group").size()
-    counts = ", ".join(f"{rule_name(g)} {int(empty[g])} of {int(images[g])}" for g in RULES if empty.get(g, 0))
+    counts = ", ".join(f"{rule_name(g)} {int(empty[g])} of {int(images[g])}" for g in (*RULES, NNUNET) if empty.get(g, 0))
     return f"{rule} Empty predictions in this run: {counts or 'none'}."
 
 
