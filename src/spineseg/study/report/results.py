@@ -112,7 +112,7 @@ def _peer(study: Study, data: StudyData) -> dict:
         tests = read_table(path)
         tests = tests[(tests["family"] == "best rule vs nnU-Net") & (tests["metric"] == "dsc")]
         columns = ["dataset", "a", "b", "n", "median_diff", "effect_size", "p", "p_holm_all"]
-        found["dsc_tests"] = tests[columns].round(4).to_dict(orient="records")
+        found["dsc_tests"] = tests[columns].round({"median_diff": 4, "effect_size": 4}).to_dict(orient="records")
     return found
 
 
