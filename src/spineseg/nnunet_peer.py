@@ -216,8 +216,8 @@ def _child(work: Path, dataset_id: int, budget: Budget, device_name: str) -> Non
             with clock("predict"):
                 predictor.predict_from_files_sequential([[str(image)]], [str(partial)], save_probabilities=True)
             os.replace(f"{partial}.npz", target)
-            for byproduct in work.joinpath(PREDICTIONS).glob(f".{case}.partial.*"):  # its PNG and pickle: not read
-                byproduct.unlink()
+            for byproduct in (".png", ".pkl"):  # nnU-Net's mask and properties beside it: not read
+                Path(f"{partial}{byproduct}").unlink(missing_ok=True)
         print(f"{PROGRESS} image {done}", flush=True)
     configuration = trainer.configuration_manager
     folds = load_json(raw / "splits_final.json")[FOLD]
