@@ -122,6 +122,16 @@ def test_bad_override_fails_before_any_notebook_runs(project, tmp_path):
     assert not (fresh / "runs").exists()
 
 
+def test_a_profile_with_the_peer_but_no_nnunet_fails_before_any_notebook_runs(tmp_path, monkeypatch):
+    from spineseg import nnunet_peer
+
+    monkeypatch.setattr(nnunet_peer, "available", lambda: False)
+    fresh = _copy_project(tmp_path)
+    with pytest.raises(ConfigError, match=r"nnunet.enabled needs nnU-Net v2.*\[nnunet\]"):
+        run_study(fresh, "smoke", overrides={"nnunet.enabled": True})
+    assert not (fresh / "runs").exists()
+
+
 def test_a_failing_notebook_names_itself_and_the_error(tmp_path):
     fresh = _copy_project(tmp_path)
     with pytest.raises(NotebookFailed) as info:  # stage 3 before stage 2: no selection yet

@@ -18,7 +18,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from spineseg import atomic
+from spineseg import atomic, nnunet_peer
 from spineseg.errors import ConfigError, NotebookFailed
 from spineseg.study.core.artifacts import NOTEBOOKS
 from spineseg.study.core.session import open_study, seed_variant
@@ -152,6 +152,8 @@ def run_study(project: Path, profile: str, stages: Sequence[int] | None = None,
 
     project = Path(project).resolve()
     study = open_study(profile, overrides, project, in_place)
+    if study.cfg.nnunet.enabled and (stages is None or 3 in stages):
+        nnunet_peer.require()  # stage 3 trains the peer: a missing nnU-Net is said now, not after stages 1 and 2
     layout = study.layout
     if layout.run_dir != layout.base.run_dir:
         log(f"[{profile}] these overrides change results: this run writes to {layout.run_dir} "

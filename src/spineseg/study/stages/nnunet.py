@@ -51,8 +51,8 @@ def run_nnunet(study: Study, data: StudyData) -> pd.DataFrame:
     work = peer_folder(study, data)
     if work is None:
         return pd.DataFrame()
-    nnunet_peer.require()
     if not (work / DONE).is_file():
+        nnunet_peer.require()  # before the export: one line naming the extra
         cfg = study.cfg.nnunet
         raw = work / nnunet_peer.RAW
         if not any(raw.glob(f"Dataset{cfg.dataset_id:03d}_*")):
